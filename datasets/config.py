@@ -1,0 +1,67 @@
+"""Configuration of the data pipeline: where the shards are, batching, augmentation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trivit.config import check
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Data pipeline. Defaults follow the DeiT recipe (timm augmentation, mixup 0.8, cutmix 1.0)."""
+
+    source: str = "fashion-mnist"
+    """Built-in source whose shards are prepared in ``cache_dir`` when ``train_urls`` is empty."""
+    cache_dir: str = "~/.cache/trivit"
+    """Where prepared built-in sources are kept."""
+    train_urls: str = ""
+    """Training shards: brace-expanded paths or ``pipe:`` commands, several joined with '::'."""
+    val_urls: str = ""
+    """Validation shards, same syntax."""
+    index: str = ""
+    """The shards' JSON index (per-shard counts, class names); default: index.json beside the train shards."""
+    batch_size: int = 256
+    """Global batch size, summed over all ranks."""
+    eval_batch_size: int = 256
+    """Global evaluation batch size."""
+    num_workers: int = 2
+    """Loader worker processes per rank. Resuming a run needs the same value (the sample order depends on it)."""
+    shuffle_buffer: int = 2000
+    """Samples held in each worker's shuffle buffer."""
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """Area range of timm's random resized crop."""
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm auto-augment policy string, or null for none."""
+    re_prob: float = 0.25
+    """Random erasing probability."""
+    interpolation: str = "bicubic"
+    eval_crop_pct: float = 0.875
+    """Evaluation: resize to img_size / eval_crop_pct, then center-crop img_size."""
+    mixup: float = 0.8
+    """Mixup alpha (0 = off)."""
+    cutmix: float = 1.0
+    """CutMix alpha (0 = off)."""
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        check(self.batch_size > 0, "batch_size", self.batch_size, "a positive integer")
+        check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "a positive integer")
+        check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
+        check(len(self.mean) in (1, 3) and len(self.std) == len(self.mean), "std", self.std,
+              "one value per channel, as many as 'mean' (1 or 3)")
+        check(all(s > 0 for s in self.std), "std", self.std, "positive values")
+        check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "scale", self.scale,
+              "[min, max] with 0 < min <= max <= 1")
+        check(0 <= self.hflip <= 1, "hflip", self.hflip, "a probability in [0, 1]")
+        check(0 <= self.re_prob <= 1, "re_prob", self.re_prob, "a probability in [0, 1]")
+        check(0 < self.eval_crop_pct <= 1, "eval_crop_pct", self.eval_crop_pct, "a fraction in (0, 1]")
+        check(self.mixup >= 0, "mixup", self.mixup, "an alpha >= 0 (0 = off)")
+        check(self.cutmix >= 0, "cutmix", self.cutmix, "an alpha >= 0 (0 = off)")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a value in [0, 1)")

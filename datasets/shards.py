@@ -1,0 +1,67 @@
+"""Writing WebDataset shards and the JSON index that sits beside them.
+
+Each sample is stored as ``<key>.<ext>`` (the encoded image bytes, e.g. ``png`` or ``jpg``),
+``<key>.cls`` (class index) and ``<key>.id`` (global integer sample id). The index records,
+per split, the shard file names and their sample counts, and the class names.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+INDEX_NAME = "index.json"
+
+
+def write_split(samples: Iterable[dict[str, Any]], dest: Path, split: str, samples_per_shard: int) -> dict[str, Any]:
+    """Write ``samples`` (dicts with ``__key__``, image bytes, ``cls``, ``id``) to ``dest/<split>-NNNNNN.tar``.
+
+    Returns the split's index entry. Tar headers carry a fixed mtime, so the same samples
+    give byte-identical shards.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[str, int]] = []
+
+    def record(fname: str) -> None:
+        written.append((Path(fname).name, writer.count))
+
+    with wds.ShardWriter(str(dest / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0,
+                         post=record) as writer:
+        for sample in samples:
+            writer.write(sample)
+    names = [name for name, _ in written]
+    counts = [count for _, count in written]
+    return {"shards": names, "counts": counts, "total": sum(counts), "urls": brace_pattern(names)}
+
+
+def brace_pattern(names: list[str]) -> str:
+    """``['train-000000.tar', ..., 'train-000011.tar']`` -> ``'train-{000000..000011}.tar'``."""
+    if len(names) == 1:
+        return names[0]
+    first, last = names[0], names[-1]
+    prefix, suffix = first[: first.rindex("-") + 1], first[first.index("."):]
+    return f"{prefix}{{{first[len(prefix):-len(suffix)]}..{last[len(prefix):-len(suffix)]}}}{suffix}"
+
+
+def write_index(dest: Path, splits: dict[str, dict[str, Any]], classes: list[str]) -> Path:
+    """Write the index JSON beside the shards (atomically)."""
+    path = dest / INDEX_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"classes": classes, "splits": splits}, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_index(path: str | Path) -> dict[str, Any]:
+    """Read a shard index; the error names the file and how to create it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"shard index {str(path)!r} not found: shards written by trivit have an {INDEX_NAME} beside them "
+            "(set data.index to its path)"
+        )
+    return json.loads(path.read_text())

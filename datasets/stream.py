@@ -1,0 +1,195 @@
+"""Streaming, exactly resumable readers of WebDataset shards.
+
+Training streams are deterministic functions of (seed, epoch, shards, world size, workers):
+each epoch the shard list is permuted with a seed shared by all ranks and split into
+``world_size x num_workers`` logical streams. Batch ``j`` of an epoch comes from logical
+stream ``j % num_workers`` of its rank, so the loader's round-robin over workers yields the
+batches in order. Resuming at batch ``k`` skips the raw (undecoded) samples of batches
+``< k`` in each stream; every sample's augmentation is seeded from (seed, epoch, sample id),
+so a resumed run sees the same pixels as an uninterrupted one.
+
+Logical streams repeat their shards as needed, so every rank yields exactly the number of
+batches the epoch asks for, whatever the shard sizes (no collective hangs on uneven ranks).
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_urls(urls: str) -> list[str]:
+    """Brace-expand ``urls`` ('::' joins several sources); an empty result is an error."""
+    expanded = wds.shardlists.expand_urls(urls) if urls else []
+    if not expanded:
+        raise ValueError(f"no shards in {urls!r}: give brace-expanded paths like '/data/train-{{000000..000099}}.tar'")
+    return expanded
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from several integers (stable across processes and Python versions)."""
+    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global RNGs inside the block and restore them after.
+
+    timm's transforms draw from the global RNGs; restoring them keeps the caller's random
+    stream (dropout, mixup) independent of how many images were decoded in this process.
+    """
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """Turns a raw shard sample into ``(image tensor, class index, sample id)``."""
+
+    transform: Callable[[Image.Image], torch.Tensor]
+    mode: str
+    """PIL mode the image is converted to ('L' or 'RGB')."""
+
+    def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, int, int]:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image "
+                             f"(expected one of {', '.join(IMAGE_KEYS)})")
+        sample_id = int(sample["id"])
+        with Image.open(io.BytesIO(sample[key])) as image:
+            image = image.convert(self.mode)
+        with seeded_rng(mix_seed(seed, sample_id)):
+            pixels = self.transform(image)
+        return pixels, int(sample["cls"]), sample_id
+
+
+def collate(samples: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, labels, ids = zip(*samples)
+    return torch.stack(images), torch.tensor(labels), torch.tensor(ids)
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """How one epoch's batches are laid out over ranks and loader workers."""
+
+    urls: tuple[str, ...]
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    num_streams: int
+    """Logical streams per rank: max(1, num_workers)."""
+
+    def shards(self, stream: int) -> list[str]:
+        """Shards of logical ``stream`` of this rank, from the epoch's shared permutation."""
+        order = list(self.urls)
+        random.Random(mix_seed(self.seed, self.epoch)).shuffle(order)
+        return order[self.rank * self.num_streams + stream:: self.world_size * self.num_streams]
+
+    def batches(self, stream: int, start: int, stop: int) -> tuple[int, int]:
+        """(batches of ``stream`` before ``start``, batches of ``stream`` in [start, stop))."""
+        before = len(range(stream, start, self.num_streams))
+        return before, len(range(stream, stop, self.num_streams)) - before
+
+
+class TrainStream(IterableDataset):
+    """Batches ``start..stop-1`` of one epoch for one rank; see the module docstring."""
+
+    def __init__(self, layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
+                 shuffle_buffer: int):
+        super().__init__()
+        self.layout, self.decode = layout, decode
+        self.batch_size, self.start, self.stop = batch_size, start, stop
+        self.shuffle_buffer = shuffle_buffer
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = (self.start + worker) % self.layout.num_streams
+        skip, count = self.layout.batches(stream, self.start, self.stop)
+        layout = self.layout
+        stream_seed = mix_seed(layout.seed, layout.epoch, layout.rank, stream)
+        pipeline = wds.DataPipeline(
+            lambda: self._repeated_shards(layout.shards(stream), stream_seed),
+            wds.tarfile_to_samples(),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(stream_seed)),
+            lambda samples: itertools.islice(samples, skip * self.batch_size, None),
+            lambda samples: (self.decode(s, mix_seed(layout.seed, layout.epoch)) for s in samples),
+            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            lambda batches: itertools.islice(batches, count),
+        )
+        return iter(pipeline)
+
+    @staticmethod
+    def _repeated_shards(shards: list[str], seed: int) -> Iterator[dict[str, str]]:
+        """The stream's shards, first in the epoch's order, then re-permuted on every further pass."""
+        rng = random.Random(seed)
+        order = list(shards)
+        while True:
+            yield from ({"url": url} for url in order)
+            rng.shuffle(order)
+
+
+class EvalStream(IterableDataset):
+    """Every sample of this rank's share of the shards, once, in shard order."""
+
+    def __init__(self, urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.decode, self.batch_size = urls, decode, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        shards = self.urls[self.rank * workers + worker:: self.world_size * workers]
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(shards) if shards else [],
+            wds.tarfile_to_samples(),
+            wds.map(lambda s: self.decode(s, 0)),
+            wds.batched(self.batch_size, collation_fn=collate, partial=True),
+        )
+        return iter(pipeline)
+
+
+def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
+                 shuffle_buffer: int, num_workers: int) -> DataLoader:
+    """Loader over batches ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout."""
+    if num_workers and layout.num_streams != num_workers:
+        raise ValueError(f"layout has {layout.num_streams} streams but the loader {num_workers} workers")
+    needed = layout.world_size * layout.num_streams
+    if len(layout.urls) < needed:
+        raise ValueError(
+            f"{len(layout.urls)} training shards for {layout.world_size} ranks x {layout.num_streams} workers: "
+            f"every worker needs at least one shard, or it would yield nothing and the ranks would hang. "
+            f"Use data.num_workers <= {max(1, len(layout.urls) // layout.world_size)} or write more, smaller shards."
+        )
+    dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop, shuffle_buffer=shuffle_buffer)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
+
+
+def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int,
+                num_workers: int) -> DataLoader:
+    """Loader over every sample of this rank's share of ``urls``."""
+    dataset = EvalStream(urls, decode, batch_size=batch_size, rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers)

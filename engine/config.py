@@ -1,0 +1,158 @@
+"""The run configuration: one nested dataclass per concern, loaded from YAML plus overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from trivit.config import check
+from trivit.datasets.config import DataConfig
+from trivit.sparse.config import SparsityConfig
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A timm ViT by name, with timm's constructor overrides."""
+
+    name: str = "deit_tiny_patch16_224"
+    """Any plain timm ViT name (deit_*_patch16_224, vit_*_patch16_224, ...)."""
+    img_size: int = 224
+    patch_size: int | None = None
+    """Patch size; null keeps the model's own."""
+    in_chans: int = 3
+    num_classes: int | None = None
+    """Classes of the classifier head; null takes the number of classes in the shard index."""
+    drop_path_rate: float = 0.1
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further ``timm.create_model`` arguments (embed_dim, depth, num_heads, ...)."""
+
+    def __post_init__(self) -> None:
+        check(self.img_size > 0, "img_size", self.img_size, "a positive integer")
+        check(self.patch_size is None or self.patch_size > 0, "patch_size", self.patch_size, "a positive integer")
+        if self.patch_size is not None:
+            check(self.img_size % self.patch_size == 0, "img_size", self.img_size,
+                  f"a multiple of model.patch_size ({self.patch_size})")
+        check(self.in_chans in (1, 3), "in_chans", self.in_chans, "1 or 3")
+        check(self.num_classes is None or self.num_classes > 0, "num_classes", self.num_classes, "a positive integer")
+        check(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "a rate in [0, 1)")
+
+    def timm_arguments(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_vit``."""
+        args = dict(self.timm_kwargs, img_size=self.img_size, in_chans=self.in_chans,
+                    drop_path_rate=self.drop_path_rate)
+        if self.patch_size is not None:
+            args["patch_size"] = self.patch_size
+        if self.num_classes is not None:
+            args["num_classes"] = self.num_classes
+        return args
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW as in DeiT: lr = base_lr x global batch / 512 unless ``lr`` is given."""
+
+    lr: float | None = None
+    """Absolute peak learning rate; null scales base_lr by the global batch."""
+    base_lr: float = 5e-4
+    """Peak learning rate for a global batch of 512."""
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float | None = None
+    """Clip the global gradient norm to this value; null = no clipping."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.99996); null = off."""
+
+    def __post_init__(self) -> None:
+        check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number or null")
+        check(self.base_lr > 0, "base_lr", self.base_lr, "a positive number")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+              "two values in [0, 1)")
+        check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "a positive norm or null")
+        check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a decay in (0, 1) or null")
+
+    def peak_lr(self, global_batch: int) -> float:
+        return self.lr if self.lr is not None else self.base_lr * global_batch / 512
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Length of training and the learning-rate schedule (linear warm-up, then cosine), in steps."""
+
+    epochs: int = 300
+    """Epochs of the schedule; steps per epoch = training samples // global batch."""
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    max_steps: int | None = None
+    """Stop after this many steps without changing the LR (or sparsity) schedules; null = run all epochs."""
+    eval_every_steps: int = 0
+    """Evaluate every N steps (0 = once per epoch); always at the end."""
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, "epochs", self.epochs, "a positive integer")
+        check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
+              f"a number in [0, schedule.epochs={self.epochs})")
+        check(self.min_lr >= 0, "min_lr", self.min_lr, "a number >= 0")
+        check(self.warmup_lr >= 0, "warmup_lr", self.warmup_lr, "a number >= 0")
+        check(self.max_steps is None or self.max_steps > 0, "max_steps", self.max_steps, "a positive integer or null")
+        check(self.eval_every_steps >= 0, "eval_every_steps", self.eval_every_steps, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Where and how the steps run."""
+
+    backend: Literal["auto", "single"] = "auto"
+    """'auto' picks from the launcher's environment; 'single' is one process."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """'auto': bf16 autocast on a GPU that supports it, else fp32."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Save every N steps (and always at the end)."""
+    keep: int = 3
+    """Keep the last K checkpoints."""
+
+    def __post_init__(self) -> None:
+        check(self.every_steps > 0, "every_steps", self.every_steps, "a positive integer")
+        check(self.keep > 0, "keep", self.keep, "a positive integer")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    every_steps: int = 50
+    """Write a metrics.jsonl line and TensorBoard scalars every N steps."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.every_steps > 0, "every_steps", self.every_steps, "a positive integer")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run needs; written to ``<run_dir>/config.yaml``."""
+
+    run_dir: str = "runs/default"
+    """Folder of the run: config, metrics.jsonl, TensorBoard events, checkpoints."""
+    seed: int = 0
+    resume: str = "auto"
+    """'auto' (continue from the latest checkpoint in run_dir, if any), 'never', or a checkpoint path."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        check(bool(self.run_dir), "run_dir", self.run_dir, "a folder path")
+        check(len(self.data.mean) == self.model.in_chans, "data.mean", self.data.mean,
+              f"one value per input channel (model.in_chans={self.model.in_chans})")

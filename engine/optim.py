@@ -1,0 +1,24 @@
+"""AdamW and the warm-up + cosine learning-rate schedule, from timm."""
+from __future__ import annotations
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from trivit.engine.config import OptimConfig, ScheduleConfig
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases, norms and the model's ``no_weight_decay`` parameters."""
+    return create_optimizer_v2(model, "adamw", lr=optim.peak_lr(global_batch), weight_decay=optim.weight_decay,
+                               betas=tuple(optim.betas), eps=optim.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, steps_per_epoch: int) -> CosineLRScheduler:
+    """Linear warm-up over ``warmup_epochs``, then cosine to ``min_lr`` at ``epochs``; stepped per update."""
+    total = schedule.epochs * steps_per_epoch
+    warmup = int(schedule.warmup_epochs * steps_per_epoch)
+    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=schedule.min_lr,
+                             warmup_t=warmup, warmup_lr_init=schedule.warmup_lr, warmup_prefix=True,
+                             t_in_epochs=False)

@@ -1,0 +1,284 @@
+"""The training loop: one checkpointable object that owns model, optimiser, schedule and data position.
+
+The loop counts steps; epochs are derived (steps per epoch = training samples // global
+batch). The data stream is a pure function of (seed, epoch, batch index), so a checkpoint's
+step is its data position and resuming reproduces the uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from tqdm import tqdm
+
+from trivit.config import ConfigError, to_dict
+from trivit.datasets.sources import resolve_shards
+from trivit.datasets.stream import SampleDecoder, StreamLayout, eval_loader, train_loader
+from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
+from trivit.engine.checkpoint import CheckpointManager, load_checkpoint
+from trivit.engine.config import TrainConfig
+from trivit.engine.metrics import MetricsLogger
+from trivit.engine.optim import build_optimizer, build_scheduler
+from trivit.engine.rng import rng_state, seed_everything, set_rng_state
+from trivit.sparse import create_vit
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
+    """The device and the autocast dtype (None = fp32) the config asks for on this machine."""
+    engine = config.engine
+    cuda = torch.cuda.is_available()
+    if engine.device == "cuda" and not cuda:
+        raise ConfigError("engine.device", "got 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    device = torch.device("cuda" if engine.device == "cuda" or (engine.device == "auto" and cuda) else "cpu")
+    precision = engine.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("engine.precision", "got 'fp16' on the CPU; use 'fp32' or 'bf16' there")
+    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_backend(config: TrainConfig) -> str:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ConfigError("engine.backend", f"the launcher started {world_size} processes (WORLD_SIZE), "
+                                            "but this trivit runs one process; launch it with plain 'trivit train'")
+    return "single"
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and trains it; ``state_dict`` is the whole run state."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.backend = resolve_backend(config)
+        self.device, self.amp_dtype = resolve_device(config)
+        seed_everything(config.seed)
+
+        data = config.data
+        self.shards = resolve_shards(data)
+        self.steps_per_epoch = self.shards.train_samples // data.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the "
+                                                 f"{self.shards.train_samples} training samples")
+        total = config.schedule.epochs * self.steps_per_epoch
+        self.stop_step = min(total, config.schedule.max_steps or total)
+        num_classes = config.model.num_classes or len(self.shards.classes)
+
+        self.model = self._build_model(num_classes).to(self.device)
+        self.optimizer = build_optimizer(self.model, config.optim, data.batch_size)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule, self.steps_per_epoch)
+        self.ema = ModelEmaV3(self.model, decay=config.optim.ema_decay) if config.optim.ema_decay else None
+        self.mixer = batch_mixer(data, num_classes)
+        self.train_loss: nn.Module = (SoftTargetCrossEntropy() if self.mixer
+                                      else LabelSmoothingCrossEntropy(data.label_smoothing) if data.label_smoothing
+                                      else nn.CrossEntropyLoss())
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        mode = image_mode(config.model.in_chans)
+        self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode)
+        self.eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
+        self.step = 0
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep)
+
+    def _build_model(self, num_classes: int) -> nn.Module:
+        model_cfg = self.config.model
+        args = dict(model_cfg.timm_arguments(), num_classes=num_classes)
+        model = create_vit(model_cfg.name, self.config.sparsity, **args)
+        patch = model.patch_embed.patch_size[0]
+        if model_cfg.img_size % patch:
+            raise ConfigError("model.img_size", f"got {model_cfg.img_size}; allowed: a multiple of the "
+                                                f"patch size ({patch}) of {model_cfg.name}")
+        return model
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model_name": self.config.model.name,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "data": {"steps_per_epoch": self.steps_per_epoch, "num_workers": self.config.data.num_workers,
+                     "batch_size": self.config.data.batch_size, "seed": self.config.seed},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        if state["model_name"] != self.config.model.name:
+            raise ValueError(f"checkpoint {source} is of model {state['model_name']!r}, this run builds "
+                             f"{self.config.model.name!r}; use a new run_dir or resume=never")
+        expected = {"steps_per_epoch": self.steps_per_epoch, "num_workers": self.config.data.num_workers,
+                    "batch_size": self.config.data.batch_size, "seed": self.config.seed}
+        changed = {k: (state["data"][k], v) for k, v in expected.items() if state["data"][k] != v}
+        if changed:
+            detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(f"checkpoint {source} was written with other data settings ({detail}); the data "
+                             "position cannot be carried over: restore those values or start a new run_dir")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(f"checkpoint {source} does not fit this model: {error}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    def _resume(self) -> None:
+        resume = self.config.resume
+        if resume == "never":
+            if self.checkpoints.saved():
+                raise ValueError(f"resume=never but {self.checkpoints.folder} already holds checkpoints; "
+                                 "use a new run_dir, or resume=auto to continue that run")
+            return
+        if resume == "auto":
+            found = self.checkpoints.load_latest()
+            if found is None:
+                return
+            state, path = found
+        else:
+            path = Path(resume)
+            if not path.is_file():
+                raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file; use 'auto', 'never' or a path")
+            state = load_checkpoint(path)
+        self.load_state_dict(state, str(path))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- loop --------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        targets = labels
+        if self.mixer is not None:
+            images, targets = self.mixer(images, labels)
+        self.model.train()
+        with self._autocast():
+            loss = self.train_loss(self.model(images), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.optim.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step_update(self.step + 1)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step + 1)
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Top-1 accuracy (%) and mean cross-entropy over the whole validation split."""
+        data = self.config.data
+        loader = eval_loader(self.shards.val_urls, self.eval_decoder, batch_size=data.eval_batch_size,
+                             rank=0, world_size=1, num_workers=min(data.num_workers, len(self.shards.val_urls)))
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        loss_sum = 0.0
+        for images, labels, _ in loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = model(images).float()
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            total += labels.numel()
+        model.train(was_training)
+        if total == 0:
+            raise ValueError("the validation shards yielded no samples; check data.val_urls")
+        return {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total}
+
+    def _evaluate_all(self) -> dict[str, float]:
+        metrics = self.evaluate(self.model)
+        if self.ema is not None:
+            metrics.update({f"{k}_ema": v for k, v in self.evaluate(self.ema.module).items()})
+        return metrics
+
+    def _layout(self, epoch: int) -> StreamLayout:
+        return StreamLayout(tuple(self.shards.train_urls), seed=self.config.seed, epoch=epoch, rank=0, world_size=1,
+                            num_streams=max(1, self.config.data.num_workers))
+
+    def _is_eval_step(self) -> bool:
+        every = self.config.schedule.eval_every_steps or self.steps_per_epoch
+        return self.step % every == 0 or self.step == self.stop_step
+
+    def _save(self) -> None:
+        path = self.checkpoints.save(self.state_dict(), self.step)
+        log.info("saved %s", path)
+
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+
+    def train(self) -> dict[str, Any]:
+        """Train from the current (or resumed) step to the end; returns the last metrics record."""
+        self._resume()
+        self._write_config()
+        config = self.config
+        data = config.data
+        metrics = MetricsLogger(self.run_dir, config.logging.tensorboard)
+        last: dict[str, Any] = {}
+        bar = tqdm(total=self.stop_step, initial=self.step, disable=not config.logging.progress_bar,
+                   dynamic_ncols=True, desc="train")
+        window_images, window_time = 0, 0.0
+        try:
+            while self.step < self.stop_step:
+                epoch, offset = divmod(self.step, self.steps_per_epoch)
+                stop = min(self.steps_per_epoch, self.stop_step - epoch * self.steps_per_epoch)
+                loader = train_loader(self._layout(epoch), self.train_decoder, batch_size=data.batch_size,
+                                      start=offset, stop=stop, shuffle_buffer=data.shuffle_buffer,
+                                      num_workers=data.num_workers)
+                tick = time.perf_counter()
+                for images, labels, _ids in loader:
+                    loss = self._train_step(images, labels)
+                    self.step += 1
+                    window_images += images.shape[0]
+                    now = time.perf_counter()
+                    window_time += now - tick
+                    record: dict[str, Any] = {}
+                    if self._is_eval_step():
+                        record.update(self._evaluate_all())
+                    if record or self.step % config.logging.every_steps == 0:
+                        loss_value = loss.item()
+                        if not math.isfinite(loss_value):
+                            raise FloatingPointError(f"loss is {loss_value} at step {self.step}; the last "
+                                                     f"checkpoint in {self.checkpoints.folder} is intact")
+                        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss_value,
+                                  "lr": self.optimizer.param_groups[0]["lr"],
+                                  "img_per_s": window_images / max(window_time, 1e-9), **record}
+                        metrics.log(record)
+                        last = record
+                        window_images, window_time = 0, 0.0
+                        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['img_per_s']:.0f}",
+                                        **({"top1": f"{record['eval_top1']:.2f}"} if "eval_top1" in record else {}))
+                    if self.step % config.checkpoint.every_steps == 0 or self.step == self.stop_step:
+                        self._save()
+                    bar.update(1)
+                    tick = time.perf_counter()
+        finally:
+            bar.close()
+            metrics.close()
+        return last

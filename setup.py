@@ -1,0 +1,33 @@
+"""trivit: training vision transformers with example, token and attention sparsity.
+
+The repository's top-level folders are mapped onto the ``trivit`` package
+(``engine/`` is ``trivit.engine`` and so on), so nothing installs a top-level
+``datasets`` module that would shadow Hugging Face's.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ("engine", "sparse", "datasets")
+
+setup(
+    name="trivit",
+    version="0.1.0",
+    description="Tri-level sparse (examples, tokens, attention) training for vision transformers",
+    python_requires=">=3.10",
+    packages=["trivit", *(f"trivit.{name}" for name in SUBPACKAGES)],
+    package_dir={"trivit": "trivit", **{f"trivit.{name}": name for name in SUBPACKAGES}},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0.15",
+        "webdataset>=0.2.100",
+        "accelerate>=1.0",
+        "deepspeed>=0.16",
+        "tensorboard",
+        "tqdm",
+        "pyyaml",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    entry_points={"console_scripts": ["trivit = trivit.cli:main"]},
+)

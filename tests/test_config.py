@@ -1,0 +1,64 @@
+"""Config loading and validation: every bad key or value names itself and what is allowed."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from trivit.config import ConfigError, load, parse_overrides
+from trivit.engine.config import TrainConfig
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"seed": 3, "data": {"batch_size": 64}, "optim": {"base_lr": 1e-3}}))
+    config = load(TrainConfig, path, ["data.batch_size=32", "model.timm_kwargs={depth: 2}", "optim.betas=[0.9, 0.95]"])
+    assert config.seed == 3
+    assert config.data.batch_size == 32
+    assert config.model.timm_kwargs == {"depth": 2}
+    assert config.optim.betas == [0.9, 0.95]
+    assert config.optim.peak_lr(config.data.batch_size) == pytest.approx(1e-3 * 32 / 512)
+
+
+def test_int_is_accepted_for_float_and_null_for_optional():
+    config = load(TrainConfig, None, ["optim.lr=1", "optim.clip_grad=null"])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.optim.clip_grad is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr_rate=3", "config key 'optim.lr_rate': unknown key (did you mean 'optim.lr'?)"),
+    ("schedule.epoch=3", "did you mean 'schedule.epochs'?"),
+    ("dat.batch_size=3", "config key 'dat': unknown key (did you mean 'data'?)"),
+    ("data.batch_size=big", "config key 'data.batch_size': got 'big' (str); expected int"),
+    ("data.batch_size=0", "config key 'data.batch_size': got 0; allowed: a positive integer"),
+    ("data.hflip=1.5", "config key 'data.hflip': got 1.5; allowed: a probability in [0, 1]"),
+    ("engine.backend=horovod", "config key 'engine.backend': got 'horovod'; allowed: 'auto' | 'single'"),
+    ("model.patch_size=16 model.img_size=30",
+     "config key 'model.img_size': got 30; allowed: a multiple of model.patch_size (16)"),
+    ("schedule.warmup_epochs=400", "config key 'schedule.warmup_epochs': got 400.0"),
+    ("checkpoint.keep=0", "config key 'checkpoint.keep': got 0; allowed: a positive integer"),
+    ("optim.betas=[0.9]", "config key 'optim.betas'"),
+    ("data.mean=[0.5] data.std=[0.2]", "config key 'data.mean': got [0.5]; allowed: one value per input channel (model.in_chans=3)"),
+    ("logging.every_steps=true", "config key 'logging.every_steps': got True"),
+    ("data=3", "config key 'data': expected a mapping"),
+    ("seed", "is not of the form key.sub=value"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as error:
+        load(TrainConfig, None, override.split(" "))
+    assert message in str(error.value)
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(TrainConfig, tmp_path / "nope.yaml")
+
+
+def test_nested_overrides_merge():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_bundled_configs_are_valid():
+    from pathlib import Path
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        load(TrainConfig, path)

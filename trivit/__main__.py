@@ -1,0 +1,5 @@
+import sys
+
+from trivit.cli import main
+
+sys.exit(main())
