@@ -39,8 +39,13 @@ def expand_urls(urls: str) -> list[str]:
 
 
 def mix_seed(*values: int) -> int:
-    """A 63-bit seed from several integers (stable across processes and Python versions)."""
-    return int(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
+    """A 63-bit seed from several integers, stable across processes and Python versions (SplitMix64 steps)."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 29
+    return state >> 1
 
 
 @contextmanager
@@ -53,7 +58,7 @@ def seeded_rng(seed: int) -> Iterator[None]:
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would queue a CUDA call per image
     try:
         yield
     finally:
@@ -190,6 +195,9 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
 
 def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int,
                 num_workers: int) -> DataLoader:
-    """Loader over every sample of this rank's share of ``urls``."""
+    """Loader over every sample of this rank's share of ``urls``.
+
+    Its own generator keeps the global RNG untouched, so evaluating never changes training.
+    """
     dataset = EvalStream(urls, decode, batch_size=batch_size, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))

@@ -45,7 +45,7 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra: str) -> list[str]:
         "data.val_urls": str(shards / "val-{000000..000001}.tar"),
         "data.batch_size": "16", "data.eval_batch_size": "32", "data.num_workers": "2",
         "data.shuffle_buffer": "20", "data.mean": "[0.3]", "data.std": "[0.3]",
-        "data.auto_augment": "null", "data.re_prob": "0.1", "data.scale": "[0.7,1.0]",
+        "data.auto_augment": "null", "data.hflip": "0", "data.re_prob": "0.1", "data.scale": "[0.9,1.0]",
         "data.mixup": "0.8", "data.cutmix": "1.0", "data.eval_crop_pct": "1.0",
         "model.img_size": "16", "model.patch_size": "4", "model.in_chans": "1", "model.drop_path_rate": "0.1",
         "model.timm_kwargs": "{embed_dim: 32, depth: 2, num_heads: 2}",

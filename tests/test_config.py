@@ -62,3 +62,8 @@ def test_bundled_configs_are_valid():
     from pathlib import Path
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         load(TrainConfig, path)
+
+
+def test_exponent_floats_are_numbers_not_strings():
+    config = load(TrainConfig, None, ["optim.lr=1e-3", "optim.base_lr=5E-4"])
+    assert config.optim.lr == 1e-3 and config.optim.base_lr == 5e-4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,22 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML loader that also reads ``1e-3`` as a float (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text with trivit's loader."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -90,7 +107,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, f"'{part}' was given both a value and sub-keys")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = read_yaml(raw) if raw else ""
     return nested
 
 
@@ -112,7 +129,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError("", f"config file {str(path)!r} does not exist (pass --config PATH to a YAML file)")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = read_yaml(path.read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("", f"config file {str(path)!r} must hold a mapping of keys at the top level")
         data = loaded or {}

@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` (set up and train the demo) and `make test`.
+# Both create the virtual environment and fetch the demo data on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# torch and torchvision must be a matching pair; on a GPU machine pick the build for your CUDA, e.g.
+# make demo TORCH="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test demo-data
+
+demo: $(VENV)/.installed demo-data
+	$(VENV)/bin/trivit train --config configs/demo.yaml $(ARGS)
+
+test: $(VENV)/.installed demo-data
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q $(TORCH) -e '.[test]'
+	touch $@
+
+# Fashion-MNIST ships as a Debian package; if it cannot be installed here, trivit's error says how.
+demo-data:
+	@test -d $(FASHION_MNIST) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; } \
+		|| echo "could not install dataset-fashion-mnist; install it with: sudo apt-get install -y dataset-fashion-mnist"

@@ -1,0 +1,84 @@
+"""The streaming reader: exact resume at any batch, batch counts, evaluation exactly once."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from trivit.datasets.config import DataConfig
+from trivit.datasets.stream import (SampleDecoder, StreamLayout, eval_loader, expand_urls, seeded_rng,
+                                    train_loader)
+from trivit.datasets.transforms import eval_transform, train_transform
+
+CONFIG = DataConfig(mean=[0.3], std=[0.3], auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, scale=[0.5, 1.0])
+
+
+def layout(shards, epoch=0, workers=2, rank=0, world_size=1):
+    urls = expand_urls(str(shards / "train-{000000..000007}.tar"))
+    return StreamLayout(tuple(urls), seed=7, epoch=epoch, rank=rank, world_size=world_size, num_streams=max(1, workers))
+
+
+def batches(shards, start, stop, workers=2, epoch=0, **kw):
+    decode = SampleDecoder(train_transform(CONFIG, 16), "L")
+    return list(train_loader(layout(shards, epoch, workers, **kw), decode, batch_size=8, start=start, stop=stop,
+                             shuffle_buffer=16, num_workers=workers))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("start", [1, 5, 6])
+def test_resuming_at_any_batch_gives_the_same_pixels(tiny_shards, workers, start):
+    full = batches(tiny_shards, 0, 12, workers)
+    resumed = batches(tiny_shards, start, 12, workers)
+    assert len(full) == 12 and len(resumed) == 12 - start
+    for (x0, y0, i0), (x1, y1, i1) in zip(full[start:], resumed):
+        assert torch.equal(i0, i1) and torch.equal(y0, y1) and torch.equal(x0, x1)
+
+
+def test_an_epoch_has_exactly_the_requested_batches_and_new_epochs_reshuffle(tiny_shards):
+    epoch0 = batches(tiny_shards, 0, 32)
+    assert len(epoch0) == 32 and all(b[0].shape == (8, 1, 16, 16) for b in epoch0)
+    counts = Counter(torch.cat([b[2] for b in epoch0]).tolist())
+    assert len(counts) == 256 and set(counts.values()) == {1}, "one pass over 256 samples: each exactly once"
+    epoch1 = batches(tiny_shards, 0, 32, epoch=1)
+    assert not torch.equal(epoch0[0][2], epoch1[0][2])
+
+
+def test_labels_travel_with_their_images(tiny_shards):
+    for images, labels, ids in batches(tiny_shards, 0, 4, workers=0):
+        assert torch.equal(labels, ids % 4)
+
+
+def test_two_ranks_read_disjoint_shards(tiny_shards):
+    ids = [torch.cat([b[2] for b in batches(tiny_shards, 0, 16, rank=r, world_size=2)]) for r in (0, 1)]
+    assert len(set(ids[0].tolist()) & set(ids[1].tolist())) == 0
+    assert len(set(ids[0].tolist()) | set(ids[1].tolist())) == 256
+
+
+def test_too_few_shards_for_the_workers_is_a_clear_error(tiny_shards):
+    with pytest.raises(ValueError, match="every worker needs at least one shard"):
+        batches(tiny_shards, 0, 4, workers=5, world_size=2)
+
+
+def test_evaluation_reads_every_sample_once(tiny_shards):
+    urls = expand_urls(str(tiny_shards / "val-{000000..000001}.tar"))
+    decode = SampleDecoder(eval_transform(CONFIG, 16), "L")
+    ids = torch.cat([b[2] for b in eval_loader(urls, decode, batch_size=10, rank=0, world_size=1, num_workers=2)])
+    assert sorted(ids.tolist()) == list(range(64))
+
+
+def test_seeded_rng_restores_the_callers_random_streams():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with seeded_rng(123):
+        inside = torch.rand(1)
+    assert torch.equal(torch.rand(3), expected)
+    with seeded_rng(123):
+        assert torch.equal(torch.rand(1), inside)
+
+
+def test_expand_urls_brace_and_join():
+    assert expand_urls("a-{00..02}.tar::b.tar") == ["a-00.tar", "a-01.tar", "a-02.tar", "b.tar"]
+    with pytest.raises(ValueError, match="no shards"):
+        expand_urls("")

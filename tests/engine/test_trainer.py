@@ -1,0 +1,90 @@
+"""The trainer end to end on tiny shards: it learns, checkpoints, and resumes exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from trivit.config import load
+from trivit.engine.checkpoint import CheckpointManager
+from trivit.engine.config import TrainConfig
+from trivit.engine.metrics import read_metrics
+from trivit.engine.trainer import Trainer
+from tests.conftest import tiny_overrides
+
+
+def train(shards, run_dir, **extra):
+    trainer = Trainer(load(TrainConfig, None, tiny_overrides(shards, run_dir, **extra)))
+    return trainer, trainer.train()
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tiny_shards, tmp_path):
+    # 256 samples / batch 32 = 8 steps per epoch: the interruption at step 5 resumes mid-epoch
+    # and the run then crosses an epoch boundary (new shard order, evaluation, checkpoint).
+    common = {"data.batch_size": "32", "schedule.max_steps": "12", "checkpoint.every_steps": "5"}
+    train(tiny_shards, tmp_path / "full", **common)
+    train(tiny_shards, tmp_path / "split", **dict(common, **{"schedule.max_steps": "5"}))
+    trainer, _ = train(tiny_shards, tmp_path / "split", **common)
+    assert trainer.step == 12
+    full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(full) == list(range(1, 13))
+    for step in range(6, 13):
+        assert split[step] == full[step], f"step {step}: resumed {split[step]} != uninterrupted {full[step]}"
+    full_records = {r["step"]: r for r in read_metrics(tmp_path / "full")}
+    split_records = {r["step"]: r for r in read_metrics(tmp_path / "split")}
+    assert split_records[12]["eval_top1"] == full_records[12]["eval_top1"]
+    assert split_records[12]["eval_top1_ema"] == full_records[12]["eval_top1_ema"]
+    final_full = CheckpointManager(tmp_path / "full" / "checkpoints", 2).load_latest()[0]["model"]
+    final_split = CheckpointManager(tmp_path / "split" / "checkpoints", 2).load_latest()[0]["model"]
+    assert all(torch.equal(final_full[k], final_split[k]) for k in final_full)
+
+
+def test_training_learns_and_writes_the_run_directory(tiny_shards, tmp_path):
+    trainer, last = train(tiny_shards, tmp_path / "run", **{"data.mixup": "0", "data.cutmix": "0",
+                                                             "optim.lr": "3e-3", "schedule.epochs": "10"})
+    records = read_metrics(tmp_path / "run")
+    assert {"step", "epoch", "loss", "lr", "img_per_s"} <= set(records[0])
+    evals = [r for r in records if "eval_top1" in r]
+    assert [r["step"] for r in evals] == [16 * e for e in range(1, 11)], "one evaluation per epoch"
+    assert evals[-1]["eval_top1"] >= 90.0, "the bright-quadrant classes are easy to learn"
+    assert evals[0]["eval_loss"] > evals[-1]["eval_loss"]
+    assert last["step"] == trainer.stop_step == 160
+    saved = CheckpointManager(tmp_path / "run" / "checkpoints", 2).saved()
+    assert [step for step, _ in saved] == [156, 160], "checkpoint.keep=2 keeps the last two"
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["schedule"]["epochs"] == 10 and resolved["optim"]["lr"] == 3e-3
+    assert load(TrainConfig, tmp_path / "run" / "config.yaml") == trainer.config
+
+
+def test_max_steps_stops_early_without_changing_the_lr_schedule(tiny_shards, tmp_path):
+    short, _ = train(tiny_shards, tmp_path / "short", **{"schedule.max_steps": "6"})
+    full, _ = train(tiny_shards, tmp_path / "full", **{"schedule.max_steps": "10"})
+    lr_short = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "short")}
+    lr_full = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "full")}
+    assert short.step == 6
+    assert all(lr_short[s] == lr_full[s] for s in lr_short)
+
+
+def test_resume_never_refuses_to_mix_with_existing_checkpoints(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "4"})
+    with pytest.raises(ValueError, match="resume=never but .* already holds checkpoints"):
+        train(tiny_shards, tmp_path / "run", resume="never")
+
+
+def test_resume_refuses_a_checkpoint_with_other_data_settings(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "4"})
+    with pytest.raises(ValueError, match="num_workers: 2 -> 1"):
+        train(tiny_shards, tmp_path / "run", **{"data.num_workers": "1", "schedule.max_steps": "8"})
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "4"})
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(tiny_shards, tmp_path / "other", resume=str(checkpoint), **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
