@@ -38,6 +38,8 @@ class DataConfig:
     hflip: float = 0.5
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     """timm auto-augment policy string, or null for none."""
+    color_jitter: float = 0.3
+    """Color jitter strength, applied only when auto_augment is null (as in timm)."""
     re_prob: float = 0.25
     """Random erasing probability."""
     interpolation: str = "bicubic"
@@ -60,6 +62,7 @@ class DataConfig:
         check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "scale", self.scale,
               "[min, max] with 0 < min <= max <= 1")
         check(0 <= self.hflip <= 1, "hflip", self.hflip, "a probability in [0, 1]")
+        check(self.color_jitter >= 0, "color_jitter", self.color_jitter, "a strength >= 0 (0 = off)")
         check(0 <= self.re_prob <= 1, "re_prob", self.re_prob, "a probability in [0, 1]")
         check(0 < self.eval_crop_pct <= 1, "eval_crop_pct", self.eval_crop_pct, "a fraction in (0, 1]")
         check(self.mixup >= 0, "mixup", self.mixup, "an alpha >= 0 (0 = off)")

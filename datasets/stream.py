@@ -49,22 +49,24 @@ def mix_seed(*values: int) -> int:
 
 
 @contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's global RNGs inside the block and restore them after.
+def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global RNGs inside the block, and restore them after.
 
-    timm's transforms draw from the global RNGs; restoring them keeps the caller's random
-    stream (dropout, mixup) independent of how many images were decoded in this process.
+    timm's transforms draw from the global RNGs. In the training process, restoring them keeps
+    its random stream (dropout, mixup) independent of how many images it decoded; a loader
+    worker has no other use for them and skips the restore (``restore=False``).
     """
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)
     torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would queue a CUDA call per image
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+        if states is not None:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class SampleDecoder:
         sample_id = int(sample["id"])
         with Image.open(io.BytesIO(sample[key])) as image:
             image = image.convert(self.mode)
-        with seeded_rng(mix_seed(seed, sample_id)):
+        with seeded_rng(mix_seed(seed, sample_id), restore=get_worker_info() is None):
             pixels = self.transform(image)
         return pixels, int(sample["cls"]), sample_id
 
@@ -135,9 +137,7 @@ class TrainStream(IterableDataset):
         layout = self.layout
         stream_seed = mix_seed(layout.seed, layout.epoch, layout.rank, stream)
         pipeline = wds.DataPipeline(
-            lambda: self._repeated_shards(layout.shards(stream), stream_seed),
-            wds.tarfile_to_samples(),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(stream_seed)),
+            lambda: self._samples(layout.shards(stream), stream_seed),
             lambda samples: itertools.islice(samples, skip * self.batch_size, None),
             lambda samples: (self.decode(s, mix_seed(layout.seed, layout.epoch)) for s in samples),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
@@ -145,13 +145,25 @@ class TrainStream(IterableDataset):
         )
         return iter(pipeline)
 
-    @staticmethod
-    def _repeated_shards(shards: list[str], seed: int) -> Iterator[dict[str, str]]:
-        """The stream's shards, first in the epoch's order, then re-permuted on every further pass."""
+    def _samples(self, shards: list[str], seed: int) -> Iterator[dict[str, Any]]:
+        """Raw samples of the stream's shards, pass after pass, shuffled within each pass.
+
+        The shuffle buffer drains at the end of every pass, so each pass presents every sample
+        exactly once; the shard order is re-permuted for every further pass.
+        """
         rng = random.Random(seed)
         order = list(shards)
         while True:
-            yield from ({"url": url} for url in order)
+            presented = 0
+            for sample in wds.DataPipeline(
+                wds.SimpleShardList(order),
+                wds.tarfile_to_samples(),
+                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
+            ):
+                presented += 1
+                yield sample
+            if presented == 0:
+                raise ValueError(f"training shards {order} hold no samples for this stream; check data.train_urls")
             rng.shuffle(order)
 
 

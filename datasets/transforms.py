@@ -17,6 +17,7 @@ def train_transform(data: DataConfig, img_size: int) -> Callable:
         scale=tuple(data.scale),
         hflip=data.hflip,
         auto_augment=data.auto_augment,
+        color_jitter=data.color_jitter or None,
         re_prob=data.re_prob,
         interpolation=data.interpolation,
         mean=tuple(data.mean),

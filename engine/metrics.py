@@ -20,13 +20,15 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
-        """``record`` must hold ``step``; other numbers become scalars named by their key."""
+        """``record`` must hold ``step``; other numbers become scalars named by their key, list items ``key/i``."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, record["step"])
+                items = enumerate(value) if isinstance(value, list) else [(None, value)]
+                for index, item in items:
+                    if key != "step" and isinstance(item, (int, float)) and math.isfinite(item):
+                        self.writer.add_scalar(key if index is None else f"{key}/{index}", item, record["step"])
             self.writer.flush()
 
     def close(self) -> None:

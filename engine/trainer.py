@@ -30,7 +30,9 @@ from trivit.engine.config import TrainConfig
 from trivit.engine.metrics import MetricsLogger
 from trivit.engine.optim import build_optimizer, build_scheduler
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
-from trivit.sparse import create_vit
+from trivit.sparse import create_vit, set_keep_rates
+from trivit.sparse.flops import dense_fraction
+from trivit.sparse.schedule import scheduled_keep_rate
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,26 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------
 
+    def keep_rates(self, step: int) -> tuple[float, float]:
+        """(token, attention) keep rates of the sparsity schedule at ``step``."""
+        sparsity = self.config.sparsity
+        start = round(sparsity.schedule.start_epochs * self.steps_per_epoch)
+        span = round(sparsity.schedule.span_epochs * self.steps_per_epoch)
+        return (scheduled_keep_rate(step, sparsity.tokens.keep_rate, start, span),
+                scheduled_keep_rate(step, sparsity.attention.keep_rate, start, span))
+
+    def _step_record(self, loss: torch.Tensor, img_per_s: float) -> dict[str, Any]:
+        """The metrics of the step just taken; a non-finite loss stops training with the step named."""
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {self.step}; the last checkpoint in "
+                                     f"{self.checkpoints.folder} is intact")
+        blocks = self.model.blocks
+        return {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss_value,
+                "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
+                "keep_rate_tokens": blocks.token_keep_rate, "keep_rate_attention": blocks.attention_keep_rate,
+                "tokens_per_block": list(blocks.tokens_per_block), "flops_fraction": dense_fraction(self.model)}
+
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
@@ -175,6 +197,7 @@ class Trainer:
         if self.mixer is not None:
             images, targets = self.mixer(images, labels)
         self.model.train()
+        set_keep_rates(self.model, *self.keep_rates(self.step))
         with self._autocast():
             loss = self.train_loss(self.model(images), targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,9 +235,15 @@ class Trainer:
         return {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total}
 
     def _evaluate_all(self) -> dict[str, float]:
-        metrics = self.evaluate(self.model)
-        if self.ema is not None:
-            metrics.update({f"{k}_ema": v for k, v in self.evaluate(self.ema.module).items()})
+        """Evaluate the model (and its EMA) at the final keep rates of the schedule."""
+        sparsity = self.config.sparsity
+        models = {"": self.model, **({"_ema": self.ema.module} if self.ema is not None else {})}
+        metrics = {}
+        for suffix, model in models.items():
+            current = (model.blocks.token_keep_rate, model.blocks.attention_keep_rate)
+            set_keep_rates(model, sparsity.tokens.keep_rate, sparsity.attention.keep_rate)
+            metrics.update({f"{k}{suffix}": v for k, v in self.evaluate(model).items()})
+            set_keep_rates(model, *current)
         return metrics
 
     def _layout(self, epoch: int) -> StreamLayout:
@@ -256,24 +285,17 @@ class Trainer:
                     loss = self._train_step(images, labels)
                     self.step += 1
                     window_images += images.shape[0]
-                    now = time.perf_counter()
-                    window_time += now - tick
-                    record: dict[str, Any] = {}
-                    if self._is_eval_step():
-                        record.update(self._evaluate_all())
-                    if record or self.step % config.logging.every_steps == 0:
-                        loss_value = loss.item()
-                        if not math.isfinite(loss_value):
-                            raise FloatingPointError(f"loss is {loss_value} at step {self.step}; the last "
-                                                     f"checkpoint in {self.checkpoints.folder} is intact")
-                        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss_value,
-                                  "lr": self.optimizer.param_groups[0]["lr"],
-                                  "img_per_s": window_images / max(window_time, 1e-9), **record}
+                    window_time += time.perf_counter() - tick
+                    evaluate = self._is_eval_step()
+                    if evaluate or self.step % config.logging.every_steps == 0:
+                        record = self._step_record(loss, window_images / max(window_time, 1e-9))
+                        if evaluate:
+                            record.update(self._evaluate_all())
                         metrics.log(record)
                         last = record
                         window_images, window_time = 0, 0.0
-                        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['img_per_s']:.0f}",
-                                        **({"top1": f"{record['eval_top1']:.2f}"} if "eval_top1" in record else {}))
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}",
+                                        **({"top1": f"{record['eval_top1']:.2f}"} if evaluate else {}))
                     if self.step % config.checkpoint.every_steps == 0 or self.step == self.stop_step:
                         self._save()
                     bar.update(1)

@@ -1,5 +1,5 @@
 """The three sparsity levels (examples, tokens, attention) and the ViT blocks that carry them."""
 from trivit.sparse.config import SparsityConfig
-from trivit.sparse.vit import RoutedBlocks, TriLevelBlock, create_vit
+from trivit.sparse.vit import RoutedBlocks, TriLevelBlock, create_vit, set_keep_rates
 
-__all__ = ["SparsityConfig", "RoutedBlocks", "TriLevelBlock", "create_vit"]
+__all__ = ["SparsityConfig", "RoutedBlocks", "TriLevelBlock", "create_vit", "set_keep_rates"]

@@ -8,8 +8,7 @@ checkpoint loads strictly in either direction.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import timm
@@ -19,46 +18,112 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from trivit.config import ConfigError, from_dict
+from trivit.sparse.attention import build_attention_mask
 from trivit.sparse.config import SparsityConfig
+from trivit.sparse.tokens import select_tokens
 
 
-@dataclass
-class Route:
-    """What one forward pass carries from block to block."""
-
-    attn_mask: torch.Tensor | None = None
-    """Boolean mask (True = attend) that the following blocks apply, or None for dense attention."""
+Router = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 class TriLevelBlock(Block):
-    """timm's pre-norm ViT block with a routed forward.
+    """timm's pre-norm ViT block, plus a routed forward for the pruning locations.
 
-    ``forward`` is timm's, unchanged. ``forward_routed`` is the same computation with the
-    routing state threaded through: token selection acts between the attention and the MLP,
-    and the attention mask of the route is applied in the attention.
+    ``forward`` is timm's, unchanged: attention through ``scaled_dot_product_attention``,
+    with the boolean mask of the attention level when one is active. ``forward_routed``
+    computes the attention weights explicitly, once, so that the same softmax yields the
+    block output and the [CLS] / patch attention that the router ranks tokens and links by.
     """
 
-    def forward_routed(self, x: torch.Tensor, route: Route) -> tuple[torch.Tensor, Route]:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=route.attn_mask)))
+    def attention_with_weights(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm ``Attention`` on normalised input ``x``, also returning its head-averaged softmax (B, N, N)."""
+        attn = self.attn
+        batch, length, _ = x.shape
+        gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+        qkv = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(batch, length, attn.attn_dim)
+        out = attn.norm(out)
+        if gate is not None:
+            out = out * gate
+        return attn.proj_drop(attn.proj(out)), probs.mean(dim=1)
+
+    def forward_routed(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                       route: Router) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block with ``route(x, attention)`` between attention and MLP; returns the new mask too."""
+        attn_out, attention = self.attention_with_weights(self.norm1(x), attn_mask)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x, attn_mask = route(x, attention)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, route
+        return x, attn_mask
 
 
 class RoutedBlocks(nn.Sequential):
-    """The model's blocks, run in order with a :class:`Route` passed between them.
+    """The model's blocks, run in order with token selection and attention masks between them.
 
-    Subclasses ``nn.Sequential`` so parameter names stay ``blocks.<i>.*`` as in timm.
+    Subclasses ``nn.Sequential`` so parameter names stay ``blocks.<i>.*`` as in timm. Every
+    block runs on every forward pass, in the same order, whatever the keep rates: ranks
+    never take different module paths (what DeepSpeed ZeRO-3 requires).
     """
 
-    def __init__(self, blocks: nn.Sequential, sparsity: SparsityConfig):
+    def __init__(self, blocks: nn.Sequential, sparsity: SparsityConfig, num_prefix_tokens: int):
         super().__init__(*blocks)
         self.sparsity = sparsity
+        self.num_prefix_tokens = num_prefix_tokens
+        self.locations = frozenset(sparsity.tokens.locations)
+        self.token_keep_rate = sparsity.tokens.keep_rate
+        self.attention_keep_rate = sparsity.attention.keep_rate
+        self.tokens_per_block: list[int] = []
+        """Sequence length after each block in the last forward pass (what its MLP ran on)."""
+
+    @property
+    def active(self) -> bool:
+        return self.token_keep_rate < 1 or self.attention_keep_rate < 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = Route()
-        for block in self:
-            x, route = block.forward_routed(x, route)
+        attn_mask = None
+        self.tokens_per_block = []
+        for index, block in enumerate(self):
+            if self.active and index in self.locations:
+                x, attn_mask = block.forward_routed(x, attn_mask, self.route)
+            else:
+                x = block(x, attn_mask=attn_mask)
+            self.tokens_per_block.append(x.shape[1])
         return x
+
+    def route(self, x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token selection, then the attention mask over the kept tokens."""
+        prefix = self.num_prefix_tokens
+        tokens = self.sparsity.tokens
+        if self.token_keep_rate < 1:
+            x, kept = select_tokens(x, attention[:, 0, prefix:], self.token_keep_rate, prefix,
+                                    fuse=tokens.fuse, selector=tokens.selector)
+        else:
+            num_patches = x.shape[1] - prefix
+            kept = torch.arange(num_patches, device=x.device).expand(x.shape[0], num_patches)
+        if self.attention_keep_rate >= 1:
+            return x, None
+        suffix = x.shape[1] - prefix - kept.shape[1]
+        return x, build_attention_mask(attention, kept, self.attention_keep_rate, prefix, suffix)
+
+
+def set_keep_rates(model: nn.Module, tokens: float, attention: float) -> None:
+    """Set the current token and attention keep rates of a model built by :func:`create_vit`.
+
+    The model starts at the configured targets; the engine's schedule calls this every step
+    (1.0 turns a level off). Evaluation uses whatever rates are current.
+    """
+    blocks = model.blocks
+    if not isinstance(blocks, RoutedBlocks):
+        raise TypeError("set_keep_rates needs a model built by trivit.sparse.create_vit")
+    if not (0 < tokens <= 1 and 0 < attention <= 1):
+        raise ValueError(f"keep rates must lie in (0, 1], got tokens={tokens}, attention={attention}")
+    blocks.token_keep_rate, blocks.attention_keep_rate = float(tokens), float(attention)
 
 
 def create_vit(name: str, sparsity: SparsityConfig | Mapping[str, Any] | None = None, **timm_kwargs: Any) -> VisionTransformer:
@@ -69,7 +134,8 @@ def create_vit(name: str, sparsity: SparsityConfig | Mapping[str, Any] | None = 
     config = sparsity if isinstance(sparsity, SparsityConfig) else _sparsity_from_mapping(sparsity)
     _check_plain_vit(name, timm_kwargs)
     model = _create_timm(name, block_fn=TriLevelBlock, **timm_kwargs)
-    model.blocks = RoutedBlocks(model.blocks, config)
+    _check_sparsity_fits(model, config)
+    model.blocks = RoutedBlocks(model.blocks, config, model.num_prefix_tokens)
     return model
 
 
@@ -78,6 +144,19 @@ def _sparsity_from_mapping(sparsity: Mapping[str, Any] | None) -> SparsityConfig
         return from_dict(SparsityConfig, sparsity)
     except ConfigError as error:
         raise error.under("sparsity") from None
+
+
+def _check_sparsity_fits(model: VisionTransformer, config: SparsityConfig) -> None:
+    if config.tokens.keep_rate == 1 and config.attention.keep_rate == 1:
+        return
+    depth = len(model.blocks)
+    beyond = [i for i in config.tokens.locations if i >= depth]
+    if beyond:
+        raise ConfigError("sparsity.tokens.locations", f"got {config.tokens.locations}; blocks {beyond} do not exist "
+                                                       f"(the model has {depth} blocks, indices 0..{depth - 1})")
+    if getattr(model, "cls_token", None) is None:
+        raise ConfigError("sparsity.tokens.keep_rate", "tokens are ranked by [CLS] attention, but this model has no "
+                                                       "class token; use a ViT with class_token=True")
 
 
 def _create_timm(name: str, **kwargs: Any) -> nn.Module:

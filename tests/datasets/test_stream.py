@@ -82,3 +82,15 @@ def test_expand_urls_brace_and_join():
     assert expand_urls("a-{00..02}.tar::b.tar") == ["a-00.tar", "a-01.tar", "a-02.tar", "b.tar"]
     with pytest.raises(ValueError, match="no shards"):
         expand_urls("")
+
+
+def test_deit_randaugment_survives_its_whole_magnitude_range():
+    """rand-m9-mstd0.5-inc1 reaches posterize with 0 bits; the pinned Pillow must accept it."""
+    from PIL import Image
+    transform = train_transform(DataConfig(), 32)
+    image = Image.new("RGB", (40, 40), (120, 30, 200))
+    outputs = []
+    for seed in range(4000):
+        with seeded_rng(seed):
+            outputs.append(transform(image))
+    assert all(o.shape == (3, 32, 32) for o in outputs)

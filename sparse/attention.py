@@ -1,0 +1,54 @@
+"""Attention level: each query patch keeps only its strongest links to the other kept patches.
+
+Built at the pruning locations, right after token selection, from the block's head-averaged
+attention restricted to the kept tokens. The result is a boolean mask (True = attend) with no
+gradient, applied through ``scaled_dot_product_attention`` by every following block up to the
+next location. Prefix tokens ([CLS]) and the fused token always see and are seen by everyone,
+so no row of the mask is ever empty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trivit.config import check
+from trivit.sparse.tokens import kept_count
+
+
+@dataclass(kw_only=True)
+class AttentionConfig:
+    """Attention masking at the token locations (``sparsity.tokens.locations``)."""
+
+    keep_rate: float = 1.0
+    """Fraction of the kept patches that each query patch attends to; 1.0 = level off."""
+
+    def __post_init__(self) -> None:
+        check(0 < self.keep_rate <= 1, "keep_rate", self.keep_rate, "a fraction in (0, 1]")
+
+
+@torch.no_grad()
+def build_attention_mask(
+    attention: torch.Tensor,
+    kept: torch.Tensor,
+    keep_rate: float,
+    num_prefix_tokens: int,
+    num_suffix_tokens: int,
+) -> torch.Tensor:
+    """Mask (B, 1, L, L) for the sequence [prefix, kept patches, suffix] of length L.
+
+    ``attention`` (B, P + N, P + N) is the head-averaged attention before token selection;
+    ``kept`` (B, K) are the kept patch indices into the N patches. Each kept patch query keeps
+    its top ``ceil(K x keep_rate)`` kept patch keys; prefix and suffix rows and columns are all True.
+    """
+    prefix = num_prefix_tokens
+    patch_attention = attention[:, prefix:, prefix:]
+    batch, num_kept = kept.shape
+    rows = patch_attention.gather(1, kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1]))
+    among_kept = rows.gather(2, kept.unsqueeze(1).expand(-1, num_kept, -1))
+    top = among_kept.topk(kept_count(num_kept, keep_rate), dim=-1, sorted=False).indices
+    length = prefix + num_kept + num_suffix_tokens
+    mask = torch.ones(batch, length, length, dtype=torch.bool, device=attention.device)
+    patch_mask = torch.zeros(batch, num_kept, num_kept, dtype=torch.bool, device=attention.device)
+    mask[:, prefix:prefix + num_kept, prefix:prefix + num_kept] = patch_mask.scatter_(-1, top, True)
+    return mask.unsqueeze(1)

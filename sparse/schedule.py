@@ -1,0 +1,31 @@
+"""Keep-rate schedule shared by the token and attention levels (EViT's warm-up)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from trivit.config import check
+
+
+@dataclass(kw_only=True)
+class KeepRateScheduleConfig:
+    """Keep rates are 1.0 for ``start_epochs``, then follow a cosine to their targets over ``span_epochs``."""
+
+    start_epochs: float = 10.0
+    """Epochs of dense training before the rates start to fall (EViT: 10)."""
+    span_epochs: float = 100.0
+    """Epochs from the start to reaching the target rates (EViT: 100); 0 = jump to the targets."""
+
+    def __post_init__(self) -> None:
+        check(self.start_epochs >= 0, "start_epochs", self.start_epochs, "a number of epochs >= 0")
+        check(self.span_epochs >= 0, "span_epochs", self.span_epochs, "a number of epochs >= 0")
+
+
+def scheduled_keep_rate(step: int, target: float, start_step: int, span_steps: int) -> float:
+    """Keep rate at ``step``: 1.0 before ``start_step``, cosine to ``target`` over ``span_steps``, then ``target``."""
+    if step < start_step:
+        return 1.0
+    if step >= start_step + span_steps:
+        return target
+    progress = (step - start_step) / span_steps
+    return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * progress))

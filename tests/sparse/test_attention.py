@@ -1,0 +1,123 @@
+"""Attention level and the routed blocks against float64 references written in the test."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from trivit.sparse import create_vit, set_keep_rates
+from trivit.sparse.attention import build_attention_mask
+
+
+def reference_mask(attention, kept, keep_rate, prefix, suffix):
+    batch, num_kept = kept.shape
+    length = prefix + num_kept + suffix
+    mask = torch.ones(batch, length, length, dtype=torch.bool)
+    keep = math.ceil(num_kept * keep_rate)
+    for b in range(batch):
+        for qi, q in enumerate(kept[b].tolist()):
+            scores = [float(attention[b, prefix + q, prefix + k]) for k in kept[b].tolist()]
+            chosen = set(sorted(range(num_kept), key=lambda j: -scores[j])[:keep])
+            for kj in range(num_kept):
+                mask[b, prefix + qi, prefix + kj] = kj in chosen
+    return mask
+
+
+@pytest.mark.parametrize("keep_rate, prefix, suffix", [(0.2, 1, 0), (0.5, 1, 1), (0.3, 2, 0)])
+def test_mask_matches_the_reference(keep_rate, prefix, suffix):
+    generator = torch.Generator().manual_seed(1)
+    attention = torch.rand(2, prefix + 30, prefix + 30, dtype=torch.float64, generator=generator).softmax(-1)
+    kept = torch.stack([torch.randperm(30, generator=generator)[:17].sort().values for _ in range(2)])
+    mask = build_attention_mask(attention, kept, keep_rate, prefix, suffix)
+    assert mask.shape == (2, 1, prefix + 17 + suffix, prefix + 17 + suffix) and not mask.requires_grad
+    assert torch.equal(mask[:, 0], reference_mask(attention, kept, keep_rate, prefix, suffix))
+    assert mask[:, 0, :, :prefix].all() and mask[:, 0, :prefix, :].all(), "[CLS] is never hidden"
+
+
+def test_keep_rate_one_is_exactly_the_dense_model():
+    torch.manual_seed(0)
+    dense = timm.create_model("deit_tiny_patch16_224", num_classes=5)
+    sparse = create_vit("deit_tiny_patch16_224", {"tokens": {"keep_rate": 1.0}, "attention": {"keep_rate": 1.0}},
+                        num_classes=5)
+    sparse.load_state_dict(dense.state_dict())
+    images = torch.randn(2, 3, 224, 224)
+    dense.eval(), sparse.eval()
+    assert torch.equal(sparse(images), dense(images))
+
+
+def test_routed_block_at_rate_one_equals_the_timm_block():
+    """The explicit attention of a pruning block is the same computation as timm's fused one."""
+    torch.manual_seed(0)
+    model = create_vit("deit_tiny_patch16_224").eval()
+    block = model.blocks[3]
+    x = torch.randn(2, 197, 192)
+    routed, mask = block.forward_routed(x, None, lambda tokens, attention: (tokens, None))
+    assert mask is None
+    torch.testing.assert_close(routed, block(x), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def reference_forward(model, images):
+    """The whole sparse forward in float64 with per-head eager softmax, following method.md."""
+    model = model.double()
+    blocks = model.blocks
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images.double())))
+    mask = None
+    for index, block in enumerate(blocks):
+        attn = block.attn
+        h = block.norm1(x)
+        b, n, c = h.shape
+        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1)
+        x = x + attn.proj((probs @ v).transpose(1, 2).reshape(b, n, c))
+        if index in blocks.locations:
+            average = probs.mean(1)
+            cls_attention = average[:, 0, 1:]
+            keep = math.ceil((n - 1) * blocks.token_keep_rate)
+            kept = cls_attention.topk(keep, dim=1).indices.sort(dim=1).values
+            x = torch.cat([x[:, :1], x[:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, c))], dim=1)
+            mask = reference_mask(average, kept, blocks.attention_keep_rate, 1, 0).unsqueeze(1)
+        x = x + block.mlp(block.norm2(x))
+    return model.forward_head(model.norm(x))
+
+
+def test_sparse_forward_matches_the_float64_reference():
+    torch.manual_seed(0)
+    sparsity = {"tokens": {"keep_rate": 0.7, "locations": [1, 3]}, "attention": {"keep_rate": 0.3}}
+    model = create_vit("deit_tiny_patch16_224", sparsity, img_size=64, depth=5, num_classes=4).eval()
+    images = torch.randn(3, 3, 64, 64)
+    got = model.double()(images.double())
+    expected = reference_forward(model, images)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+def test_gradients_reach_every_parameter_with_all_levels_on():
+    torch.manual_seed(0)
+    sparsity = {"tokens": {"keep_rate": 0.5, "fuse": True}, "attention": {"keep_rate": 0.2}}
+    model = create_vit("deit_tiny_patch16_224", sparsity, drop_path_rate=0.1).train()
+    model(torch.randn(2, 3, 224, 224)).logsumexp(-1).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_set_keep_rates_switches_levels_at_run_time():
+    model = create_vit("deit_tiny_patch16_224", {"tokens": {"keep_rate": 0.5}, "attention": {"keep_rate": 0.2}})
+    images = torch.randn(1, 3, 224, 224)
+    model(images)
+    assert model.blocks.tokens_per_block[-1] == 1 + 25
+    set_keep_rates(model, tokens=1.0, attention=1.0)
+    model(images)
+    assert model.blocks.tokens_per_block == [197] * 12
+    with pytest.raises(ValueError, match="keep rates must lie in"):
+        set_keep_rates(model, tokens=0.0, attention=1.0)
+
+
+def test_locations_beyond_the_depth_are_rejected():
+    with pytest.raises(ValueError, match=r"blocks \[12\] do not exist \(the model has 12 blocks"):
+        create_vit("deit_tiny_patch16_224", {"tokens": {"keep_rate": 0.7, "locations": [3, 12]}})
