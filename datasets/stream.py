@@ -123,11 +123,12 @@ class TrainStream(IterableDataset):
     """Batches ``start..stop-1`` of one epoch for one rank; see the module docstring."""
 
     def __init__(self, layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 shuffle_buffer: int):
+                 shuffle_buffer: int, active: np.ndarray | None = None):
         super().__init__()
         self.layout, self.decode = layout, decode
         self.batch_size, self.start, self.stop = batch_size, start, stop
         self.shuffle_buffer = shuffle_buffer
+        self.active = active
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -158,13 +159,25 @@ class TrainStream(IterableDataset):
             for sample in wds.DataPipeline(
                 wds.SimpleShardList(order),
                 wds.tarfile_to_samples(),
+                wds.select(self._is_active),
                 wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
             ):
                 presented += 1
                 yield sample
             if presented == 0:
-                raise ValueError(f"training shards {order} hold no samples for this stream; check data.train_urls")
+                raise ValueError(f"training shards {order} hold no (active) samples for this stream; "
+                                 "check data.train_urls")
             rng.shuffle(order)
+
+    def _is_active(self, sample: dict[str, Any]) -> bool:
+        """The example level's filter: reads only the id, before any image is decoded."""
+        if self.active is None:
+            return True
+        sample_id = int(sample["id"])
+        if not 0 <= sample_id < len(self.active):
+            raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has id {sample_id}, "
+                             f"outside the {len(self.active)} training samples of the index")
+        return bool(self.active[sample_id])
 
 
 class EvalStream(IterableDataset):
@@ -189,8 +202,11 @@ class EvalStream(IterableDataset):
 
 
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 shuffle_buffer: int, num_workers: int) -> DataLoader:
-    """Loader over batches ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout."""
+                 shuffle_buffer: int, num_workers: int, active: np.ndarray | None = None) -> DataLoader:
+    """Loader over batches ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
+
+    ``active`` (a boolean array over sample ids) drops every other sample before decoding.
+    """
     if num_workers and layout.num_streams != num_workers:
         raise ValueError(f"layout has {layout.num_streams} streams but the loader {num_workers} workers")
     needed = layout.world_size * layout.num_streams
@@ -200,7 +216,8 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
             f"every worker needs at least one shard, or it would yield nothing and the ranks would hang. "
             f"Use data.num_workers <= {max(1, len(layout.urls) // layout.world_size)} or write more, smaller shards."
         )
-    dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop, shuffle_buffer=shuffle_buffer)
+    dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
+                          shuffle_buffer=shuffle_buffer, active=active)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
 

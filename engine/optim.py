@@ -15,10 +15,12 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, global_batch: int) -> 
                                betas=tuple(optim.betas), eps=optim.eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, steps_per_epoch: int) -> CosineLRScheduler:
-    """Linear warm-up over ``warmup_epochs``, then cosine to ``min_lr`` at ``epochs``; stepped per update."""
-    total = schedule.epochs * steps_per_epoch
-    warmup = int(schedule.warmup_epochs * steps_per_epoch)
-    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=schedule.min_lr,
-                             warmup_t=warmup, warmup_lr_init=schedule.warmup_lr, warmup_prefix=True,
-                             t_in_epochs=False)
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig) -> CosineLRScheduler:
+    """Linear warm-up over ``warmup_epochs``, then cosine to ``min_lr`` at ``epochs``.
+
+    Stepped with the fractional epoch after every update, so the schedule follows training
+    progress however many steps an epoch has (the example level shortens epochs).
+    """
+    return CosineLRScheduler(optimizer, t_initial=schedule.epochs - schedule.warmup_epochs, lr_min=schedule.min_lr,
+                             warmup_t=schedule.warmup_epochs, warmup_lr_init=schedule.warmup_lr,
+                             warmup_prefix=True, t_in_epochs=True)

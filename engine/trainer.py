@@ -1,8 +1,11 @@
-"""The training loop: one checkpointable object that owns model, optimiser, schedule and data position.
+"""The training loop: one checkpointable object that owns model, optimiser, schedules, data position
+and sparsity state.
 
-The loop counts steps; epochs are derived (steps per epoch = training samples // global
-batch). The data stream is a pure function of (seed, epoch, batch index), so a checkpoint's
-step is its data position and resuming reproduces the uninterrupted run exactly.
+The loop counts steps. An epoch is active-set size // global batch steps (the whole training
+set without the example level), decided when the epoch begins; the fractional epoch drives
+the LR and keep-rate schedules. The data stream is a pure function of (seed, epoch, batch
+index, active set), so a checkpoint's step is its data position and resuming reproduces the
+uninterrupted run exactly.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ from typing import Any
 
 import torch
 import yaml
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
@@ -27,10 +29,13 @@ from trivit.datasets.stream import SampleDecoder, StreamLayout, eval_loader, tra
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.checkpoint import CheckpointManager, load_checkpoint
 from trivit.engine.config import TrainConfig
+from trivit.engine.epochs import EpochTracker
+from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.metrics import MetricsLogger
 from trivit.engine.optim import build_optimizer, build_scheduler
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.sparse import create_vit, set_keep_rates
+from trivit.sparse.examples import EpochPlan, ExampleSelector
 from trivit.sparse.flops import dense_fraction
 from trivit.sparse.schedule import scheduled_keep_rate
 
@@ -72,28 +77,35 @@ class Trainer:
 
         data = config.data
         self.shards = resolve_shards(data)
-        self.steps_per_epoch = self.shards.train_samples // data.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the "
-                                                 f"{self.shards.train_samples} training samples")
-        total = config.schedule.epochs * self.steps_per_epoch
-        self.stop_step = min(total, config.schedule.max_steps or total)
-        num_classes = config.model.num_classes or len(self.shards.classes)
+        num_samples = self.shards.train_samples
+        if num_samples < data.batch_size:
+            raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the {num_samples} training samples")
+        self.num_classes = config.model.num_classes or len(self.shards.classes)
 
-        self.model = self._build_model(num_classes).to(self.device)
+        self.model = self._build_model(self.num_classes).to(self.device)
         self.optimizer = build_optimizer(self.model, config.optim, data.batch_size)
-        self.scheduler = build_scheduler(self.optimizer, config.schedule, self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.ema = ModelEmaV3(self.model, decay=config.optim.ema_decay) if config.optim.ema_decay else None
-        self.mixer = batch_mixer(data, num_classes)
-        self.train_loss: nn.Module = (SoftTargetCrossEntropy() if self.mixer
-                                      else LabelSmoothingCrossEntropy(data.label_smoothing) if data.label_smoothing
-                                      else nn.CrossEntropyLoss())
+        self.mixer = batch_mixer(data, self.num_classes)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         mode = image_mode(config.model.in_chans)
         self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode)
         self.eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
+
+        examples = config.sparsity.examples
+        self.selector = None
+        if examples.policy != "none":
+            self.selector = ExampleSelector(examples, num_samples, config.schedule.epochs, config.seed, self.device)
+            self.model.blocks.record_cls_attention = examples.policy == "forgetting"
+        self.plan = EpochPlan(active=torch.ones(num_samples, dtype=torch.bool), weights=torch.ones(num_samples))
+        self.epochs = EpochTracker()
         self.step = 0
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep)
+
+    @property
+    def dense_epoch_steps(self) -> int:
+        """Steps of an epoch over the whole training set."""
+        return self.shards.train_samples // self.config.data.batch_size
 
     def _build_model(self, num_classes: int) -> nn.Module:
         model_cfg = self.config.model
@@ -117,16 +129,23 @@ class Trainer:
             "ema": self.ema.module.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "data": {"steps_per_epoch": self.steps_per_epoch, "num_workers": self.config.data.num_workers,
-                     "batch_size": self.config.data.batch_size, "seed": self.config.seed},
+            "data": self._data_settings(),
+            "epochs": self.epochs.state_dict(),
+            "plan": {"active": self.plan.active, "weights": self.plan.weights},
+            "examples": self.selector.state_dict() if self.selector else None,
         }
+
+    def _data_settings(self) -> dict[str, Any]:
+        """What the data position depends on: a checkpoint must match it to resume."""
+        return {"train_samples": self.shards.train_samples, "num_workers": self.config.data.num_workers,
+                "batch_size": self.config.data.batch_size, "seed": self.config.seed,
+                "examples_policy": self.config.sparsity.examples.policy}
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         if state["model_name"] != self.config.model.name:
             raise ValueError(f"checkpoint {source} is of model {state['model_name']!r}, this run builds "
                              f"{self.config.model.name!r}; use a new run_dir or resume=never")
-        expected = {"steps_per_epoch": self.steps_per_epoch, "num_workers": self.config.data.num_workers,
-                    "batch_size": self.config.data.batch_size, "seed": self.config.seed}
+        expected = self._data_settings()
         changed = {k: (state["data"][k], v) for k, v in expected.items() if state["data"][k] != v}
         if changed:
             detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
@@ -142,6 +161,10 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        self.epochs.load_state_dict(state["epochs"])
+        self.plan = EpochPlan(active=state["plan"]["active"], weights=state["plan"]["weights"])
+        if self.selector is not None:
+            self.selector.load_state_dict(state["examples"])
         self.step = state["step"]
 
     def _resume(self) -> None:
@@ -166,13 +189,12 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------
 
-    def keep_rates(self, step: int) -> tuple[float, float]:
-        """(token, attention) keep rates of the sparsity schedule at ``step``."""
+    def keep_rates(self, epoch: float) -> tuple[float, float]:
+        """(token, attention) keep rates of the sparsity schedule at fractional ``epoch``."""
         sparsity = self.config.sparsity
-        start = round(sparsity.schedule.start_epochs * self.steps_per_epoch)
-        span = round(sparsity.schedule.span_epochs * self.steps_per_epoch)
-        return (scheduled_keep_rate(step, sparsity.tokens.keep_rate, start, span),
-                scheduled_keep_rate(step, sparsity.attention.keep_rate, start, span))
+        start, span = sparsity.schedule.start_epochs, sparsity.schedule.span_epochs
+        return (scheduled_keep_rate(epoch, sparsity.tokens.keep_rate, start, span),
+                scheduled_keep_rate(epoch, sparsity.attention.keep_rate, start, span))
 
     def _step_record(self, loss: torch.Tensor, img_per_s: float) -> dict[str, Any]:
         """The metrics of the step just taken; a non-finite loss stops training with the step named."""
@@ -181,25 +203,31 @@ class Trainer:
             raise FloatingPointError(f"loss is {loss_value} at step {self.step}; the last checkpoint in "
                                      f"{self.checkpoints.folder} is intact")
         blocks = self.model.blocks
-        return {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss_value,
+        active = int(self.plan.active.sum())
+        flops = dense_fraction(self.model)
+        return {"step": self.step, "epoch": self.epochs.progress(self.step), "loss": loss_value,
                 "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
                 "keep_rate_tokens": blocks.token_keep_rate, "keep_rate_attention": blocks.attention_keep_rate,
-                "tokens_per_block": list(blocks.tokens_per_block), "flops_fraction": dense_fraction(self.model)}
+                "tokens_per_block": list(blocks.tokens_per_block), "active_samples": active,
+                "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples}
 
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        targets = labels
         if self.mixer is not None:
             images, targets = self.mixer(images, labels)
+        else:
+            targets = smoothed_targets(labels, self.num_classes, self.config.data.label_smoothing)
         self.model.train()
-        set_keep_rates(self.model, *self.keep_rates(self.step))
+        set_keep_rates(self.model, *self.keep_rates(self.epochs.progress(self.step)))
         with self._autocast():
-            loss = self.train_loss(self.model(images), targets)
+            logits = self.model(images)
+        losses = per_sample_cross_entropy(logits, targets)
+        loss = (losses * self.plan.weights[ids].to(self.device)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.optim.clip_grad is not None:
@@ -207,9 +235,12 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step_update(self.step + 1)
+        self.scheduler.step(self.epochs.progress(self.step + 1))
         if self.ema is not None:
             self.ema.update(self.model, step=self.step + 1)
+        if self.selector is not None:
+            self.selector.stats.update(ids.to(self.device), logits.detach(), labels,
+                                       self.model.blocks.last_cls_attention, losses.detach())
         return loss.detach()
 
     @torch.no_grad()
@@ -246,13 +277,28 @@ class Trainer:
             set_keep_rates(model, *current)
         return metrics
 
+    def _begin_epoch(self) -> None:
+        """Plan the next epoch (its active set, hence its length) and record where it starts."""
+        epoch = self.epochs.current + 1
+        if self.selector is not None:
+            self.plan = self.selector.plan_epoch(epoch, all_reduce=lambda tensor: None)
+        self.epochs.begin(self.step, int(self.plan.active.sum()) // self.config.data.batch_size)
+
+    def finished(self) -> bool:
+        """All epochs done, or ``schedule.max_steps`` reached."""
+        schedule = self.config.schedule
+        if schedule.max_steps is not None and self.step >= schedule.max_steps:
+            return True
+        return self.epochs.epoch_done(self.step) and self.epochs.current + 1 >= schedule.epochs
+
     def _layout(self, epoch: int) -> StreamLayout:
         return StreamLayout(tuple(self.shards.train_urls), seed=self.config.seed, epoch=epoch, rank=0, world_size=1,
                             num_streams=max(1, self.config.data.num_workers))
 
     def _is_eval_step(self) -> bool:
-        every = self.config.schedule.eval_every_steps or self.steps_per_epoch
-        return self.step % every == 0 or self.step == self.stop_step
+        every = self.config.schedule.eval_every_steps
+        epoch_end = self.epochs.epoch_done(self.step)
+        return (self.step % every == 0 if every else epoch_end) or self.finished()
 
     def _save(self) -> None:
         path = self.checkpoints.save(self.state_dict(), self.step)
@@ -270,19 +316,24 @@ class Trainer:
         data = config.data
         metrics = MetricsLogger(self.run_dir, config.logging.tensorboard)
         last: dict[str, Any] = {}
-        bar = tqdm(total=self.stop_step, initial=self.step, disable=not config.logging.progress_bar,
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(total=self.config.schedule.max_steps or self.config.schedule.epochs * self.dense_epoch_steps,
+                   initial=self.step, disable=not config.logging.progress_bar, dynamic_ncols=True, desc="train")
         window_images, window_time = 0, 0.0
         try:
-            while self.step < self.stop_step:
-                epoch, offset = divmod(self.step, self.steps_per_epoch)
-                stop = min(self.steps_per_epoch, self.stop_step - epoch * self.steps_per_epoch)
-                loader = train_loader(self._layout(epoch), self.train_decoder, batch_size=data.batch_size,
-                                      start=offset, stop=stop, shuffle_buffer=data.shuffle_buffer,
-                                      num_workers=data.num_workers)
+            while not self.finished():
+                if self.epochs.epoch_done(self.step):
+                    self._begin_epoch()
+                offset = self.epochs.offset(self.step)
+                stop = self.epochs.lengths[-1]
+                if config.schedule.max_steps is not None:
+                    stop = min(stop, offset + config.schedule.max_steps - self.step)
+                active = self.plan.active.numpy() if self.selector is not None else None
+                loader = train_loader(self._layout(self.epochs.current), self.train_decoder,
+                                      batch_size=data.batch_size, start=offset, stop=stop,
+                                      shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, active=active)
                 tick = time.perf_counter()
-                for images, labels, _ids in loader:
-                    loss = self._train_step(images, labels)
+                for images, labels, ids in loader:
+                    loss = self._train_step(images, labels, ids)
                     self.step += 1
                     window_images += images.shape[0]
                     window_time += time.perf_counter() - tick
@@ -296,7 +347,7 @@ class Trainer:
                         window_images, window_time = 0, 0.0
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}",
                                         **({"top1": f"{record['eval_top1']:.2f}"} if evaluate else {}))
-                    if self.step % config.checkpoint.every_steps == 0 or self.step == self.stop_step:
+                    if self.step % config.checkpoint.every_steps == 0 or self.finished():
                         self._save()
                     bar.update(1)
                     tick = time.perf_counter()

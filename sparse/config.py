@@ -4,14 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trivit.sparse.attention import AttentionConfig
+from trivit.sparse.examples import ExampleConfig
 from trivit.sparse.schedule import KeepRateScheduleConfig
 from trivit.sparse.tokens import TokenConfig
 
 
 @dataclass(kw_only=True)
 class SparsityConfig:
-    """Sparsity of a trivit ViT. With every keep rate at 1.0 the model is exactly the dense timm ViT."""
+    """The three sparsity levels. Keep rates of 1.0 and ``examples.policy: none`` train the dense timm ViT on every sample."""
 
     tokens: TokenConfig = field(default_factory=TokenConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    examples: ExampleConfig = field(default_factory=ExampleConfig)
     schedule: KeepRateScheduleConfig = field(default_factory=KeepRateScheduleConfig)

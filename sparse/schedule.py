@@ -21,11 +21,14 @@ class KeepRateScheduleConfig:
         check(self.span_epochs >= 0, "span_epochs", self.span_epochs, "a number of epochs >= 0")
 
 
-def scheduled_keep_rate(step: int, target: float, start_step: int, span_steps: int) -> float:
-    """Keep rate at ``step``: 1.0 before ``start_step``, cosine to ``target`` over ``span_steps``, then ``target``."""
-    if step < start_step:
+def scheduled_keep_rate(t: float, target: float, start: float, span: float) -> float:
+    """Keep rate at time ``t``: 1.0 before ``start``, cosine to ``target`` over ``span``, then ``target``.
+
+    Any time unit works; the engine uses fractional epochs.
+    """
+    if t < start:
         return 1.0
-    if step >= start_step + span_steps:
+    if t >= start + span:
         return target
-    progress = (step - start_step) / span_steps
+    progress = (t - start) / span
     return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -80,6 +80,9 @@ class RoutedBlocks(nn.Sequential):
         self.attention_keep_rate = sparsity.attention.keep_rate
         self.tokens_per_block: list[int] = []
         """Sequence length after each block in the last forward pass (what its MLP ran on)."""
+        self.record_cls_attention = False
+        """Keep the last block's head-averaged [CLS] -> patch attention of each forward (the example level reads it)."""
+        self.last_cls_attention: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -88,13 +91,23 @@ class RoutedBlocks(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn_mask = None
         self.tokens_per_block = []
+        last = len(self) - 1
         for index, block in enumerate(self):
-            if self.active and index in self.locations:
-                x, attn_mask = block.forward_routed(x, attn_mask, self.route)
+            prune = self.active and index in self.locations
+            record = self.record_cls_attention and index == last
+            if prune or record:
+                x, attn_mask = block.forward_routed(x, attn_mask, self._router(attn_mask, prune, record))
             else:
                 x = block(x, attn_mask=attn_mask)
             self.tokens_per_block.append(x.shape[1])
         return x
+
+    def _router(self, attn_mask: torch.Tensor | None, prune: bool, record: bool) -> Router:
+        def route(x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if record:
+                self.last_cls_attention = attention[:, 0, self.num_prefix_tokens:].detach()
+            return self.route(x, attention) if prune else (x, attn_mask)
+        return route
 
     def route(self, x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token selection, then the attention mask over the kept tokens."""

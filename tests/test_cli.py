@@ -24,7 +24,7 @@ def test_train_through_the_cli_and_resume_a_finished_run(tiny_shards, tmp_path):
     assert last["step"] == 6 and "eval_top1" in last
     again = run_cli("train", "--config", DEMO, *overrides)
     assert again.returncode == 0
-    assert "already at step 6 of 6" in again.stdout
+    assert "finished at step 6" in again.stdout
 
 
 def test_bad_key_exits_2_with_the_fix(tmp_path):
@@ -37,5 +37,5 @@ def test_dry_run_validates_and_counts_steps(tiny_shards, tmp_path):
     result = run_cli("train", "--config", DEMO, "--dry-run",
                      *tiny_overrides(tiny_shards, tmp_path / "run", **{"schedule.epochs": "3"}))
     assert result.returncode == 0, result.stderr
-    assert "48 steps of 16 images (16 per epoch)" in result.stdout
+    assert "256 training samples, 3 epochs of up to 16 steps of 16 images" in result.stdout
     assert not (tmp_path / "run").exists()

@@ -16,14 +16,14 @@ def train(args: argparse.Namespace) -> int:
     config = load(TrainConfig, args.config, args.overrides)
     trainer = Trainer(config)
     if args.dry_run:
-        print(f"config valid; {trainer.stop_step} steps of {config.data.batch_size} images "
-              f"({trainer.steps_per_epoch} per epoch)")
+        print(f"config valid; {trainer.shards.train_samples} training samples, {config.schedule.epochs} epochs "
+              f"of up to {trainer.dense_epoch_steps} steps of {config.data.batch_size} images")
         return 0
     last = trainer.train()
     if last:
         print(json.dumps(last))
     else:
-        print(f"nothing to train: {config.run_dir} is already at step {trainer.step} of {trainer.stop_step}")
+        print(f"nothing to train: {config.run_dir} finished at step {trainer.step}; use a new run_dir to train again")
     return 0
 
 

@@ -52,7 +52,7 @@ def test_training_learns_and_writes_the_run_directory(tiny_shards, tmp_path):
     assert [r["step"] for r in evals] == [16 * e for e in range(1, 11)], "one evaluation per epoch"
     assert evals[-1]["eval_top1"] >= 90.0, "the bright-quadrant classes are easy to learn"
     assert evals[0]["eval_loss"] > evals[-1]["eval_loss"]
-    assert last["step"] == trainer.stop_step == 160
+    assert last["step"] == trainer.step == 160
     saved = CheckpointManager(tmp_path / "run" / "checkpoints", 2).saved()
     assert [step for step, _ in saved] == [156, 160], "checkpoint.keep=2 keeps the last two"
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
@@ -88,3 +88,30 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_shards, tmp_path):
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
     with pytest.raises(ValueError, match="does not fit this model"):
         train(tiny_shards, tmp_path / "other", resume=str(checkpoint), **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
+
+
+ALL_LEVELS = {
+    "sparsity.tokens.keep_rate": "0.5", "sparsity.tokens.locations": "[0, 1]", "sparsity.tokens.fuse": "true",
+    "sparsity.attention.keep_rate": "0.5", "sparsity.schedule.start_epochs": "0.5",
+    "sparsity.schedule.span_epochs": "1", "sparsity.examples.policy": "forgetting",
+    "sparsity.examples.refresh_every_epochs": "1", "sparsity.examples.remove_fraction": "0.125",
+    "data.batch_size": "32",
+}
+
+
+def test_all_three_levels_resume_exactly_and_shorten_the_epochs(tiny_shards, tmp_path):
+    # 256 samples, round(20%) = 51 in the pool: 205 active -> 6 steps of 32 per epoch instead of 8.
+    common = dict(ALL_LEVELS, **{"schedule.max_steps": "15", "checkpoint.every_steps": "7"})
+    train(tiny_shards, tmp_path / "full", **common)
+    train(tiny_shards, tmp_path / "split", **dict(common, **{"schedule.max_steps": "7"}))
+    train(tiny_shards, tmp_path / "split", **common)
+    full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert all(split[step] == full[step] for step in range(8, 16))
+    records = {r["step"]: r for r in read_metrics(tmp_path / "full")}
+    assert records[6]["epoch"] == 1.0 and "eval_top1" in records[6], "an epoch is 6 steps"
+    assert {r["active_samples"] for r in records.values()} == {205}
+    assert records[1]["keep_rate_tokens"] == 1.0 and records[15]["keep_rate_tokens"] == 0.5
+    assert records[15]["tokens_per_block"] == [1 + 8 + 1, 1 + 5 + 1], "16 patches -> 8 + fused -> ceil(9 / 2) + fused"
+    assert records[15]["flops_fraction"] < records[1]["flops_fraction"] == 1.0
+    checkpoint = CheckpointManager(tmp_path / "split" / "checkpoints", 2).load_latest()[0]
+    assert checkpoint["examples"]["refreshes"] == 2 and checkpoint["epochs"]["lengths"] == [6, 6, 6]

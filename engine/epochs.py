@@ -1,0 +1,49 @@
+"""Epoch bookkeeping for a step-based loop whose epochs may differ in length.
+
+The example level decides each epoch's active set when the epoch begins, so an epoch's
+length in steps is only known then. The tracker records where every epoch started and how
+long it is; the fractional epoch it derives drives the LR and keep-rate schedules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EpochTracker:
+    starts: list[int] = field(default_factory=list)
+    """Global step at which each begun epoch started."""
+    lengths: list[int] = field(default_factory=list)
+    """Steps of each begun epoch."""
+
+    @property
+    def current(self) -> int:
+        """Index of the latest begun epoch (-1 before the first)."""
+        return len(self.starts) - 1
+
+    def begin(self, step: int, length: int) -> None:
+        if length <= 0:
+            raise ValueError(f"epoch {len(self.starts)} would have {length} steps")
+        self.starts.append(step)
+        self.lengths.append(length)
+
+    def offset(self, step: int) -> int:
+        """Steps of the current epoch done at ``step``."""
+        return step - self.starts[-1]
+
+    def epoch_done(self, step: int) -> bool:
+        """True before the first epoch and once the current epoch's steps are all done."""
+        return not self.starts or self.offset(step) >= self.lengths[-1]
+
+    def progress(self, step: int) -> float:
+        """Fractional epoch at ``step`` (0.0 before training, 1.0 at the end of the first epoch)."""
+        if not self.starts:
+            return 0.0
+        return self.current + self.offset(step) / self.lengths[-1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"starts": list(self.starts), "lengths": list(self.lengths)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.starts, self.lengths = list(state["starts"]), list(state["lengths"])
