@@ -67,3 +67,15 @@ def test_bundled_configs_are_valid():
 def test_exponent_floats_are_numbers_not_strings():
     config = load(TrainConfig, None, ["optim.lr=1e-3", "optim.base_lr=5E-4"])
     assert config.optim.lr == 1e-3 and config.optim.base_lr == 5e-4
+
+
+def test_base_files_chain_and_override(tmp_path):
+    (tmp_path / "root.yaml").write_text("seed: 1\ndata: {batch_size: 64, num_workers: 3}\n")
+    (tmp_path / "other.yaml").write_text("data: {num_workers: 4}\n")
+    (tmp_path / "mid.yaml").write_text("base: [root.yaml, other.yaml]\ndata: {batch_size: 32}\n")
+    (tmp_path / "leaf.yaml").write_text("base: mid.yaml\nseed: 5\n")
+    config = load(TrainConfig, tmp_path / "leaf.yaml", ["data.num_workers=1"])
+    assert (config.seed, config.data.batch_size, config.data.num_workers) == (5, 32, 1)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="is its own base"):
+        load(TrainConfig, tmp_path / "loop.yaml")

@@ -123,17 +123,32 @@ def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
-    """Load config ``cls`` from a YAML file overlaid with ``key.sub=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("", f"config file {str(path)!r} does not exist (pass --config PATH to a YAML file)")
-        loaded = read_yaml(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError("", f"config file {str(path)!r} must hold a mapping of keys at the top level")
-        data = loaded or {}
+    """Load config ``cls`` from a YAML file overlaid with ``key.sub=value`` overrides.
+
+    A file may name others with ``base: other.yaml`` or ``base: [a.yaml, b.yaml]`` (relative to
+    itself): they are loaded first, in order, and this file's keys override them, so recipes
+    state only what differs.
+    """
+    data = read_config_file(path) if path is not None else {}
     return from_dict(cls, merge(data, parse_overrides(overrides)))
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a YAML config file with its ``base`` chain resolved."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {str(path)!r} does not exist (pass --config PATH to a YAML file)")
+    if path.resolve() in _chain:
+        raise ConfigError("base", f"{str(path)!r} is its own base (through {' -> '.join(map(str, _chain))})")
+    data = read_yaml(path.read_text())
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("", f"config file {str(path)!r} must hold a mapping of keys at the top level")
+    data = dict(data or {})
+    bases = data.pop("base", [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = merge(merged, read_config_file(path.parent / base, _chain + (path.resolve(),)))
+    return merge(merged, data)
 
 
 def _suggestion(key: str, root: type) -> str:
