@@ -35,7 +35,7 @@ from trivit.engine.metrics import MetricsLogger
 from trivit.engine.optim import build_optimizer, build_scheduler
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.sparse import create_vit, set_keep_rates
-from trivit.sparse.examples import EpochPlan, ExampleSelector
+from trivit.sparse.examples import EpochPlan, ExampleSelector, sum_across_ranks
 from trivit.sparse.flops import dense_fraction
 from trivit.sparse.schedule import scheduled_keep_rate
 
@@ -281,7 +281,7 @@ class Trainer:
         """Plan the next epoch (its active set, hence its length) and record where it starts."""
         epoch = self.epochs.current + 1
         if self.selector is not None:
-            self.plan = self.selector.plan_epoch(epoch, all_reduce=lambda tensor: None)
+            self.plan = self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks)
         self.epochs.begin(self.step, int(self.plan.active.sum()) // self.config.data.batch_size)
 
     def finished(self) -> bool:

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.sparse.test_examples import present
 from trivit.sparse.examples import ExampleConfig, ExampleSelector, ExampleStats
 
 NUM_SAMPLES = 20
@@ -26,11 +27,7 @@ def ids_of(rank: int, epoch: int) -> list[int]:
 
 def feed(stats: ExampleStats, ids: list[int], epoch: int) -> None:
     correct, losses = epoch_updates(epoch)
-    labels = torch.tensor(ids) % 3
-    logits = torch.zeros(len(ids), 3)
-    logits[torch.arange(len(ids)), torch.where(torch.tensor([correct[i] for i in ids]), labels, (labels + 1) % 3)] = 1
-    cls_attention = torch.stack([torch.tensor([0.0, float(i)]) for i in ids])
-    stats.update(torch.tensor(ids), logits, labels, cls_attention, torch.tensor([losses[i] for i in ids]))
+    present(stats, ids, [correct[i] for i in ids], losses=[losses[i] for i in ids], variance=[0.01 * i for i in ids])
 
 
 def rank_main(rank: int, init_file: str, out: str) -> None:
