@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from timm.data import Mixup, create_transform
 
 from trivit.datasets.config import DataConfig
