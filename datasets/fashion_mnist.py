@@ -63,6 +63,16 @@ def samples(images: np.ndarray, labels: np.ndarray) -> Iterator[dict[str, Any]]:
         yield {"__key__": f"{sample_id:08d}", "png": buffer.getvalue(), "cls": int(label), "id": sample_id}
 
 
+def write_shards(dest: Path, root: Path = PACKAGE_DIR, samples_per_shard: int = SAMPLES_PER_SHARD) -> dict:
+    """Write both splits and the index into ``dest``; returns the index's splits."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST not found at {root}; {INSTALL_HINT}")
+    splits = {split: write_split(samples(*load_split(root, split)), dest, split, samples_per_shard)
+              for split in SPLIT_FILES}
+    write_index(dest, splits, CLASSES)
+    return splits
+
+
 def prepare(cache_dir: str | Path, root: Path = PACKAGE_DIR, samples_per_shard: int = SAMPLES_PER_SHARD) -> Path:
     """Convert Fashion-MNIST to shards under ``cache_dir/fashion-mnist`` once; return that folder.
 
@@ -77,9 +87,7 @@ def prepare(cache_dir: str | Path, root: Path = PACKAGE_DIR, samples_per_shard: 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fashion-mnist-", dir=dest.parent))
     try:
-        splits = {split: write_split(samples(*load_split(root, split)), tmp, split, samples_per_shard)
-                  for split in SPLIT_FILES}
-        write_index(tmp, splits, CLASSES)
+        write_shards(tmp, root, samples_per_shard)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

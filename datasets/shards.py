@@ -38,6 +38,18 @@ def write_split(samples: Iterable[dict[str, Any]], dest: Path, split: str, sampl
     return {"shards": names, "counts": counts, "total": sum(counts), "urls": brace_pattern(names)}
 
 
+def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> int:
+    """Write one shard atomically (temp file, then rename); returns its sample count."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    with wds.TarWriter(str(tmp), mtime=0) as writer:
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
 def brace_pattern(names: list[str]) -> str:
     """``['train-000000.tar', ..., 'train-000011.tar']`` -> ``'train-{000000..000011}.tar'``."""
     if len(names) == 1:

@@ -27,6 +27,34 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def shards(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trivit.datasets import fashion_mnist
+    from trivit.datasets.imagefolder import write_imagefolder
+    from trivit.datasets.sources import SOURCES
+
+    dest = Path(args.dest)
+    if args.src in SOURCES:
+        if args.src != "fashion-mnist" or args.max_shard_bytes:
+            raise ValueError(f"built-in source {args.src!r} takes --samples-per-shard only")
+        splits = fashion_mnist.write_shards(dest, samples_per_shard=args.samples_per_shard or 5000)
+        skipped = []
+    else:
+        if not Path(args.src).is_dir():
+            raise FileNotFoundError(f"{args.src!r} is neither a folder nor a built-in source ({', '.join(SOURCES)})")
+        splits, skipped = write_imagefolder(Path(args.src), dest, samples_per_shard=args.samples_per_shard,
+                                            max_shard_bytes=args.max_shard_bytes, workers=args.workers,
+                                            seed=args.seed, progress=not args.quiet)
+    for split, entry in splits.items():
+        print(f"{split}: {entry['total']} samples in {len(entry['shards'])} shards: {dest / entry['urls']}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable files:", file=sys.stderr)
+        for path, reason in skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trivit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--dry-run", action="store_true", help="validate the config and build everything, then stop")
     train_parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     train_parser.set_defaults(run=train)
+
+    shards_parser = commands.add_parser("shards", help="write WebDataset shards from an ImageFolder tree or a built-in source")
+    shards_parser.add_argument("src", help="ImageFolder root (class folders, optionally under train/ val/) or 'fashion-mnist'")
+    shards_parser.add_argument("dest", help="output folder for <split>-NNNNNN.tar and index.json")
+    size = shards_parser.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, help="samples per shard (default 1000; 5000 for fashion-mnist)")
+    size.add_argument("--max-shard-bytes", type=int, help="cut shards at this many bytes of image data instead")
+    shards_parser.add_argument("--workers", type=int, default=1, help="parallel processes checking and writing")
+    shards_parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (shards are pre-shuffled)")
+    shards_parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    shards_parser.set_defaults(run=shards)
     return parser
 
 

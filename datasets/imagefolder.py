@@ -1,0 +1,122 @@
+"""ImageFolder trees (one folder per class, ImageNet's train/val layout) written as trivit shards.
+
+Files keep their encoded bytes (a JPEG stays the same JPEG). Every file is decoded once before
+anything is written; unreadable ones are reported by path and left out. The sample order is
+a seeded shuffle of the sorted file list (shards must be pre-shuffled: a reader's shuffle buffer
+only mixes nearby samples), sample ids are positions in that order, and shards are cut by
+count or by size from that order, so the same tree gives byte-identical shards.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from trivit.datasets.shards import brace_pattern, write_index, write_shard
+
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str
+    label: int
+
+
+def find_splits(root: Path) -> dict[str, Path]:
+    """``{'train': root/train, 'val': root/val}`` for a tree with split folders, else ``{'train': root}``."""
+    splits = {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
+    return splits or {"train": root}
+
+
+def class_names(split_root: Path) -> list[str]:
+    names = sorted(p.name for p in split_root.iterdir() if p.is_dir())
+    if not names:
+        raise FileNotFoundError(f"{split_root} has no class folders: expected an ImageFolder tree "
+                                "(one folder of images per class, optionally under train/ and val/)")
+    return names
+
+
+def list_images(split_root: Path, classes: list[str]) -> list[ImageFile]:
+    """Every image file of the split, sorted by class then path."""
+    files = []
+    for label, name in enumerate(classes):
+        folder = split_root / name
+        if folder.is_dir():
+            files.extend(ImageFile(str(p), label) for p in sorted(folder.rglob("*"))
+                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return files
+
+
+def check_image(path: str) -> str | None:
+    """None if the file decodes completely, else the reason it does not."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return None
+    except Exception as error:  # noqa: BLE001 - any decoder failure means the file is unusable
+        return f"{type(error).__name__}: {error}"
+
+
+def plan_shards(files: list[ImageFile], samples_per_shard: int | None, max_shard_bytes: int | None) -> list[list[int]]:
+    """Cut positions 0..len(files)-1 into shards of at most N samples or B bytes of image data."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for position, file in enumerate(files):
+        nbytes = Path(file.path).stat().st_size
+        full = (samples_per_shard is not None and len(shards[-1]) >= samples_per_shard) or (
+            max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes)
+        if full:
+            shards.append([])
+            size = 0
+        shards[-1].append(position)
+        size += nbytes
+    return shards if shards[0] else []
+
+
+def shard_samples(files: list[tuple[int, ImageFile]]) -> Iterator[dict[str, Any]]:
+    """Shard samples of ``(sample id, file)`` pairs: the file's own bytes, its class, its id."""
+    for sample_id, file in files:
+        suffix = IMAGE_SUFFIXES[Path(file.path).suffix.lower()]
+        yield {"__key__": f"{sample_id:09d}", suffix: Path(file.path).read_bytes(), "cls": file.label, "id": sample_id}
+
+
+def _write_one(job: tuple[Path, list[tuple[int, ImageFile]]]) -> int:
+    path, files = job
+    return write_shard(path, shard_samples(files))
+
+
+def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None = None,
+                      max_shard_bytes: int | None = None, workers: int = 1, seed: int = 0,
+                      progress: bool = True) -> tuple[dict, list[tuple[str, str]]]:
+    """Write every split of ``root`` to ``dest``; returns the index and the (path, reason) of skipped files."""
+    if samples_per_shard is None and max_shard_bytes is None:
+        samples_per_shard = 1000
+    splits = find_splits(root)
+    classes = class_names(splits.get("train", next(iter(splits.values()))))
+    dest.mkdir(parents=True, exist_ok=True)
+    index, skipped = {}, []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for split, split_root in splits.items():
+            files = list_images(split_root, classes)
+            reasons = list(tqdm(pool.map(check_image, [f.path for f in files], chunksize=64), total=len(files),
+                                desc=f"check {split}", disable=not progress))
+            skipped += [(f.path, r) for f, r in zip(files, reasons) if r is not None]
+            good = [f for f, r in zip(files, reasons) if r is None]
+            random.Random(seed).shuffle(good)
+            plan = plan_shards(good, samples_per_shard, max_shard_bytes)
+            names = [f"{split}-{number:06d}.tar" for number in range(len(plan))]
+            jobs = [(dest / name, [(p, good[p]) for p in positions]) for name, positions in zip(names, plan)]
+            counts = list(tqdm(pool.map(_write_one, jobs), total=len(jobs), desc=f"write {split}",
+                               disable=not progress))
+            index[split] = {"shards": names, "counts": counts, "total": sum(counts),
+                            "urls": brace_pattern(names) if names else ""}
+    write_index(dest, index, classes)
+    return index, skipped
