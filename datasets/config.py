@@ -50,6 +50,8 @@ class DataConfig:
     cutmix: float = 1.0
     """CutMix alpha (0 = off)."""
     label_smoothing: float = 0.1
+    max_bad_fraction: float = 0.01
+    """Stop with an error once more than this fraction of the samples read is unreadable (they are skipped)."""
 
     def __post_init__(self) -> None:
         check(self.batch_size > 0, "batch_size", self.batch_size, "a positive integer")
@@ -67,4 +69,5 @@ class DataConfig:
         check(0 < self.eval_crop_pct <= 1, "eval_crop_pct", self.eval_crop_pct, "a fraction in (0, 1]")
         check(self.mixup >= 0, "mixup", self.mixup, "an alpha >= 0 (0 = off)")
         check(self.cutmix >= 0, "cutmix", self.cutmix, "an alpha >= 0 (0 = off)")
+        check(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", self.max_bad_fraction, "a fraction in [0, 1]")
         check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a value in [0, 1)")

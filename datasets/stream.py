@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+log = logging.getLogger(__name__)
 
 
 def expand_urls(urls: str) -> list[str]:
@@ -79,20 +81,86 @@ class SampleDecoder:
 
     def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, int, int]:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None:
-            raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image "
-                             f"(expected one of {', '.join(IMAGE_KEYS)})")
-        sample_id = int(sample["id"])
+        missing = [name for name, present in (("image", key), ("cls", "cls" in sample), ("id", "id" in sample))
+                   if not present]
+        if missing:
+            raise ValueError(f"no {' or '.join(missing)} field")
+        sample_id, label = int(sample["id"]), int(sample["cls"])
         with Image.open(io.BytesIO(sample[key])) as image:
             image = image.convert(self.mode)
         with seeded_rng(mix_seed(seed, sample_id), restore=get_worker_info() is None):
             pixels = self.transform(image)
-        return pixels, int(sample["cls"]), sample_id
+        return pixels, label, sample_id
 
 
-def collate(samples: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class Batch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    skipped: int
+    """Samples this worker skipped as unreadable since its previous batch."""
+    bad_shards: int
+    """Shards this worker could not read (or read to the end) since its previous batch."""
+
+
+class BadData:
+    """Counts and reports unreadable samples and shards in one loader worker; never raises.
+
+    The counts travel with the next batch (:class:`Batch`), so the training process can log
+    them and stop when too much of the data is bad.
+    """
+
+    WARN_FIRST = 20
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.bad_shards = 0
+        self.reported = 0
+
+    def sample(self, sample: dict[str, Any], error: Exception) -> None:
+        self.skipped += 1
+        self._warn(f"skipping sample {sample.get('__key__')!r} of {sample.get('__url__')!r}: {error}")
+
+    def shard(self, error: Exception) -> bool:
+        """webdataset's handler for errors opening or reading a tar file: count, warn, go on."""
+        self.bad_shards += 1
+        self._warn(f"skipping the rest of a shard: {type(error).__name__}: {error}")
+        return True
+
+    def take(self) -> tuple[int, int]:
+        counts = self.skipped, self.bad_shards
+        self.skipped = self.bad_shards = 0
+        return counts
+
+    def _warn(self, message: str) -> None:
+        self.reported += 1
+        if self.reported <= self.WARN_FIRST or self.reported % 1000 == 0:
+            log.warning("%s (bad items so far in this worker: %d)", message, self.reported)
+
+
+def decoded_batches(samples: Iterator[dict[str, Any]], decode: Callable[[dict[str, Any]], tuple[torch.Tensor, int, int]],
+                    batch_size: int, partial: bool, bad: BadData) -> Iterator[Batch]:
+    """Decode samples into batches, skipping (and counting) the ones that fail to decode."""
+    pending: list[tuple[torch.Tensor, int, int]] = []
+    for sample in samples:
+        try:
+            pending.append(decode(sample))
+        except Exception as error:  # noqa: BLE001 - a bad sample must not stop a week-long run
+            bad.sample(sample, error)
+            continue
+        if len(pending) == batch_size:
+            yield collate(pending, bad)
+            pending = []
+    if pending and partial:
+        yield collate(pending, bad)
+    elif partial and (bad.skipped or bad.bad_shards):
+        empty = torch.empty(0, dtype=torch.long)
+        yield Batch(torch.empty(0), empty, empty, *bad.take())  # the counts of the stream's tail
+
+
+def collate(samples: list[tuple[torch.Tensor, int, int]], bad: BadData) -> Batch:
     images, labels, ids = zip(*samples)
-    return torch.stack(images), torch.tensor(labels), torch.tensor(ids)
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids), *bad.take())
 
 
 @dataclass(frozen=True)
@@ -130,23 +198,20 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.active = active
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stream = (self.start + worker) % self.layout.num_streams
         skip, count = self.layout.batches(stream, self.start, self.stop)
         layout = self.layout
         stream_seed = mix_seed(layout.seed, layout.epoch, layout.rank, stream)
-        pipeline = wds.DataPipeline(
-            lambda: self._samples(layout.shards(stream), stream_seed),
-            lambda samples: itertools.islice(samples, skip * self.batch_size, None),
-            lambda samples: (self.decode(s, mix_seed(layout.seed, layout.epoch)) for s in samples),
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
-            lambda batches: itertools.islice(batches, count),
-        )
-        return iter(pipeline)
+        bad = BadData()
+        epoch_seed = mix_seed(layout.seed, layout.epoch)
+        samples = itertools.islice(self._samples(layout.shards(stream), stream_seed, bad), skip * self.batch_size, None)
+        batches = decoded_batches(samples, lambda s: self.decode(s, epoch_seed), self.batch_size, False, bad)
+        return itertools.islice(batches, count)
 
-    def _samples(self, shards: list[str], seed: int) -> Iterator[dict[str, Any]]:
+    def _samples(self, shards: list[str], seed: int, bad: BadData) -> Iterator[dict[str, Any]]:
         """Raw samples of the stream's shards, pass after pass, shuffled within each pass.
 
         The shuffle buffer drains at the end of every pass, so each pass presents every sample
@@ -158,7 +223,7 @@ class TrainStream(IterableDataset):
             presented = 0
             for sample in wds.DataPipeline(
                 wds.SimpleShardList(order),
-                wds.tarfile_to_samples(),
+                wds.tarfile_to_samples(handler=bad.shard),
                 wds.select(self._is_active),
                 wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
             ):
@@ -173,6 +238,8 @@ class TrainStream(IterableDataset):
         """The example level's filter: reads only the id, before any image is decoded."""
         if self.active is None:
             return True
+        if "id" not in sample:
+            return True  # the decoder reports and skips it
         sample_id = int(sample["id"])
         if not 0 <= sample_id < len(self.active):
             raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has id {sample_id}, "
@@ -188,17 +255,14 @@ class EvalStream(IterableDataset):
         self.urls, self.decode, self.batch_size = urls, decode, batch_size
         self.rank, self.world_size = rank, world_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         shards = self.urls[self.rank * workers + worker:: self.world_size * workers]
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(shards) if shards else [],
-            wds.tarfile_to_samples(),
-            wds.map(lambda s: self.decode(s, 0)),
-            wds.batched(self.batch_size, collation_fn=collate, partial=True),
-        )
-        return iter(pipeline)
+        bad = BadData()
+        samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=bad.shard))
+        return decoded_batches(iter(samples) if shards else iter(()), lambda s: self.decode(s, 0),
+                               self.batch_size, True, bad)
 
 
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from trivit.config import ConfigError, to_dict
 from trivit.datasets.sources import resolve_shards
-from trivit.datasets.stream import SampleDecoder, StreamLayout, eval_loader, train_loader
+from trivit.datasets.stream import Batch, SampleDecoder, StreamLayout, eval_loader, train_loader
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.checkpoint import CheckpointManager, load_checkpoint
 from trivit.engine.config import TrainConfig
@@ -99,6 +99,8 @@ class Trainer:
             self.model.blocks.record_cls_attention = examples.policy == "forgetting"
         self.plan = EpochPlan(active=torch.ones(num_samples, dtype=torch.bool), weights=torch.ones(num_samples))
         self.epochs = EpochTracker()
+        self.data_counts = {"seen": 0, "skipped": 0, "bad_shards": 0}
+        """Training samples read, unreadable samples skipped, unreadable shards (cumulative)."""
         self.step = 0
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep)
 
@@ -131,6 +133,7 @@ class Trainer:
             "rng": rng_state(),
             "data": self._data_settings(),
             "epochs": self.epochs.state_dict(),
+            "data_counts": dict(self.data_counts),
             "plan": {"active": self.plan.active, "weights": self.plan.weights},
             "examples": self.selector.state_dict() if self.selector else None,
         }
@@ -162,6 +165,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.epochs.load_state_dict(state["epochs"])
+        self.data_counts = dict(state["data_counts"])
         self.plan = EpochPlan(active=state["plan"]["active"], weights=state["plan"]["weights"])
         if self.selector is not None:
             self.selector.load_state_dict(state["examples"])
@@ -209,7 +213,21 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
                 "keep_rate_tokens": blocks.token_keep_rate, "keep_rate_attention": blocks.attention_keep_rate,
                 "tokens_per_block": list(blocks.tokens_per_block), "active_samples": active,
-                "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples}
+                "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples,
+                "data/skipped": self.data_counts["skipped"], "data/bad_shards": self.data_counts["bad_shards"]}
+
+    def _count_data(self, batch: Batch) -> None:
+        """Add a batch's sample and bad-data counts; too much bad data stops training."""
+        counts = self.data_counts
+        counts["seen"] += len(batch.ids)
+        counts["skipped"] += batch.skipped
+        counts["bad_shards"] += batch.bad_shards
+        read = counts["seen"] + counts["skipped"]
+        limit = self.config.data.max_bad_fraction
+        if read >= min(1000, self.shards.train_samples) and counts["skipped"] > limit * read:
+            raise ValueError(f"{counts['skipped']} of the {read} training samples read so far are unreadable, more "
+                             f"than data.max_bad_fraction={limit}; the warnings above name their shards and keys. "
+                             "Repair the shards (trivit shards checks every image) or raise data.max_bad_fraction")
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -253,8 +271,12 @@ class Trainer:
         model.eval()
         correct = total = 0
         loss_sum = 0.0
-        for images, labels, _ in loader:
-            images, labels = images.to(self.device), labels.to(self.device)
+        skipped = 0
+        for batch in loader:
+            skipped += batch.skipped
+            if not len(batch.ids):
+                continue
+            images, labels = batch.images.to(self.device), batch.labels.to(self.device)
             with self._autocast():
                 logits = model(images).float()
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
@@ -263,7 +285,7 @@ class Trainer:
         model.train(was_training)
         if total == 0:
             raise ValueError("the validation shards yielded no samples; check data.val_urls")
-        return {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total}
+        return {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total, "eval_skipped": skipped}
 
     def _evaluate_all(self) -> dict[str, float]:
         """Evaluate the model (and its EMA) at the final keep rates of the schedule."""
@@ -332,10 +354,11 @@ class Trainer:
                                       batch_size=data.batch_size, start=offset, stop=stop,
                                       shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, active=active)
                 tick = time.perf_counter()
-                for images, labels, ids in loader:
-                    loss = self._train_step(images, labels, ids)
+                for batch in loader:
+                    self._count_data(batch)
+                    loss = self._train_step(batch.images, batch.labels, batch.ids)
                     self.step += 1
-                    window_images += images.shape[0]
+                    window_images += len(batch.ids)
                     window_time += time.perf_counter() - tick
                     evaluate = self._is_eval_step()
                     if evaluate or self.step % config.logging.every_steps == 0:

@@ -31,7 +31,7 @@ def test_resuming_at_any_batch_gives_the_same_pixels(tiny_shards, workers, start
     full = batches(tiny_shards, 0, 12, workers)
     resumed = batches(tiny_shards, start, 12, workers)
     assert len(full) == 12 and len(resumed) == 12 - start
-    for (x0, y0, i0), (x1, y1, i1) in zip(full[start:], resumed):
+    for (x0, y0, i0, *_), (x1, y1, i1, *_) in zip(full[start:], resumed):
         assert torch.equal(i0, i1) and torch.equal(y0, y1) and torch.equal(x0, x1)
 
 
@@ -45,7 +45,7 @@ def test_an_epoch_has_exactly_the_requested_batches_and_new_epochs_reshuffle(tin
 
 
 def test_labels_travel_with_their_images(tiny_shards):
-    for images, labels, ids in batches(tiny_shards, 0, 4, workers=0):
+    for _, labels, ids, *_ in batches(tiny_shards, 0, 4, workers=0):
         assert torch.equal(labels, ids % 4)
 
 

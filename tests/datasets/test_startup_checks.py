@@ -1,0 +1,65 @@
+"""Start-up checks on the shards: each bad layout fails before training, naming the fix."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import tiny_overrides
+from trivit.config import load
+from trivit.engine.config import TrainConfig
+from trivit.engine.metrics import read_metrics
+from trivit.engine.trainer import Trainer
+
+
+@pytest.fixture
+def shard_copy(tiny_shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    return folder
+
+
+def build(shards, tmp_path, **extra):
+    return Trainer(load(TrainConfig, None, tiny_overrides(shards, tmp_path / "run", **extra)))
+
+
+@pytest.mark.parametrize("change, extra, error, message", [
+    (None, {"data.train_urls": "/nonexistent/train-{000000..000003}.tar"}, FileNotFoundError,
+     "no shard matches data.train_urls='/nonexistent/train-{000000..000003}.tar'"),
+    (None, {"data.train_urls": "{folder}/train-{000000..000009}.tar"}, FileNotFoundError,
+     "2 of the 10 shards of data.train_urls do not exist (first: {folder}/train-000008.tar)"),
+    ("delete-last", {"data.train_urls": "{folder}/train-{000000..000006}.tar"}, FileNotFoundError,
+     "the index lists 1 train shards that are missing from {folder} (first: train-000007.tar)"),
+    ("extra-shard", {"data.train_urls": "{folder}/train-{000000..000008}.tar"}, ValueError,
+     "1 training shards are not in the index (first: {folder}/train-000008.tar)"),
+    ("no-index", {}, FileNotFoundError, "index.json' not found"),
+    (None, {"data.val_urls": "{folder}/val-{000000..000005}.tar"}, FileNotFoundError,
+     "4 of the 6 shards of data.val_urls do not exist"),
+])
+def test_bad_shard_layouts_fail_at_start_up(shard_copy, tmp_path, change, extra, error, message):
+    if change == "delete-last":
+        (shard_copy / "train-000007.tar").unlink()
+    elif change == "extra-shard":
+        shutil.copy(shard_copy / "train-000000.tar", shard_copy / "train-000008.tar")
+    elif change == "no-index":
+        (shard_copy / "index.json").unlink()
+    extra = {k: v.replace("{folder}", str(shard_copy)) for k, v in extra.items()}
+    with pytest.raises(error) as raised:
+        build(shard_copy, tmp_path, **extra)
+    assert message.replace("{folder}", str(shard_copy)) in str(raised.value)
+
+
+def test_more_workers_than_shards_explains_the_hang_it_avoids(tiny_shards, tmp_path):
+    trainer = build(tiny_shards, tmp_path, **{"data.num_workers": "9"})
+    with pytest.raises(ValueError, match="8 training shards for 1 ranks x 9 workers: every worker needs at least one "
+                                         "shard, or it would yield nothing and the ranks would hang"):
+        trainer.train()
+
+
+def test_pipe_urls_stream_through_a_command(tiny_shards, tmp_path):
+    trainer = build(tiny_shards, tmp_path, **{
+        "data.train_urls": f"pipe:cat {tiny_shards}/train-{{000000..000007}}.tar",
+        "data.index": str(tiny_shards / "index.json"), "schedule.max_steps": "20"})
+    trainer.train()
+    assert trainer.step == 20 and trainer.shards.train_samples == 256
+    assert read_metrics(tmp_path / "run")[-1]["data/skipped"] == 0
