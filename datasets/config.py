@@ -31,6 +31,8 @@ class DataConfig:
     """Loader worker processes per rank. Resuming a run needs the same value (the sample order depends on it)."""
     shuffle_buffer: int = 2000
     """Samples held in each worker's shuffle buffer."""
+    resampled: bool = False
+    """Each worker draws training shards with replacement (no split by rank and worker; any shard count works)."""
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])

@@ -174,9 +174,13 @@ class StreamLayout:
     world_size: int
     num_streams: int
     """Logical streams per rank: max(1, num_workers)."""
+    resampled: bool = False
+    """Every stream draws shards with replacement from all of them (no split by rank and worker)."""
 
     def shards(self, stream: int) -> list[str]:
-        """Shards of logical ``stream`` of this rank, from the epoch's shared permutation."""
+        """Shards of logical ``stream`` of this rank, from the epoch's shared permutation (all when resampled)."""
+        if self.resampled:
+            return list(self.urls)
         order = list(self.urls)
         random.Random(mix_seed(self.seed, self.epoch)).shuffle(order)
         return order[self.rank * self.num_streams + stream:: self.world_size * self.num_streams]
@@ -215,9 +219,17 @@ class TrainStream(IterableDataset):
         """Raw samples of the stream's shards, pass after pass, shuffled within each pass.
 
         The shuffle buffer drains at the end of every pass, so each pass presents every sample
-        exactly once; the shard order is re-permuted for every further pass.
+        exactly once; the shard order is re-permuted for every further pass. Resampled streams
+        instead draw shard after shard with replacement, endlessly.
         """
         rng = random.Random(seed)
+        if self.layout.resampled:
+            yield from wds.DataPipeline(
+                lambda: ({"url": rng.choice(shards)} for _ in itertools.count()),
+                wds.tarfile_to_samples(handler=bad.shard),
+                wds.select(self._is_active),
+                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
+            )
         order = list(shards)
         while True:
             presented = 0
@@ -260,9 +272,10 @@ class EvalStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         shards = self.urls[self.rank * workers + worker:: self.world_size * workers]
         bad = BadData()
+        if not shards:
+            return iter(())
         samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=bad.shard))
-        return decoded_batches(iter(samples) if shards else iter(()), lambda s: self.decode(s, 0),
-                               self.batch_size, True, bad)
+        return decoded_batches(iter(samples), lambda s: self.decode(s, 0), self.batch_size, True, bad)
 
 
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
@@ -274,11 +287,12 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
     if num_workers and layout.num_streams != num_workers:
         raise ValueError(f"layout has {layout.num_streams} streams but the loader {num_workers} workers")
     needed = layout.world_size * layout.num_streams
-    if len(layout.urls) < needed:
+    if not layout.resampled and len(layout.urls) < needed:
         raise ValueError(
             f"{len(layout.urls)} training shards for {layout.world_size} ranks x {layout.num_streams} workers: "
             f"every worker needs at least one shard, or it would yield nothing and the ranks would hang. "
-            f"Use data.num_workers <= {max(1, len(layout.urls) // layout.world_size)} or write more, smaller shards."
+            f"Use data.num_workers <= {max(1, len(layout.urls) // layout.world_size)}, data.resampled=true "
+            "(each worker draws shards with replacement), or write more, smaller shards."
         )
     dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
                           shuffle_buffer=shuffle_buffer, active=active)

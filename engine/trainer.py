@@ -315,7 +315,7 @@ class Trainer:
 
     def _layout(self, epoch: int) -> StreamLayout:
         return StreamLayout(tuple(self.shards.train_urls), seed=self.config.seed, epoch=epoch, rank=0, world_size=1,
-                            num_streams=max(1, self.config.data.num_workers))
+                            num_streams=max(1, self.config.data.num_workers), resampled=self.config.data.resampled)
 
     def _is_eval_step(self) -> bool:
         every = self.config.schedule.eval_every_steps

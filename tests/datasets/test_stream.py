@@ -94,3 +94,18 @@ def test_deit_randaugment_survives_its_whole_magnitude_range():
         with seeded_rng(seed):
             outputs.append(transform(image))
     assert all(o.shape == (3, 32, 32) for o in outputs)
+
+
+def test_resampled_streams_serve_more_workers_than_shards_and_resume_exactly(tiny_shards):
+    urls = expand_urls(str(tiny_shards / "train-{000000..000001}.tar"))
+    decode = SampleDecoder(train_transform(CONFIG, 16), "L")
+
+    def read(rank, start):
+        layout = StreamLayout(tuple(urls), seed=3, epoch=0, rank=rank, world_size=2, num_streams=2, resampled=True)
+        return list(train_loader(layout, decode, batch_size=8, start=start, stop=10, shuffle_buffer=8, num_workers=2))
+
+    full = read(0, 0)
+    assert len(full) == 10 and len(read(1, 0)) == 10, "4 workers on 2 shards, none runs dry"
+    ids = torch.cat([b.ids for b in full])
+    assert set(ids.tolist()) <= set(range(64)) and len(set(ids.tolist())) < len(ids), "drawn with replacement"
+    assert all(torch.equal(a.images, b.images) for a, b in zip(full[4:], read(0, 4)))
