@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from trivit.engine.benchmark import seconds_per_train_step
 from trivit.sparse import create_vit
 from trivit.sparse.flops import dense_fraction
 
@@ -22,17 +22,6 @@ VARIANTS = {
     "tokens 0.7": {"tokens": {"keep_rate": 0.7}},
     "tokens 0.7 + attention 0.2": {"tokens": {"keep_rate": 0.7}, "attention": {"keep_rate": 0.2}},
 }
-
-
-def step_time(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-              labels: torch.Tensor, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -48,11 +37,11 @@ def main() -> None:
     for name, sparsity in VARIANTS.items():
         model = create_vit(args.model, sparsity).train()
         setups[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-        step_time(*setups[name], images, labels, 1)
+        seconds_per_train_step(*setups[name], images, labels, 1)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name, (model, optimizer) in setups.items():
-            times[name].append(step_time(model, optimizer, images, labels, args.steps))
+            times[name].append(seconds_per_train_step(model, optimizer, images, labels, args.steps))
     dense = statistics.median(times["dense"])
     print(f"{args.model}, batch {args.batch}, {args.repeats} repeats x {args.steps} steps, "
           f"{torch.get_num_threads()} threads\n")

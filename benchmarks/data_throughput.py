@@ -24,6 +24,7 @@ from trivit.datasets.config import DataConfig
 from trivit.datasets.imagefolder import write_imagefolder
 from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls, train_loader
 from trivit.datasets.transforms import train_transform
+from trivit.engine.benchmark import seconds_per_train_step
 from trivit.sparse import create_vit
 
 
@@ -49,13 +50,7 @@ def step_rate(name: str, batch: int, steps: int) -> float:
     model = create_vit(name).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return batch * steps / (time.perf_counter() - start)
+    return batch / seconds_per_train_step(model, optimizer, images, labels, steps)
 
 
 def main() -> None:
