@@ -39,11 +39,19 @@ class CheckpointManager:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(step)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as error:
+            if tmp.is_file():
+                tmp.unlink()
+            previous = self.saved()
+            kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
+            raise OSError(f"could not write checkpoint {path} ({error}); {kept}. Free disk space or fix the "
+                          f"folder's permissions, then resume") from error
         for _, old in self.saved()[: -self.keep]:
             old.unlink()
         return path

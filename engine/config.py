@@ -108,6 +108,13 @@ class EngineConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """'auto': bf16 autocast on a GPU that supports it, else fp32."""
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss: 'stop' with an error naming the step, or 'skip' the update (counted)."""
+    max_nonfinite_steps: int = 10
+    """With nonfinite_loss='skip': stop once more steps than this were skipped."""
+
+    def __post_init__(self) -> None:
+        check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, "an integer >= 0")
 
 
 @dataclass(kw_only=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -65,6 +66,10 @@ def resolve_backend(config: TrainConfig) -> str:
     return "single"
 
 
+class Preempted(Exception):
+    """Training stopped on SIGTERM after writing a checkpoint; ``resume=auto`` continues it."""
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and trains it; ``state_dict`` is the whole run state."""
 
@@ -99,6 +104,8 @@ class Trainer:
             self.model.blocks.record_cls_attention = examples.policy == "forgetting"
         self.plan = EpochPlan(active=torch.ones(num_samples, dtype=torch.bool), weights=torch.ones(num_samples))
         self.epochs = EpochTracker()
+        self.nonfinite_steps = 0
+        self.preempted = False
         self.data_counts = {"seen": 0, "skipped": 0, "bad_shards": 0}
         """Training samples read, unreadable samples skipped, unreadable shards (cumulative)."""
         self.step = 0
@@ -134,6 +141,7 @@ class Trainer:
             "data": self._data_settings(),
             "epochs": self.epochs.state_dict(),
             "data_counts": dict(self.data_counts),
+            "nonfinite_steps": self.nonfinite_steps,
             "plan": {"active": self.plan.active, "weights": self.plan.weights},
             "examples": self.selector.state_dict() if self.selector else None,
         }
@@ -166,6 +174,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.epochs.load_state_dict(state["epochs"])
         self.data_counts = dict(state["data_counts"])
+        self.nonfinite_steps = state["nonfinite_steps"]
         self.plan = EpochPlan(active=state["plan"]["active"], weights=state["plan"]["weights"])
         if self.selector is not None:
             self.selector.load_state_dict(state["examples"])
@@ -201,15 +210,13 @@ class Trainer:
                 scheduled_keep_rate(epoch, sparsity.attention.keep_rate, start, span))
 
     def _step_record(self, loss: torch.Tensor, img_per_s: float) -> dict[str, Any]:
-        """The metrics of the step just taken; a non-finite loss stops training with the step named."""
+        """The metrics of the step just taken (a skipped non-finite loss is logged as null)."""
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {self.step}; the last checkpoint in "
-                                     f"{self.checkpoints.folder} is intact")
         blocks = self.model.blocks
         active = int(self.plan.active.sum())
         flops = dense_fraction(self.model)
-        return {"step": self.step, "epoch": self.epochs.progress(self.step), "loss": loss_value,
+        return {"step": self.step, "epoch": self.epochs.progress(self.step),
+                "loss": loss_value if math.isfinite(loss_value) else None, "nonfinite_steps": self.nonfinite_steps,
                 "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
                 "keep_rate_tokens": blocks.token_keep_rate, "keep_rate_attention": blocks.attention_keep_rate,
                 "tokens_per_block": list(blocks.tokens_per_block), "active_samples": active,
@@ -247,6 +254,10 @@ class Trainer:
         losses = per_sample_cross_entropy(logits, targets)
         loss = (losses * self.plan.weights[ids].to(self.device)).mean()
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self._nonfinite(loss)
+            self.scheduler.step(self.epochs.progress(self.step + 1))
+            return loss.detach()
         self.scaler.scale(loss).backward()
         if self.config.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
@@ -260,6 +271,19 @@ class Trainer:
             self.selector.stats.update(ids.to(self.device), logits.detach(), labels,
                                        self.model.blocks.last_cls_attention, losses.detach())
         return loss.detach()
+
+    def _nonfinite(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN/inf loss, or skip the update and count it (``engine.nonfinite_loss``)."""
+        engine = self.config.engine
+        where = f"loss is {loss.item()} at step {self.step + 1}; the last checkpoint in {self.checkpoints.folder} is intact"
+        if engine.nonfinite_loss == "stop":
+            raise FloatingPointError(f"{where} (engine.nonfinite_loss=skip skips such steps instead)")
+        self.nonfinite_steps += 1
+        log.warning("%s; update skipped (%d so far)", where, self.nonfinite_steps)
+        if self.nonfinite_steps > engine.max_nonfinite_steps:
+            raise FloatingPointError(f"{where}; {self.nonfinite_steps} steps had non-finite losses, more than "
+                                     f"engine.max_nonfinite_steps={engine.max_nonfinite_steps}: lower the learning "
+                                     "rate or check the data")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -306,6 +330,11 @@ class Trainer:
             self.plan = self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks)
         self.epochs.begin(self.step, int(self.plan.active.sum()) // self.config.data.batch_size)
 
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """Pre-emption: finish the current step, write a checkpoint, stop (see the training loop)."""
+        log.warning("SIGTERM received: stopping after this step with a checkpoint")
+        self.preempted = True
+
     def finished(self) -> bool:
         """All epochs done, or ``schedule.max_steps`` reached."""
         schedule = self.config.schedule
@@ -341,6 +370,7 @@ class Trainer:
         bar = tqdm(total=self.config.schedule.max_steps or self.config.schedule.epochs * self.dense_epoch_steps,
                    initial=self.step, disable=not config.logging.progress_bar, dynamic_ncols=True, desc="train")
         window_images, window_time = 0, 0.0
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while not self.finished():
                 if self.epochs.epoch_done(self.step):
@@ -368,13 +398,17 @@ class Trainer:
                         metrics.log(record)
                         last = record
                         window_images, window_time = 0, 0.0
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}",
+                        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{record['img_per_s']:.0f}",
                                         **({"top1": f"{record['eval_top1']:.2f}"} if evaluate else {}))
-                    if self.step % config.checkpoint.every_steps == 0 or self.finished():
+                    if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.preempted:
                         self._save()
+                    if self.preempted:
+                        raise Preempted(f"SIGTERM: checkpoint written at step {self.step} in {self.checkpoints.folder}; "
+                                        "run the same command (resume=auto) to continue")
                     bar.update(1)
                     tick = time.perf_counter()
         finally:
+            signal.signal(signal.SIGTERM, previous_handler)
             bar.close()
             metrics.close()
         return last

@@ -9,9 +9,12 @@ import sys
 from trivit.config import ConfigError, load
 
 
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect of a job stopped by SIGTERM
+
+
 def train(args: argparse.Namespace) -> int:
     from trivit.engine.config import TrainConfig
-    from trivit.engine.trainer import Trainer
+    from trivit.engine.trainer import Preempted, Trainer
 
     config = load(TrainConfig, args.config, args.overrides)
     trainer = Trainer(config)
@@ -19,7 +22,11 @@ def train(args: argparse.Namespace) -> int:
         print(f"config valid; {trainer.shards.train_samples} training samples, {config.schedule.epochs} epochs "
               f"of up to {trainer.dense_epoch_steps} steps of {config.data.batch_size} images")
         return 0
-    last = trainer.train()
+    try:
+        last = trainer.train()
+    except Preempted as stop:
+        print(f"trivit: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT
     if last:
         print(json.dumps(last))
     else:
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, OSError) as error:
         print(f"trivit: error: {error}", file=sys.stderr)
         return 2
 

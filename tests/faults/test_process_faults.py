@@ -1,0 +1,124 @@
+"""Faults injected for real: kill -9 and SIGTERM of a training process, non-finite losses,
+corrupt checkpoints. Nothing is lost; a resumed run logs the uninterrupted run's losses."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_overrides
+from trivit.config import load
+from trivit.engine.checkpoint import CheckpointManager
+from trivit.engine.config import TrainConfig
+from trivit.engine.metrics import read_metrics
+from trivit.engine.trainer import Trainer
+
+DEMO = str(Path(__file__).parents[2] / "configs" / "demo.yaml")
+RUN = {"schedule.max_steps": "24", "checkpoint.every_steps": "3", "data.batch_size": "32"}
+
+
+def command(shards, run_dir) -> list[str]:
+    return [sys.executable, "-m", "trivit", "train", "--config", DEMO, *tiny_overrides(shards, run_dir, **RUN)]
+
+
+def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        assert process.poll() is None, "training ended before the fault was injected"
+        time.sleep(0.05)
+    raise TimeoutError(f"fewer than {steps} steps after {timeout} s")
+
+
+def last_losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; steps logged again after a resume keep their last value."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_shards, tmp_path_factory) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(command(tiny_shards, run_dir), check=True, capture_output=True, timeout=300)
+    return last_losses(run_dir)
+
+
+def test_kill_9_then_resume_logs_the_uninterrupted_losses(tiny_shards, tmp_path, uninterrupted):
+    kill_after = random.Random(os.getpid()).randint(4, 18)
+    process = subprocess.Popen(command(tiny_shards, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_steps(tmp_path, kill_after, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    saved = CheckpointManager(tmp_path / "checkpoints", 2).saved()
+    assert saved, "a checkpoint was written before the kill"
+    subprocess.run(command(tiny_shards, tmp_path), check=True, capture_output=True, timeout=300)
+    resumed = last_losses(tmp_path)
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 25))
+    assert resumed == uninterrupted, f"killed after step {kill_after}, resumed from step {saved[-1][0]}"
+
+
+def test_sigterm_writes_a_checkpoint_before_exiting(tiny_shards, tmp_path, uninterrupted):
+    process = subprocess.Popen(command(tiny_shards, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(tmp_path, 5, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    logged = max(r["step"] for r in read_metrics(tmp_path))
+    saved = CheckpointManager(tmp_path / "checkpoints", 2).saved()
+    assert saved[-1][0] == logged, "the checkpoint holds the last step taken"
+    assert f"checkpoint written at step {logged}" in stderr
+    subprocess.run(command(tiny_shards, tmp_path), check=True, capture_output=True, timeout=300)
+    assert last_losses(tmp_path) == uninterrupted
+
+
+def train(shards, run_dir, **extra):
+    trainer = Trainer(load(TrainConfig, None, tiny_overrides(shards, run_dir, **extra)))
+    trainer.train()
+    return trainer
+
+
+def test_a_nonfinite_loss_stops_with_the_step_named_and_the_checkpoint_intact(tiny_shards, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+; the last checkpoint in .* is intact"):
+        train(tiny_shards, tmp_path, **{"optim.lr": "1e12", "optim.clip_grad": "null", "schedule.warmup_epochs": "0",
+                                        "checkpoint.every_steps": "1", "schedule.max_steps": "40"})
+    state, _ = CheckpointManager(tmp_path / "checkpoints", 2).load_latest()
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_skip_mode_counts_nonfinite_steps_up_to_the_limit(tiny_shards, tmp_path):
+    with pytest.raises(FloatingPointError, match="more than engine.max_nonfinite_steps=3"):
+        train(tiny_shards, tmp_path, **{"optim.lr": "1e12", "optim.clip_grad": "null", "schedule.warmup_epochs": "0",
+                                        "engine.nonfinite_loss": "skip", "engine.max_nonfinite_steps": "3",
+                                        "schedule.max_steps": "40"})
+    records = read_metrics(tmp_path)
+    assert [r["nonfinite_steps"] for r in records if r["loss"] is None][:3] == [1, 2, 3]
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_shards, tmp_path, caplog):
+    train(tiny_shards, tmp_path, **{"schedule.max_steps": "8", "checkpoint.every_steps": "4"})
+    latest = tmp_path / "checkpoints" / "step_00000008.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    trainer = Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{"schedule.max_steps": "8"})))
+    with caplog.at_level(logging.WARNING):
+        trainer._resume()
+    assert trainer.step == 4
+    assert "step_00000008.pt is unreadable" in caplog.text
+
+
+def test_a_failing_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path, **{"schedule.max_steps": "4", "checkpoint.every_steps": "4"})
+    (tmp_path / "checkpoints" / "step_00000008.pt.tmp").mkdir()  # the filesystem refuses the next write
+    with pytest.raises(OSError, match=r"could not write checkpoint .*step_00000008.pt .*the previous checkpoint "
+                                      r".*step_00000004.pt is intact"):
+        train(tiny_shards, tmp_path, **{"schedule.max_steps": "8", "checkpoint.every_steps": "4"})
+    state, path = CheckpointManager(tmp_path / "checkpoints", 2).load_latest()
+    assert path.name == "step_00000004.pt" and state["step"] == 4
