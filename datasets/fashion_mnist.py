@@ -82,8 +82,6 @@ def prepare(cache_dir: str | Path, root: Path = PACKAGE_DIR, samples_per_shard: 
     dest = Path(cache_dir).expanduser() / "fashion-mnist"
     if (dest / INDEX_NAME).is_file():
         return dest
-    if not root.is_dir():
-        raise FileNotFoundError(f"Fashion-MNIST not found at {root}; {INSTALL_HINT}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fashion-mnist-", dir=dest.parent))
     try:

@@ -10,6 +10,9 @@ so a resumed run sees the same pixels as an uninterrupted one.
 
 Logical streams repeat their shards as needed, so every rank yields exactly the number of
 batches the epoch asks for, whatever the shard sizes (no collective hangs on uneven ranks).
+
+Bad data never raises in a loader worker: unreadable samples and shards are skipped with a
+warning and counted, and the counts travel with the next :class:`Batch`.
 """
 from __future__ import annotations
 
