@@ -185,19 +185,28 @@ def _check_plain_vit(name: str, timm_kwargs: Mapping[str, Any]) -> None:
     """Reject models whose blocks are not timm's plain ``Block`` + ``Attention``.
 
     trivit replaces the block class, which would silently change any other architecture.
-    The check builds the model on the meta device, so it allocates nothing.
+    The check builds the model on the meta device, so it allocates nothing. When the
+    arguments do not fit, a model that is no plain ViT anyway is named as such.
     """
     kwargs = {k: v for k, v in timm_kwargs.items() if k != "pretrained"}
-    with torch.device("meta"):
-        reference = _create_timm(name, **kwargs)
-    blocks = getattr(reference, "blocks", None)
-    plain = (
-        isinstance(reference, VisionTransformer)
-        and blocks is not None
-        and all(type(b) is Block and type(b.attn) is Attention for b in blocks)
-    )
-    if not plain:
-        raise ValueError(
-            f"{name!r} is not a plain ViT (timm VisionTransformer with Block/Attention blocks); "
-            "trivit supports e.g. deit_*_patch16_224 and vit_*_patch16_224"
-        )
+    try:
+        with torch.device("meta"):
+            reference = _create_timm(name, **kwargs)
+    except ValueError:
+        with torch.device("meta"):
+            if not _is_plain_vit(_create_timm(name)):
+                _raise_not_plain(name)
+        raise
+    if not _is_plain_vit(reference):
+        _raise_not_plain(name)
+
+
+def _is_plain_vit(model: nn.Module) -> bool:
+    blocks = getattr(model, "blocks", None)
+    return (isinstance(model, VisionTransformer) and blocks is not None
+            and all(type(b) is Block and type(b.attn) is Attention for b in blocks))
+
+
+def _raise_not_plain(name: str) -> None:
+    raise ValueError(f"{name!r} is not a plain ViT (timm VisionTransformer with Block/Attention blocks); "
+                     "trivit supports e.g. deit_*_patch16_224 and vit_*_patch16_224") from None
