@@ -254,23 +254,26 @@ class Trainer:
         losses = per_sample_cross_entropy(logits, targets)
         loss = (losses * self.plan.weights[ids].to(self.device)).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if torch.isfinite(loss):
+            self._update(loss)
+            if self.selector is not None:
+                self.selector.stats.update(ids.to(self.device), logits.detach(), labels,
+                                           self.model.blocks.last_cls_attention, losses.detach())
+        else:
             self._nonfinite(loss)
-            self.scheduler.step(self.epochs.progress(self.step + 1))
-            return loss.detach()
+        self.scheduler.step(self.epochs.progress(self.step + 1))
+        return loss.detach()
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, clip, optimizer step and EMA for a finite loss."""
         self.scaler.scale(loss).backward()
         if self.config.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step(self.epochs.progress(self.step + 1))
         if self.ema is not None:
             self.ema.update(self.model, step=self.step + 1)
-        if self.selector is not None:
-            self.selector.stats.update(ids.to(self.device), logits.detach(), labels,
-                                       self.model.blocks.last_cls_attention, losses.detach())
-        return loss.detach()
 
     def _nonfinite(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf loss, or skip the update and count it (``engine.nonfinite_loss``)."""
