@@ -6,6 +6,7 @@ per split, the shard file names and their sample counts, and the class names.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -20,21 +21,16 @@ INDEX_NAME = "index.json"
 def write_split(samples: Iterable[dict[str, Any]], dest: Path, split: str, samples_per_shard: int) -> dict[str, Any]:
     """Write ``samples`` (dicts with ``__key__``, image bytes, ``cls``, ``id``) to ``dest/<split>-NNNNNN.tar``.
 
-    Returns the split's index entry. Tar headers carry a fixed mtime, so the same samples
-    give byte-identical shards.
+    Returns the split's index entry. Each shard is written by :func:`write_shard`: atomically,
+    with a fixed mtime in the tar headers, so the same samples give byte-identical shards.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    written: list[tuple[str, int]] = []
-
-    def record(fname: str) -> None:
-        written.append((Path(fname).name, writer.count))
-
-    with wds.ShardWriter(str(dest / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0,
-                         post=record) as writer:
-        for sample in samples:
-            writer.write(sample)
-    names = [name for name, _ in written]
-    counts = [count for _, count in written]
+    names: list[str] = []
+    counts: list[int] = []
+    samples = iter(samples)
+    while chunk := list(itertools.islice(samples, samples_per_shard)):
+        names.append(f"{split}-{len(names):06d}.tar")
+        counts.append(write_shard(dest / names[-1], chunk))
     return {"shards": names, "counts": counts, "total": sum(counts), "urls": brace_pattern(names)}
 
 
