@@ -39,7 +39,7 @@ def make_jpegs(root: Path, count: int) -> None:
 
 def loader_rate(urls: list[str], batch: int, batches: int) -> float:
     decode = SampleDecoder(train_transform(DataConfig(), 224), "RGB")
-    layout = StreamLayout(tuple(urls), seed=0, epoch=0, rank=0, world_size=1, num_streams=1)
+    layout = StreamLayout.for_rank(tuple(urls), seed=0, epoch=0, rank=0, world_size=1)
     start = time.perf_counter()
     count = sum(len(b.ids) for b in train_loader(layout, decode, batch_size=batch, start=0, stop=batches,
                                                  shuffle_buffer=64, num_workers=0))

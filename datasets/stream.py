@@ -1,12 +1,15 @@
 """Streaming, exactly resumable readers of WebDataset shards.
 
-Training streams are deterministic functions of (seed, epoch, shards, world size, workers):
-each epoch the shard list is permuted with a seed shared by all ranks and split into
-``world_size x num_workers`` logical streams. Batch ``j`` of an epoch comes from logical
-stream ``j % num_workers`` of its rank, so the loader's round-robin over workers yields the
-batches in order. Resuming at batch ``k`` skips the raw (undecoded) samples of batches
-``< k`` in each stream; every sample's augmentation is seeded from (seed, epoch, sample id),
-so a resumed run sees the same pixels as an uninterrupted one.
+Training streams are deterministic functions of (seed, epoch, shards, slots, workers). A
+*slot* is one data-parallel share of the global batch: ``world_size x grad_accum_steps`` slots,
+rank ``r`` holding slots ``r*accum .. r*accum+accum-1`` (one per micro-batch). Each epoch the
+shard list is permuted with a seed shared by all ranks and split into ``slots x num_workers``
+logical streams. Batch ``j`` of a slot comes from its logical stream ``j % num_workers``, so
+the loader's round-robin over workers yields the batches in order, and any world size with
+the same ``world x accum`` product reads exactly the same global batches. Resuming at batch
+``k`` skips the raw (undecoded) samples of batches ``< k`` in each stream; every sample's
+augmentation is seeded from (seed, epoch, sample id), so a resumed run sees the same pixels
+as an uninterrupted one.
 
 Logical streams repeat their shards as needed, so every rank yields exactly the number of
 batches the epoch asks for, whatever the shard sizes (no collective hangs on uneven ranks).
@@ -161,6 +164,14 @@ def decoded_batches(samples: Iterator[dict[str, Any]], decode: Callable[[dict[st
         yield Batch(torch.empty(0), empty, empty, *bad.take())  # the counts of the stream's tail
 
 
+def concatenate(parts: tuple[Batch, ...]) -> Batch:
+    """One batch from several, in order, with their bad-data counts summed."""
+    if len(parts) == 1:
+        return parts[0]
+    return Batch(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                 torch.cat([p.ids for p in parts]), sum(p.skipped for p in parts), sum(p.bad_shards for p in parts))
+
+
 def collate(samples: list[tuple[torch.Tensor, int, int]], bad: BadData) -> Batch:
     images, labels, ids = zip(*samples)
     return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids), *bad.take())
@@ -168,25 +179,33 @@ def collate(samples: list[tuple[torch.Tensor, int, int]], bad: BadData) -> Batch
 
 @dataclass(frozen=True)
 class StreamLayout:
-    """How one epoch's batches are laid out over ranks and loader workers."""
+    """How one epoch's batches are laid out over data-parallel slots and loader workers."""
 
     urls: tuple[str, ...]
     seed: int
     epoch: int
-    rank: int
-    world_size: int
+    slots: tuple[int, ...]
+    """This rank's slots, one per micro-batch of a step (``rank*accum ..``)."""
+    num_slots: int
+    """All slots: world size x gradient-accumulation steps."""
     num_streams: int
-    """Logical streams per rank: max(1, num_workers)."""
+    """Logical streams per slot: max(1, num_workers)."""
     resampled: bool = False
-    """Every stream draws shards with replacement from all of them (no split by rank and worker)."""
+    """Every stream draws shards with replacement from all of them (no split by slot and worker)."""
 
-    def shards(self, stream: int) -> list[str]:
-        """Shards of logical ``stream`` of this rank, from the epoch's shared permutation (all when resampled)."""
+    @classmethod
+    def for_rank(cls, urls: tuple[str, ...], *, seed: int, epoch: int, rank: int, world_size: int,
+                 accum_steps: int = 1, num_workers: int = 0, resampled: bool = False) -> StreamLayout:
+        slots = tuple(range(rank * accum_steps, (rank + 1) * accum_steps))
+        return cls(urls, seed, epoch, slots, world_size * accum_steps, max(1, num_workers), resampled)
+
+    def shards(self, slot: int, stream: int) -> list[str]:
+        """Shards of logical ``stream`` of ``slot``, from the epoch's shared permutation (all when resampled)."""
         if self.resampled:
             return list(self.urls)
         order = list(self.urls)
         random.Random(mix_seed(self.seed, self.epoch)).shuffle(order)
-        return order[self.rank * self.num_streams + stream:: self.world_size * self.num_streams]
+        return order[slot * self.num_streams + stream:: self.num_slots * self.num_streams]
 
     def batches(self, stream: int, start: int, stop: int) -> tuple[int, int]:
         """(batches of ``stream`` before ``start``, batches of ``stream`` in [start, stop))."""
@@ -195,13 +214,15 @@ class StreamLayout:
 
 
 class TrainStream(IterableDataset):
-    """Batches ``start..stop-1`` of one epoch for one rank; see the module docstring."""
+    """Steps ``start..stop-1`` of one epoch for one rank: each item is the rank's micro-batches,
+    one per slot of :class:`StreamLayout`, concatenated in slot order; see the module docstring."""
 
     def __init__(self, layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
                  shuffle_buffer: int, active: np.ndarray | None = None):
         super().__init__()
         self.layout, self.decode = layout, decode
         self.batch_size, self.start, self.stop = batch_size, start, stop
+        """``batch_size`` is one slot's micro-batch."""
         self.shuffle_buffer = shuffle_buffer
         self.active = active
 
@@ -210,13 +231,16 @@ class TrainStream(IterableDataset):
         worker = info.id if info is not None else 0
         stream = (self.start + worker) % self.layout.num_streams
         skip, count = self.layout.batches(stream, self.start, self.stop)
+        per_slot = [itertools.islice(self._slot_batches(slot, stream, skip), count) for slot in self.layout.slots]
+        return (concatenate(parts) for parts in zip(*per_slot))
+
+    def _slot_batches(self, slot: int, stream: int, skip: int) -> Iterator[Batch]:
         layout = self.layout
-        stream_seed = mix_seed(layout.seed, layout.epoch, layout.rank, stream)
         bad = BadData()
         epoch_seed = mix_seed(layout.seed, layout.epoch)
-        samples = itertools.islice(self._samples(layout.shards(stream), stream_seed, bad), skip * self.batch_size, None)
-        batches = decoded_batches(samples, lambda s: self.decode(s, epoch_seed), self.batch_size, False, bad)
-        return itertools.islice(batches, count)
+        raw = self._samples(layout.shards(slot, stream), mix_seed(layout.seed, layout.epoch, slot, stream), bad)
+        samples = itertools.islice(raw, skip * self.batch_size, None)
+        return decoded_batches(samples, lambda s: self.decode(s, epoch_seed), self.batch_size, False, bad)
 
     def _samples(self, shards: list[str], seed: int, bad: BadData) -> Iterator[dict[str, Any]]:
         """Raw samples of the stream's shards, pass after pass, shuffled within each pass.
@@ -283,18 +307,20 @@ class EvalStream(IterableDataset):
 
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
                  shuffle_buffer: int, num_workers: int, active: np.ndarray | None = None) -> DataLoader:
-    """Loader over batches ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
+    """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
 
+    ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
     ``active`` (a boolean array over sample ids) drops every other sample before decoding.
     """
     if num_workers and layout.num_streams != num_workers:
         raise ValueError(f"layout has {layout.num_streams} streams but the loader {num_workers} workers")
-    needed = layout.world_size * layout.num_streams
+    needed = layout.num_slots * layout.num_streams
     if not layout.resampled and len(layout.urls) < needed:
         raise ValueError(
-            f"{len(layout.urls)} training shards for {layout.world_size} ranks x {layout.num_streams} workers: "
-            f"every worker needs at least one shard, or it would yield nothing and the ranks would hang. "
-            f"Use data.num_workers <= {max(1, len(layout.urls) // layout.world_size)}, data.resampled=true "
+            f"{len(layout.urls)} training shards for {layout.num_slots} data-parallel slots (ranks x gradient "
+            f"accumulation steps) x {layout.num_streams} workers: every worker needs at least one shard, or it "
+            f"would yield nothing and the ranks would hang. Use data.num_workers <= "
+            f"{max(1, len(layout.urls) // layout.num_slots)}, data.resampled=true "
             "(each worker draws shards with replacement), or write more, smaller shards."
         )
     dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,

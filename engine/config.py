@@ -103,17 +103,29 @@ class ScheduleConfig:
 class EngineConfig:
     """Where and how the steps run."""
 
-    backend: Literal["auto", "single"] = "auto"
-    """'auto' picks from the launcher's environment; 'single' is one process."""
+    backend: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = "auto"
+    """'auto' picks from the launcher's environment: 'fsdp' / 'deepspeed' under an accelerate
+    config that asks for them, 'ddp' for any other multi-process launch, else 'single'."""
+    zero_stage: Literal[1, 2, 3] = 2
+    """DeepSpeed ZeRO stage (backend 'deepspeed')."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON (e.g. launch/deepspeed/zero3_bf16.json); "auto" values and the batch sizes,
+    clipping, precision and ZeRO stage are filled from this config, which must agree with it."""
+    grad_accum_steps: int = 1
+    """Micro-batches per step on each rank; data.batch_size must divide by world size x this."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """'auto': bf16 autocast on a GPU that supports it, else fp32."""
+    """'auto': bf16 on a GPU that supports it, else fp32."""
+    timeout_s: int = 1800
+    """A collective that waits longer than this (a dead or stuck rank) stops every rank with an error."""
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: 'stop' with an error naming the step, or 'skip' the update (counted)."""
     max_nonfinite_steps: int = 10
     """With nonfinite_loss='skip': stop once more steps than this were skipped."""
 
     def __post_init__(self) -> None:
+        check(self.grad_accum_steps > 0, "grad_accum_steps", self.grad_accum_steps, "a positive integer")
+        check(self.timeout_s > 0, "timeout_s", self.timeout_s, "a positive number of seconds")
         check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, "an integer >= 0")
 
 

@@ -6,6 +6,10 @@ set without the example level), decided when the epoch begins; the fractional ep
 the LR and keep-rate schedules. The data stream is a pure function of (seed, epoch, batch
 index, active set), so a checkpoint's step is its data position and resuming reproduces the
 uninterrupted run exactly.
+
+The same loop runs on every backend (engine/backends/): each rank reads its slots of the
+global batch, and every decision that must agree across ranks (skip a non-finite step, stop
+on SIGTERM or on bad data, the example level's active set) is taken on all-reduced values.
 """
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,12 @@ from trivit.config import ConfigError, to_dict
 from trivit.datasets.sources import resolve_shards
 from trivit.datasets.stream import Batch, SampleDecoder, StreamLayout, eval_loader, train_loader
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
-from trivit.engine.checkpoint import CheckpointManager, load_checkpoint
+from trivit.engine.backends import build_backend, resolve_backend
+from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
 from trivit.engine.config import TrainConfig
+from trivit.engine.distributed import World, gather_objects, init_process_group, sum_tensor, world_from_env
 from trivit.engine.epochs import EpochTracker
+from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.metrics import MetricsLogger
 from trivit.engine.optim import build_optimizer, build_scheduler
@@ -43,27 +49,20 @@ from trivit.sparse.schedule import scheduled_keep_rate
 log = logging.getLogger(__name__)
 
 
-def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
-    """The device and the autocast dtype (None = fp32) the config asks for on this machine."""
+def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, torch.dtype | None]:
+    """The device (this rank's GPU under a launcher) and the mixed-precision dtype (None = fp32)."""
     engine = config.engine
     cuda = torch.cuda.is_available()
     if engine.device == "cuda" and not cuda:
         raise ConfigError("engine.device", "got 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    device = torch.device("cuda" if engine.device == "cuda" or (engine.device == "auto" and cuda) else "cpu")
+    use_cuda = engine.device == "cuda" or (engine.device == "auto" and cuda)
+    device = torch.device("cuda", world.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     precision = engine.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("engine.precision", "got 'fp16' on the CPU; use 'fp32' or 'bf16' there")
     return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def resolve_backend(config: TrainConfig) -> str:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise ConfigError("engine.backend", f"the launcher started {world_size} processes (WORLD_SIZE), "
-                                            "but this trivit runs one process; launch it with plain 'trivit train'")
-    return "single"
 
 
 class Preempted(Exception):
@@ -76,23 +75,28 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.run_dir = Path(config.run_dir)
-        self.backend = resolve_backend(config)
-        self.device, self.amp_dtype = resolve_device(config)
-        seed_everything(config.seed)
-
+        self.world = world_from_env()
+        self.device, self.amp_dtype = resolve_device(config, self.world)
+        backend = resolve_backend(config, self.world)
         data = config.data
+        self.micro_batch = self._micro_batch_size()
         self.shards = resolve_shards(data)
         num_samples = self.shards.train_samples
         if num_samples < data.batch_size:
             raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the {num_samples} training samples")
         self.num_classes = config.model.num_classes or len(self.shards.classes)
+        init_process_group(self.world, self.device, config.engine.timeout_s)
 
-        self.model = self._build_model(self.num_classes).to(self.device)
-        self.optimizer = build_optimizer(self.model, config.optim, data.batch_size)
+        seed_everything(config.seed)  # the same initial weights on every rank
+        self.backend = build_backend(backend, config, self.world, self.device, self.amp_dtype)
+        self.backend.setup(self._build_model(self.num_classes).to(self.device),
+                           lambda module: build_optimizer(module, config.optim, data.batch_size))
+        self.model = self.backend.module
+        self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.ema = ModelEmaV3(self.model, decay=config.optim.ema_decay) if config.optim.ema_decay else None
+        seed_everything(config.seed + self.world.rank)  # each rank its own dropout, drop-path and mixup draws
         self.mixer = batch_mixer(data, self.num_classes)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         mode = image_mode(config.model.in_chans)
         self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode)
         self.eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
@@ -105,11 +109,28 @@ class Trainer:
         self.plan = EpochPlan(active=torch.ones(num_samples, dtype=torch.bool), weights=torch.ones(num_samples))
         self.epochs = EpochTracker()
         self.nonfinite_steps = 0
+        self.stop_requested = False
+        """SIGTERM seen by this rank; ``preempted`` once every rank knows (the step's all-reduce)."""
         self.preempted = False
         self.data_counts = {"seen": 0, "skipped": 0, "bad_shards": 0}
-        """Training samples read, unreadable samples skipped, unreadable shards (cumulative)."""
+        """Training samples read, unreadable samples skipped, unreadable shards (cumulative, all ranks)."""
         self.step = 0
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep,
+                                             self.world.is_main, self.device)
+
+    def _micro_batch_size(self) -> int:
+        """Images per rank per micro-batch: the global batch over world size x accumulation steps."""
+        data, engine = self.config.data, self.config.engine
+        slots = self.world.world_size * engine.grad_accum_steps
+        if data.batch_size % slots:
+            raise ConfigError("data.batch_size", f"got {data.batch_size}, not divisible by world size "
+                                                 f"{self.world.world_size} x engine.grad_accum_steps "
+                                                 f"{engine.grad_accum_steps} = {slots}; use a multiple of {slots}")
+        micro = data.batch_size // slots
+        if (data.mixup > 0 or data.cutmix > 0) and micro % 2:
+            raise ConfigError("data.batch_size", f"mixup/cutmix pair the images of each micro-batch, which has "
+                                                 f"{micro} (odd) here; use a global batch divisible by {2 * slots}")
+        return micro
 
     @property
     def dense_epoch_steps(self) -> int:
@@ -128,16 +149,15 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The main rank's ``trainer.pt``, less what the backend adds (model and optimizer)."""
         return {
             "step": self.step,
+            "backend": self.backend.name,
             "model_name": self.config.model.name,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "ranks": rank_states,
             "data": self._data_settings(),
             "epochs": self.epochs.state_dict(),
             "data_counts": dict(self.data_counts),
@@ -150,28 +170,38 @@ class Trainer:
         """What the data position depends on: a checkpoint must match it to resume."""
         return {"train_samples": self.shards.train_samples, "num_workers": self.config.data.num_workers,
                 "batch_size": self.config.data.batch_size, "seed": self.config.seed,
-                "examples_policy": self.config.sparsity.examples.policy}
+                "examples_policy": self.config.sparsity.examples.policy, "world_size": self.world.world_size,
+                "grad_accum_steps": self.config.engine.grad_accum_steps}
 
-    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+    def _check_compatible(self, state: dict[str, Any], source: Path) -> None:
         if state["model_name"] != self.config.model.name:
             raise ValueError(f"checkpoint {source} is of model {state['model_name']!r}, this run builds "
                              f"{self.config.model.name!r}; use a new run_dir or resume=never")
+        if state["backend"] != self.backend.name:
+            raise ValueError(f"checkpoint {source} was written by backend {state['backend']!r}, this run uses "
+                             f"{self.backend.name!r}; set engine.backend={state['backend']}, or start a new run "
+                             f"from its weights (trivit export {source})")
         expected = self._data_settings()
         changed = {k: (state["data"][k], v) for k, v in expected.items() if state["data"][k] != v}
+        if "world_size" in changed:
+            old, new = changed["world_size"]
+            raise ValueError(f"checkpoint {source} was written by {old} processes, this run has {new}; relaunch "
+                             f"with {old} processes to resume it, or start a new run_dir")
         if changed:
             detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
             raise ValueError(f"checkpoint {source} was written with other data settings ({detail}); the data "
                              "position cannot be carried over: restore those values or start a new run_dir")
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        self._check_compatible(state, source)
         try:
-            self.model.load_state_dict(state["model"])
+            self.backend.load(source, state)
         except RuntimeError as error:
             raise ValueError(f"checkpoint {source} does not fit this model: {error}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["ranks"][self.world.rank]["rng"])
         self.epochs.load_state_dict(state["epochs"])
         self.data_counts = dict(state["data_counts"])
         self.nonfinite_steps = state["nonfinite_steps"]
@@ -193,11 +223,12 @@ class Trainer:
                 return
             state, path = found
         else:
-            path = Path(resume)
-            if not path.is_file():
-                raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file; use 'auto', 'never' or a path")
-            state = load_checkpoint(path)
-        self.load_state_dict(state, str(path))
+            path = checkpoint_folder(resume)
+            if not (path / "trainer.pt").is_file():
+                raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (a step_XXXXXXXX folder holding "
+                                        "trainer.pt); use 'auto', 'never' or a checkpoint folder")
+            state = load_trainer_state(path)
+        self.load_state_dict(state, path)
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- loop --------------------------------------------------------------------------------
@@ -223,62 +254,81 @@ class Trainer:
                 "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples,
                 "data/skipped": self.data_counts["skipped"], "data/bad_shards": self.data_counts["bad_shards"]}
 
-    def _count_data(self, batch: Batch) -> None:
-        """Add a batch's sample and bad-data counts; too much bad data stops training."""
-        counts = self.data_counts
-        counts["seen"] += len(batch.ids)
-        counts["skipped"] += batch.skipped
-        counts["bad_shards"] += batch.bad_shards
-        read = counts["seen"] + counts["skipped"]
+    def _count_data(self, counts: torch.Tensor) -> None:
+        """Add a step's sample and bad-data counts (summed over ranks); too much bad data stops training."""
+        seen, skipped, bad_shards = (int(c) for c in counts.tolist())
+        total = self.data_counts
+        total["seen"] += seen
+        total["skipped"] += skipped
+        total["bad_shards"] += bad_shards
+        read = total["seen"] + total["skipped"]
         limit = self.config.data.max_bad_fraction
-        if read >= min(1000, self.shards.train_samples) and counts["skipped"] > limit * read:
-            raise ValueError(f"{counts['skipped']} of the {read} training samples read so far are unreadable, more "
+        if read >= min(1000, self.shards.train_samples) and total["skipped"] > limit * read:
+            raise ValueError(f"{total['skipped']} of the {read} training samples read so far are unreadable, more "
                              f"than data.max_bad_fraction={limit}; the warnings above name their shards and keys. "
                              "Repair the shards (trivit shards checks every image) or raise data.max_bad_fraction")
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def _share(self, loss: torch.Tensor, batch: Batch | None) -> torch.Tensor:
+        """One all-reduce per micro-batch: [loss, stop requested, seen, skipped, bad shards], summed over ranks.
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        Every rank thus takes the same decisions (skip a non-finite step, stop on SIGTERM or on
+        too much bad data) at the same step.
+        """
+        counts = [len(batch.ids), batch.skipped, batch.bad_shards] if batch is not None else [0, 0, 0]
+        local = torch.tensor([0.0, float(self.stop_requested), *counts], dtype=torch.float64, device=self.device)
+        local[0] = loss.detach().double()
+        return sum_tensor(local)
+
+    def _train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimizer step on this rank's batch, micro-batch by micro-batch; returns the global mean loss."""
+        backend, accum = self.backend, self.config.engine.grad_accum_steps
+        backend.model.train()
+        set_keep_rates(self.model, *self.keep_rates(self.epochs.progress(self.step)))
+        backend.zero_grad()
+        rank_batch = len(batch.ids)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        parts = zip(batch.images.chunk(accum), batch.labels.chunk(accum), batch.ids.chunk(accum))
+        for index, (images, labels, ids) in enumerate(parts):
+            loss, logits, losses, labels = self._micro_batch_loss(images, labels, ids, rank_batch)
+            shared = self._share(loss, batch if index == 0 else None)
+            if index == 0:
+                self._count_data(shared[2:])
+            self.preempted = self.preempted or shared[1].item() > 0
+            step_loss = shared[0] / self.world.world_size
+            if not torch.isfinite(step_loss):
+                backend.zero_grad()
+                self._nonfinite(step_loss)
+                break
+            backend.backward(loss, last_micro_batch=index == accum - 1)
+            if self.selector is not None:
+                self.selector.stats.update(ids.to(self.device), logits.detach(), labels,
+                                           self.model.blocks.last_cls_attention, losses.detach())
+            total += step_loss
+        else:
+            backend.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step + 1)
+        self.scheduler.step(self.epochs.progress(self.step + 1))
+        return total if torch.isfinite(step_loss) else step_loss
+
+    def _micro_batch_loss(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, rank_batch: int):
+        """Forward one micro-batch: its share of the rank's mean weighted loss, logits, per-sample losses, labels."""
+        images, labels = self.backend.prepare_inputs(images), labels.to(self.device, non_blocking=True)
         if self.mixer is not None:
             images, targets = self.mixer(images, labels)
         else:
             targets = smoothed_targets(labels, self.num_classes, self.config.data.label_smoothing)
-        self.model.train()
-        set_keep_rates(self.model, *self.keep_rates(self.epochs.progress(self.step)))
-        with self._autocast():
-            logits = self.model(images)
+        with self.backend.autocast():
+            logits = self.backend.model(images)
         losses = per_sample_cross_entropy(logits, targets)
-        loss = (losses * self.plan.weights[ids].to(self.device)).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            self._update(loss)
-            if self.selector is not None:
-                self.selector.stats.update(ids.to(self.device), logits.detach(), labels,
-                                           self.model.blocks.last_cls_attention, losses.detach())
-        else:
-            self._nonfinite(loss)
-        self.scheduler.step(self.epochs.progress(self.step + 1))
-        return loss.detach()
-
-    def _update(self, loss: torch.Tensor) -> None:
-        """Backward, clip, optimizer step and EMA for a finite loss."""
-        self.scaler.scale(loss).backward()
-        if self.config.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step + 1)
+        loss = (losses * self.plan.weights[ids].to(self.device)).sum() / rank_batch
+        return loss, logits, losses, labels
 
     def _nonfinite(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf loss, or skip the update and count it (``engine.nonfinite_loss``)."""
         engine = self.config.engine
-        where = f"loss is {loss.item()} at step {self.step + 1}; the last checkpoint in {self.checkpoints.folder} is intact"
+        where = (f"loss is {loss.item()} (mean over all ranks) at step {self.step + 1}; "
+                 f"the last checkpoint in {self.checkpoints.folder} is intact")
         if engine.nonfinite_loss == "stop":
             raise FloatingPointError(f"{where} (engine.nonfinite_loss=skip skips such steps instead)")
         self.nonfinite_steps += 1
@@ -290,29 +340,46 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Top-1 accuracy (%) and mean cross-entropy over the whole validation split."""
+        """Top-1 accuracy (%) and mean cross-entropy over the whole validation split, each rank
+        reading its share of the shards.
+
+        Ranks step through their shares together: one that has run out forwards a placeholder
+        image while the others still have batches, so the collectives inside a sharded model
+        (FSDP, ZeRO-3) always have every rank.
+        """
         data = self.config.data
         loader = eval_loader(self.shards.val_urls, self.eval_decoder, batch_size=data.eval_batch_size,
-                             rank=0, world_size=1, num_workers=min(data.num_workers, len(self.shards.val_urls)))
+                             rank=self.world.rank, world_size=self.world.world_size,
+                             num_workers=min(data.num_workers, len(self.shards.val_urls)))
         was_training = model.training
         model.eval()
-        correct = total = 0
-        loss_sum = 0.0
-        skipped = 0
-        for batch in loader:
-            skipped += batch.skipped
-            if not len(batch.ids):
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        """correct, samples, summed loss, skipped samples"""
+        batches = iter(loader)
+        placeholder = torch.zeros(1, self.config.model.in_chans, self.config.model.img_size, self.config.model.img_size)
+        while True:
+            batch = next(batches, None)
+            if self.world.distributed and sum_tensor(torch.tensor([float(batch is not None)], device=self.device)) == 0:
+                break
+            if batch is None and not self.world.distributed:
+                break
+            if batch is not None:
+                sums[3] += batch.skipped
+            if batch is None or not len(batch.ids):
+                if self.world.distributed:
+                    model(self.backend.prepare_inputs(placeholder))
                 continue
-            images, labels = batch.images.to(self.device), batch.labels.to(self.device)
-            with self._autocast():
-                logits = model(images).float()
-            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            total += labels.numel()
+            labels = batch.labels.to(self.device)
+            with self.backend.autocast():
+                logits = model(self.backend.prepare_inputs(batch.images)).float()
+            sums[0] += (logits.argmax(-1) == labels).sum()
+            sums[1] += labels.numel()
+            sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
         model.train(was_training)
+        correct, total, loss_sum, skipped = sum_tensor(sums).tolist()
         if total == 0:
             raise ValueError("the validation shards yielded no samples; check data.val_urls")
-        return {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total, "eval_skipped": skipped}
+        return {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total, "eval_skipped": int(skipped)}
 
     def _evaluate_all(self) -> dict[str, float]:
         """Evaluate the model (and its EMA) at the final keep rates of the schedule."""
@@ -336,7 +403,7 @@ class Trainer:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         """Pre-emption: finish the current step, write a checkpoint, stop (see the training loop)."""
         log.warning("SIGTERM received: stopping after this step with a checkpoint")
-        self.preempted = True
+        self.stop_requested = True
 
     def finished(self) -> bool:
         """All epochs done, or ``schedule.max_steps`` reached."""
@@ -346,65 +413,76 @@ class Trainer:
         return self.epochs.epoch_done(self.step) and self.epochs.current + 1 >= schedule.epochs
 
     def _layout(self, epoch: int) -> StreamLayout:
-        return StreamLayout(tuple(self.shards.train_urls), seed=self.config.seed, epoch=epoch, rank=0, world_size=1,
-                            num_streams=max(1, self.config.data.num_workers), resampled=self.config.data.resampled)
+        data = self.config.data
+        return StreamLayout.for_rank(tuple(self.shards.train_urls), seed=self.config.seed, epoch=epoch,
+                                     rank=self.world.rank, world_size=self.world.world_size,
+                                     accum_steps=self.config.engine.grad_accum_steps, num_workers=data.num_workers,
+                                     resampled=data.resampled)
 
     def _is_eval_step(self) -> bool:
         every = self.config.schedule.eval_every_steps
         epoch_end = self.epochs.epoch_done(self.step)
         return (self.step % every == 0 if every else epoch_end) or self.finished()
 
-    def _save(self) -> None:
-        path = self.checkpoints.save(self.state_dict(), self.step)
+    def _save(self) -> Path:
+        """Write a checkpoint (every rank takes part)."""
+        if self.selector is not None:
+            self.selector.stats.synchronize(sum_across_ranks)  # one table for all ranks, kept once
+        rank_states = gather_objects({"rng": rng_state()})
+
+        def write(folder: Path) -> dict[str, Any]:
+            return {**self.state_dict(rank_states), **self.backend.save(folder)}
+
+        path = self.checkpoints.save(self.step, write)
         log.info("saved %s", path)
+        return path
 
     def _write_config(self) -> None:
+        if not self.world.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
 
     def train(self) -> dict[str, Any]:
-        """Train from the current (or resumed) step to the end; returns the last metrics record."""
+        """Train from the current (or resumed) step to the end; returns the last metrics record.
+
+        At the end, the main rank also writes ``<run_dir>/model.safetensors``: the final weights
+        in one file that ``timm.create_model`` loads.
+        """
         self._resume()
         self._write_config()
         config = self.config
-        data = config.data
-        metrics = MetricsLogger(self.run_dir, config.logging.tensorboard)
+        main = self.world.is_main
+        metrics = MetricsLogger(self.run_dir, config.logging.tensorboard) if main else None
         last: dict[str, Any] = {}
         bar = tqdm(total=self.config.schedule.max_steps or self.config.schedule.epochs * self.dense_epoch_steps,
-                   initial=self.step, disable=not config.logging.progress_bar, dynamic_ncols=True, desc="train")
+                   initial=self.step, disable=not (config.logging.progress_bar and main), dynamic_ncols=True,
+                   desc="train")
         window_images, window_time = 0, 0.0
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while not self.finished():
-                if self.epochs.epoch_done(self.step):
-                    self._begin_epoch()
-                offset = self.epochs.offset(self.step)
-                stop = self.epochs.lengths[-1]
-                if config.schedule.max_steps is not None:
-                    stop = min(stop, offset + config.schedule.max_steps - self.step)
-                active = self.plan.active.numpy() if self.selector is not None else None
-                loader = train_loader(self._layout(self.epochs.current), self.train_decoder,
-                                      batch_size=data.batch_size, start=offset, stop=stop,
-                                      shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, active=active)
                 tick = time.perf_counter()
-                for batch in loader:
-                    self._count_data(batch)
-                    loss = self._train_step(batch.images, batch.labels, batch.ids)
+                for batch in self._epoch_loader():
+                    loss = self._train_step(batch)
                     self.step += 1
-                    window_images += len(batch.ids)
+                    window_images += len(batch.ids) * self.world.world_size
                     window_time += time.perf_counter() - tick
                     evaluate = self._is_eval_step()
                     if evaluate or self.step % config.logging.every_steps == 0:
                         record = self._step_record(loss, window_images / max(window_time, 1e-9))
                         if evaluate:
                             record.update(self._evaluate_all())
-                        metrics.log(record)
+                        if metrics is not None:
+                            metrics.log(record)
                         last = record
                         window_images, window_time = 0, 0.0
                         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{record['img_per_s']:.0f}",
                                         **({"top1": f"{record['eval_top1']:.2f}"} if evaluate else {}))
                     if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.preempted:
-                        self._save()
+                        saved = self._save()
+                        if self.finished() and main:
+                            log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
                     if self.preempted:
                         raise Preempted(f"SIGTERM: checkpoint written at step {self.step} in {self.checkpoints.folder}; "
                                         "run the same command (resume=auto) to continue")
@@ -413,5 +491,20 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         return last
+
+    def _epoch_loader(self):
+        """This rank's loader for the rest of the current epoch (beginning the next one if due)."""
+        if self.epochs.epoch_done(self.step):
+            self._begin_epoch()
+        config, data = self.config, self.config.data
+        offset = self.epochs.offset(self.step)
+        stop = self.epochs.lengths[-1]
+        if config.schedule.max_steps is not None:
+            stop = min(stop, offset + config.schedule.max_steps - self.step)
+        active = self.plan.active.numpy() if self.selector is not None else None
+        return train_loader(self._layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
+                            start=offset, stop=stop, shuffle_buffer=data.shuffle_buffer,
+                            num_workers=data.num_workers, active=active)

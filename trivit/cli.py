@@ -1,4 +1,4 @@
-"""The ``trivit`` command line: ``trivit train --config PATH [key.sub=value ...]``."""
+"""The ``trivit`` command line: ``trivit train``, ``trivit export``, ``trivit shards``."""
 from __future__ import annotations
 
 import argparse
@@ -16,21 +16,40 @@ def train(args: argparse.Namespace) -> int:
     from trivit.engine.config import TrainConfig
     from trivit.engine.trainer import Preempted, Trainer
 
+    from trivit.engine.distributed import destroy_process_group
+
     config = load(TrainConfig, args.config, args.overrides)
-    trainer = Trainer(config)
-    if args.dry_run:
-        print(f"config valid; {trainer.shards.train_samples} training samples, {config.schedule.epochs} epochs "
-              f"of up to {trainer.dense_epoch_steps} steps of {config.data.batch_size} images")
-        return 0
     try:
-        last = trainer.train()
-    except Preempted as stop:
-        print(f"trivit: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT
-    if last:
-        print(json.dumps(last))
-    else:
-        print(f"nothing to train: {config.run_dir} finished at step {trainer.step}; use a new run_dir to train again")
+        trainer = Trainer(config)
+        main = trainer.world.is_main
+        if args.dry_run:
+            if main:
+                print(f"config valid; backend {trainer.backend.description()}; {trainer.shards.train_samples} "
+                      f"training samples, {config.schedule.epochs} epochs of up to {trainer.dense_epoch_steps} "
+                      f"steps of {config.data.batch_size} images")
+            return 0
+        try:
+            last = trainer.train()
+        except Preempted as stop:
+            print(f"trivit: {stop}", file=sys.stderr)
+            return PREEMPTED_EXIT
+        if main and last:
+            print(json.dumps(last))
+        elif main:
+            print(f"nothing to train: {config.run_dir} finished at step {trainer.step}; use a new run_dir to train again")
+        return 0
+    finally:
+        destroy_process_group()
+
+
+def export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trivit.engine.export import WEIGHTS_FILE, export, find_checkpoint
+
+    checkpoint = find_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint / WEIGHTS_FILE
+    print(f"{export(checkpoint, out)}: weights of {checkpoint}")
     return 0
 
 
@@ -70,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--dry-run", action="store_true", help="validate the config and build everything, then stop")
     train_parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     train_parser.set_defaults(run=train)
+
+    export_parser = commands.add_parser("export", help="write a checkpoint's whole model as one timm-loadable file")
+    export_parser.add_argument("checkpoint", help="a checkpoint folder (step_XXXXXXXX) or a run_dir (its latest)")
+    export_parser.add_argument("--out", help="output .safetensors file (default: model.safetensors in the checkpoint)")
+    export_parser.set_defaults(run=export)
 
     shards_parser = commands.add_parser("shards", help="write WebDataset shards from an ImageFolder tree or a built-in source")
     shards_parser.add_argument("src", help="ImageFolder root (class folders, optionally under train/ val/) or 'fashion-mnist'")

@@ -95,7 +95,7 @@ def test_reader_yields_every_sample_once_across_two_ranks_and_two_workers(image_
     decode = SampleDecoder(eval_transform(DataConfig(eval_crop_pct=1.0), 16), "RGB")
     ids, labels = [], []
     for rank in (0, 1):
-        layout = StreamLayout(tuple(urls), seed=0, epoch=0, rank=rank, world_size=2, num_streams=2)
+        layout = StreamLayout.for_rank(tuple(urls), seed=0, epoch=0, rank=rank, world_size=2, num_workers=2)
         for _, batch_labels, batch_ids, *_ in train_loader(layout, decode, batch_size=3, start=0, stop=6,
                                                        shuffle_buffer=4, num_workers=2):
             ids += batch_ids.tolist()

@@ -14,9 +14,10 @@ from trivit.datasets.transforms import eval_transform, train_transform
 CONFIG = DataConfig(mean=[0.3], std=[0.3], auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, scale=[0.5, 1.0])
 
 
-def layout(shards, epoch=0, workers=2, rank=0, world_size=1):
+def layout(shards, epoch=0, workers=2, rank=0, world_size=1, accum_steps=1):
     urls = expand_urls(str(shards / "train-{000000..000007}.tar"))
-    return StreamLayout(tuple(urls), seed=7, epoch=epoch, rank=rank, world_size=world_size, num_streams=max(1, workers))
+    return StreamLayout.for_rank(tuple(urls), seed=7, epoch=epoch, rank=rank, world_size=world_size,
+                                 accum_steps=accum_steps, num_workers=workers)
 
 
 def batches(shards, start, stop, workers=2, epoch=0, **kw):
@@ -53,6 +54,17 @@ def test_two_ranks_read_disjoint_shards(tiny_shards):
     ids = [torch.cat([b[2] for b in batches(tiny_shards, 0, 16, rank=r, world_size=2)]) for r in (0, 1)]
     assert len(set(ids[0].tolist()) & set(ids[1].tolist())) == 0
     assert len(set(ids[0].tolist()) | set(ids[1].tolist())) == 256
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_accumulation_with_the_same_product_read_the_same_global_batches(tiny_shards, workers):
+    accumulated = batches(tiny_shards, 3, 10, workers, accum_steps=2)  # one rank, micro-batches of slots 0 and 1
+    ranks = [batches(tiny_shards, 3, 10, workers, rank=r, world_size=2) for r in (0, 1)]
+    assert len(accumulated) == 7 and all(b.images.shape[0] == 16 for b in accumulated)
+    for step, batch in enumerate(accumulated):
+        for part, rank_batches in zip(batch.images.split(8), ranks):
+            assert torch.equal(part, rank_batches[step].images)
+        assert torch.equal(batch.ids, torch.cat([rank_batches[step].ids for rank_batches in ranks]))
 
 
 def test_too_few_shards_for_the_workers_is_a_clear_error(tiny_shards):
@@ -101,7 +113,7 @@ def test_resampled_streams_serve_more_workers_than_shards_and_resume_exactly(tin
     decode = SampleDecoder(train_transform(CONFIG, 16), "L")
 
     def read(rank, start):
-        layout = StreamLayout(tuple(urls), seed=3, epoch=0, rank=rank, world_size=2, num_streams=2, resampled=True)
+        layout = StreamLayout.for_rank(tuple(urls), seed=3, epoch=0, rank=rank, world_size=2, num_workers=2, resampled=True)
         return list(train_loader(layout, decode, batch_size=8, start=start, stop=10, shuffle_buffer=8, num_workers=2))
 
     full = read(0, 0)

@@ -85,7 +85,7 @@ def test_resume_refuses_a_checkpoint_with_other_data_settings(tiny_shards, tmp_p
 
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_shards, tmp_path):
     train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "4"})
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
     with pytest.raises(ValueError, match="does not fit this model"):
         train(tiny_shards, tmp_path / "other", resume=str(checkpoint), **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
 

@@ -1,0 +1,93 @@
+"""Training backends: one process or DDP (Accelerate), FSDP2, DeepSpeed ZeRO 1/2/3."""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trivit.config import ConfigError
+from trivit.engine.backends.base import Backend
+from trivit.engine.config import TrainConfig
+from trivit.engine.distributed import World
+
+BACKENDS = {
+    "single": ("accelerate_ddp", "AccelerateBackend"),
+    "ddp": ("accelerate_ddp", "AccelerateBackend"),
+    "fsdp": ("fsdp", "FSDPBackend"),
+    "deepspeed": ("zero", "DeepSpeedBackend"),
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"trivit.engine.backends.{BACKENDS[name][0]}")
+
+
+def launcher_backend() -> str | None:
+    """The backend an ``accelerate launch`` config asked for, if any."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    return None
+
+
+def resolve_backend(config: TrainConfig, world: World) -> str:
+    """The backend to run, checked against the launcher's environment and the config."""
+    engine = config.engine
+    launched = launcher_backend()
+    name = engine.backend
+    if name == "auto":
+        name = launched or ("ddp" if world.distributed else "single")
+    elif launched is not None and launched != name:
+        raise ConfigError("engine.backend", f"got {name!r} but the accelerate config that launched trivit asks for "
+                                            f"{launched!r}; make them agree (or use engine.backend=auto)")
+    if name == "single" and world.distributed:
+        raise ConfigError("engine.backend", f"got 'single' but the launcher started {world.world_size} processes; "
+                                            "use 'ddp', 'fsdp', 'deepspeed' or 'auto'")
+    if name in ("ddp", "fsdp") and not world.distributed:
+        raise ConfigError("engine.backend", f"got {name!r} but this is a single process (WORLD_SIZE unset or 1). "
+                                            "Start N processes with 'torchrun --nproc-per-node N -m trivit train ...' "
+                                            "or 'accelerate launch --multi_gpu --num_processes N'; note that "
+                                            "'accelerate launch --cpu' starts one process whatever --num_processes says")
+    if name == "deepspeed" and not world.distributed and "MASTER_ADDR" not in os.environ:
+        raise ConfigError("engine.backend", "got 'deepspeed' without a distributed environment (RANK, WORLD_SIZE, "
+                                            "MASTER_ADDR, MASTER_PORT); start it with the deepspeed launcher, "
+                                            "torchrun or accelerate launch (see launch/README.md)")
+    _check_supported(config, name, world)
+    return name
+
+
+def _check_supported(config: TrainConfig, name: str, world: World) -> None:
+    engine, ema = config.engine, config.optim.ema_decay
+    sharded = name == "fsdp" or (name == "deepspeed" and engine.zero_stage == 3)
+    if ema is not None and sharded:
+        raise ConfigError("optim.ema_decay", f"an EMA of the weights needs the whole model on every rank, which "
+                                             f"{name} (sharded parameters) does not keep; set optim.ema_decay=null "
+                                             "or use ddp / deepspeed with engine.zero_stage 1 or 2")
+    if name == "fsdp" and engine.precision == "fp16":
+        raise ConfigError("engine.precision", "fsdp trains in bf16 or fp32 here; fp16 needs a loss scaler per "
+                                              "shard: use 'bf16'")
+    if name == "deepspeed":
+        from trivit.engine.backends.zero import deepspeed_config
+
+        deepspeed_config(config, world)  # a missing or disagreeing JSON is reported before any process waits
+    if name == "deepspeed" and engine.nonfinite_loss == "skip" and engine.grad_accum_steps > 1:
+        raise ConfigError("engine.nonfinite_loss", "'skip' with deepspeed needs engine.grad_accum_steps=1 (a "
+                                                   "DeepSpeed engine cannot drop a half-accumulated step); use "
+                                                   "'stop' or no accumulation")
+
+
+def build_backend(name: str, config: TrainConfig, world: World, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> Backend:
+    cls = getattr(_module(name), BACKENDS[name][1])
+    backend = cls(config, world, device, amp_dtype)
+    backend.name = name
+    return backend
+
+
+def export_weights(name: str, folder: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The whole model's weights from checkpoint ``folder`` written by backend ``name``, in one process."""
+    return _module(name).export_weights(folder, state)

@@ -1,0 +1,77 @@
+"""FSDP2: PyTorch's ``fully_shard`` on every ViT block, then on the whole model (as torchtitan does).
+
+Applied directly rather than through Accelerate's plugin, which is ignored on CPU (it would
+run DDP while the config says FSDP); the same code then runs on CPU (gloo) and GPUs (NCCL).
+Checkpoints are sharded: each rank writes its shards of the model and optimizer through
+``torch.distributed.checkpoint``; ``export_weights`` consolidates them offline.
+"""
+from __future__ import annotations
+
+import tempfile
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from trivit.engine.backends.base import Backend, OptimizerFactory
+
+SHARDS = "sharded"
+
+
+class FSDPBackend(Backend):
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32) if self.amp_dtype else MixedPrecisionPolicy()
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+            register_fsdp_forward_method(block, "forward_routed")  # the pruning blocks' entry point
+        fully_shard(model, mp_policy=policy)
+        self.model = self.module = model
+        self.optimizer = make_optimizer(model)
+
+    def autocast(self) -> AbstractContextManager:
+        """Mixed precision comes from the FSDP policy (bf16 parameters in compute, fp32 reduction)."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        self.model.set_requires_gradient_sync(last_micro_batch)
+        loss.backward()
+
+    def step(self) -> None:
+        clip = self.config.optim.clip_grad
+        if clip is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = nn.utils.get_total_norm(grads)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()  # the norm over every rank's shards
+            nn.utils.clip_grads_with_norm_(self.model.parameters(), clip, norm)
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / SHARDS))
+        return {}
+
+    def load(self, folder: Path, state: dict[str, Any]) -> None:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        shards = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(shards, checkpoint_id=str(folder / SHARDS))
+        set_state_dict(self.model, self.optimizer, model_state_dict=shards["model"],
+                       optim_state_dict=shards["optimizer"])
+
+
+def export_weights(folder: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The full model weights from the sharded checkpoint, in one process, without a process group."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(folder / SHARDS), str(target))
+        return torch.load(target, map_location="cpu", weights_only=True)["model"]

@@ -1,0 +1,117 @@
+"""DeepSpeed ZeRO 1/2/3: a DeepSpeed engine around the model and trivit's torch optimizer.
+
+DeepSpeed receives the torch AdamW that trivit builds (its fused Adam takes minutes to
+JIT-build on CPU and is not needed); the learning rate stays with trivit's schedule, which
+writes it into that optimizer's param groups. DeepSpeed's own checkpoint format is used;
+``export_weights`` consolidates it offline with DeepSpeed's ``zero_to_fp32``.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trivit.config import ConfigError
+from trivit.engine.backends.base import Backend, OptimizerFactory
+from trivit.engine.config import TrainConfig
+from trivit.engine.distributed import World
+
+TAG = "deepspeed"
+
+
+def deepspeed_config(config: TrainConfig, world: World) -> dict[str, Any]:
+    """The DeepSpeed config: ``engine.deepspeed_config`` with its "auto" values and trivit's own filled in.
+
+    Values the JSON states explicitly must agree with trivit's config; a disagreement is an error
+    naming both, never a silent choice of one.
+    """
+    engine = config.engine
+    path = engine.deepspeed_config
+    if path is not None:
+        try:
+            ds = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"engine.deepspeed_config: no such file {path!r}; see launch/deepspeed/") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError("engine.deepspeed_config", f"{path} is not valid JSON ({error})") from None
+    else:
+        ds = {}
+    global_batch = config.data.batch_size
+    micro = global_batch // (world.world_size * engine.grad_accum_steps)
+    precision = {"bf16": "bf16", "fp16": "fp16"}.get(engine.precision)
+    wanted = {
+        ("train_batch_size",): global_batch,
+        ("train_micro_batch_size_per_gpu",): micro,
+        ("gradient_accumulation_steps",): engine.grad_accum_steps,
+        ("gradient_clipping",): config.optim.clip_grad or 0.0,
+        ("zero_optimization", "stage"): engine.zero_stage,
+        ("bf16", "enabled"): precision == "bf16",
+        ("fp16", "enabled"): precision == "fp16",
+    }
+    for keys, value in wanted.items():
+        section = ds
+        for key in keys[:-1]:
+            section = section.setdefault(key, {})
+        given = section.get(keys[-1], "auto")
+        if given != "auto" and given != value:
+            raise ConfigError("engine.deepspeed_config",
+                              f"{path} sets {'.'.join(keys)}={given!r} but this run needs {value!r} (from data.batch_size, "
+                              "engine.grad_accum_steps, the world size, optim.clip_grad, engine.zero_stage and "
+                              "engine.precision); set it to \"auto\" or change the trivit config")
+        section[keys[-1]] = value
+    ds.setdefault("zero_allow_untested_optimizer", True)  # trivit hands DeepSpeed a torch optimizer
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+class DeepSpeedBackend(Backend):
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
+        self.optimizer = make_optimizer(model)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                    config=deepspeed_config(self.config, self.world))
+        self.model = self.engine
+        self.module = self.engine.module
+
+    def autocast(self) -> AbstractContextManager:
+        """DeepSpeed keeps the model in the training dtype itself (its bf16/fp16 modes)."""
+        return nullcontext()
+
+    def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, dtype=self.amp_dtype or torch.float32, non_blocking=True)
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        # trivit already divides each micro-batch's loss by the rank's whole batch
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # reduces and updates at the accumulation boundary only
+
+    def step(self) -> None:
+        """Done inside :meth:`backward` at the accumulation boundary (DeepSpeed's contract)."""
+
+    def zero_grad(self) -> None:
+        """DeepSpeed zeroes the gradients after its own step."""
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        return {"zero_stage": self.config.engine.zero_stage}
+
+    def load(self, folder: Path, state: dict[str, Any]) -> None:
+        if state["zero_stage"] != self.config.engine.zero_stage:
+            raise ValueError(f"checkpoint {folder} was written with ZeRO stage {state['zero_stage']}, this run uses "
+                             f"{self.config.engine.zero_stage}; set engine.zero_stage={state['zero_stage']}")
+        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load {folder / TAG}; the files may be incomplete")
+
+
+def export_weights(folder: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from the ZeRO partitions, in one process (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)

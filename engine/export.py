@@ -1,0 +1,47 @@
+"""One file of model weights from any checkpoint, loadable by ``timm.create_model`` (strict).
+
+Works offline, in one process, for every backend's format: single/DDP checkpoints hold the
+weights already; FSDP's sharded state dict and DeepSpeed's ZeRO partitions are consolidated.
+The file is safetensors, which timm reads with
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, ...)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trivit.engine.backends import export_weights
+from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint folder (or its trainer.pt), else the newest under a run_dir."""
+    path = checkpoint_folder(path)
+    if (path / "trainer.pt").is_file():
+        return path
+    saved = CheckpointManager(path / "checkpoints", keep=1).saved()
+    if not saved:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (with trainer.pt) nor a run_dir with checkpoints")
+    return saved[-1][1]
+
+
+def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights (fp32, contiguous, on the CPU) from a checkpoint folder."""
+    folder = checkpoint_folder(checkpoint)
+    state = load_trainer_state(folder)
+    weights = export_weights(state["backend"], folder, state)
+    return {name: tensor.detach().float().contiguous().cpu() for name, tensor in weights.items()}
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the consolidated weights of ``checkpoint`` to ``out`` (safetensors), atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(consolidated_weights(checkpoint), str(tmp), metadata={"format": "pt"})
+    tmp.replace(out)
+    return out
