@@ -106,8 +106,8 @@ class EngineConfig:
     backend: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = "auto"
     """'auto' picks from the launcher's environment: 'fsdp' / 'deepspeed' under an accelerate
     config that asks for them, 'ddp' for any other multi-process launch, else 'single'."""
-    zero_stage: Literal[1, 2, 3] = 2
-    """DeepSpeed ZeRO stage (backend 'deepspeed')."""
+    zero_stage: Literal[1, 2, 3] | None = None
+    """DeepSpeed ZeRO stage (backend 'deepspeed'); null: the accelerate config's, else the JSON's, else 2."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON (e.g. launch/deepspeed/zero3_bf16.json); "auto" values and the batch sizes,
     clipping, precision and ZeRO stage are filled from this config, which must agree with it."""
@@ -115,7 +115,8 @@ class EngineConfig:
     """Micro-batches per step on each rank; data.batch_size must divide by world size x this."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """'auto': bf16 on a GPU that supports it, else fp32."""
+    """'auto': the accelerate config's mixed_precision if launched with one, else bf16 on a GPU that
+    supports it, else fp32."""
     timeout_s: int = 1800
     """A collective that waits longer than this (a dead or stuck rank) stops every rank with an error."""
     nonfinite_loss: Literal["stop", "skip"] = "stop"

@@ -31,7 +31,7 @@ from trivit.config import ConfigError, to_dict
 from trivit.datasets.sources import resolve_shards
 from trivit.datasets.stream import Batch, SampleDecoder, StreamLayout, eval_loader, train_loader
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
-from trivit.engine.backends import build_backend, resolve_backend
+from trivit.engine.backends import build_backend, resolve_engine
 from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, gather_objects, init_process_group, sum_tensor, world_from_env
@@ -59,6 +59,8 @@ def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, tor
     device = torch.device("cuda", world.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     precision = engine.precision
     if precision == "auto":
+        precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""), "auto")
+    if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("engine.precision", "got 'fp16' on the CPU; use 'fp32' or 'bf16' there")
@@ -73,11 +75,11 @@ class Trainer:
     """Builds everything from a :class:`TrainConfig` and trains it; ``state_dict`` is the whole run state."""
 
     def __init__(self, config: TrainConfig):
+        self.world = world_from_env()
+        config = resolve_engine(config, self.world)
         self.config = config
         self.run_dir = Path(config.run_dir)
-        self.world = world_from_env()
         self.device, self.amp_dtype = resolve_device(config, self.world)
-        backend = resolve_backend(config, self.world)
         data = config.data
         self.micro_batch = self._micro_batch_size()
         self.shards = resolve_shards(data)
@@ -88,7 +90,7 @@ class Trainer:
         init_process_group(self.world, self.device, config.engine.timeout_s)
 
         seed_everything(config.seed)  # the same initial weights on every rank
-        self.backend = build_backend(backend, config, self.world, self.device, self.amp_dtype)
+        self.backend = build_backend(config, self.world, self.device, self.amp_dtype)
         self.backend.setup(self._build_model(self.num_classes).to(self.device),
                            lambda module: build_optimizer(module, config.optim, data.batch_size))
         self.model = self.backend.module
@@ -177,16 +179,16 @@ class Trainer:
         if state["model_name"] != self.config.model.name:
             raise ValueError(f"checkpoint {source} is of model {state['model_name']!r}, this run builds "
                              f"{self.config.model.name!r}; use a new run_dir or resume=never")
-        if state["backend"] != self.backend.name:
-            raise ValueError(f"checkpoint {source} was written by backend {state['backend']!r}, this run uses "
-                             f"{self.backend.name!r}; set engine.backend={state['backend']}, or start a new run "
-                             f"from its weights (trivit export {source})")
         expected = self._data_settings()
         changed = {k: (state["data"][k], v) for k, v in expected.items() if state["data"][k] != v}
         if "world_size" in changed:
             old, new = changed["world_size"]
             raise ValueError(f"checkpoint {source} was written by {old} processes, this run has {new}; relaunch "
                              f"with {old} processes to resume it, or start a new run_dir")
+        if state["backend"] != self.backend.name:
+            raise ValueError(f"checkpoint {source} was written by backend {state['backend']!r}, this run uses "
+                             f"{self.backend.name!r}; set engine.backend={state['backend']}, or start a new run "
+                             f"from its weights (trivit export {source})")
         if changed:
             detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
             raise ValueError(f"checkpoint {source} was written with other data settings ({detail}); the data "

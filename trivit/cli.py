@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from trivit.config import ConfigError, load
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trivit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a ViT from a YAML config")
-    train_parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
+    train_parser.add_argument("--config", help="YAML run config, e.g. configs/demo.yaml (default: the built-in "
+                                               "defaults, changed by the overrides)")
     train_parser.add_argument("--dry-run", action="store_true", help="validate the config and build everything, then stop")
     train_parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     train_parser.set_defaults(run=train)
@@ -110,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,  # one rank tells the story
+                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, OSError) as error:

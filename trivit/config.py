@@ -107,7 +107,12 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, f"'{part}' was given both a value and sub-keys")
-        node[leaf] = read_yaml(raw) if raw else ""
+        try:
+            node[leaf] = read_yaml(raw) if raw else ""
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or error
+            raise ConfigError(key, f"value {raw!r} is not valid YAML ({problem}); quote the whole override, "
+                                   "e.g. 'model.timm_kwargs={embed_dim: 32, depth: 2}'") from None
     return nested
 
 

@@ -1,6 +1,7 @@
 """Training backends: one process or DDP (Accelerate), FSDP2, DeepSpeed ZeRO 1/2/3."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from pathlib import Path
@@ -34,8 +35,9 @@ def launcher_backend() -> str | None:
     return None
 
 
-def resolve_backend(config: TrainConfig, world: World) -> str:
-    """The backend to run, checked against the launcher's environment and the config."""
+def resolve_engine(config: TrainConfig, world: World) -> TrainConfig:
+    """``config`` with a concrete backend (and ZeRO stage), taken from the launcher where the config
+    leaves it open ('auto' / null) and checked against the launcher where it does not."""
     engine = config.engine
     launched = launcher_backend()
     name = engine.backend
@@ -52,16 +54,22 @@ def resolve_backend(config: TrainConfig, world: World) -> str:
                                             "Start N processes with 'torchrun --nproc-per-node N -m trivit train ...' "
                                             "or 'accelerate launch --multi_gpu --num_processes N'; note that "
                                             "'accelerate launch --cpu' starts one process whatever --num_processes says")
-    if name == "deepspeed" and not world.distributed and "MASTER_ADDR" not in os.environ:
-        raise ConfigError("engine.backend", "got 'deepspeed' without a distributed environment (RANK, WORLD_SIZE, "
-                                            "MASTER_ADDR, MASTER_PORT); start it with the deepspeed launcher, "
-                                            "torchrun or accelerate launch (see launch/README.md)")
-    _check_supported(config, name, world)
-    return name
+    updates: dict[str, Any] = {"backend": name}
+    if name == "deepspeed":
+        if not world.distributed and "MASTER_ADDR" not in os.environ:
+            raise ConfigError("engine.backend", "got 'deepspeed' without a distributed environment (RANK, WORLD_SIZE, "
+                                                "MASTER_ADDR, MASTER_PORT); start it with the deepspeed launcher, "
+                                                "torchrun or accelerate launch (see launch/README.md)")
+        from trivit.engine.backends.zero import resolve_zero_settings
+
+        updates.update(resolve_zero_settings(config))
+    config = dataclasses.replace(config, engine=dataclasses.replace(engine, **updates))
+    _check_supported(config, world)
+    return config
 
 
-def _check_supported(config: TrainConfig, name: str, world: World) -> None:
-    engine, ema = config.engine, config.optim.ema_decay
+def _check_supported(config: TrainConfig, world: World) -> None:
+    engine, ema, name = config.engine, config.optim.ema_decay, config.engine.backend
     sharded = name == "fsdp" or (name == "deepspeed" and engine.zero_stage == 3)
     if ema is not None and sharded:
         raise ConfigError("optim.ema_decay", f"an EMA of the weights needs the whole model on every rank, which "
@@ -73,17 +81,17 @@ def _check_supported(config: TrainConfig, name: str, world: World) -> None:
     if name == "deepspeed":
         from trivit.engine.backends.zero import deepspeed_config
 
-        deepspeed_config(config, world)  # a missing or disagreeing JSON is reported before any process waits
-    if name == "deepspeed" and engine.nonfinite_loss == "skip" and engine.grad_accum_steps > 1:
-        raise ConfigError("engine.nonfinite_loss", "'skip' with deepspeed needs engine.grad_accum_steps=1 (a "
-                                                   "DeepSpeed engine cannot drop a half-accumulated step); use "
-                                                   "'stop' or no accumulation")
+        deepspeed_config(config, world)  # a disagreeing JSON is reported before any process waits for another
+        if engine.nonfinite_loss == "skip" and engine.grad_accum_steps > 1:
+            raise ConfigError("engine.nonfinite_loss", "'skip' with deepspeed needs engine.grad_accum_steps=1 (a "
+                                                       "DeepSpeed engine cannot drop a half-accumulated step); use "
+                                                       "'stop' or no accumulation")
 
 
-def build_backend(name: str, config: TrainConfig, world: World, device: torch.device,
-                  amp_dtype: torch.dtype | None) -> Backend:
-    cls = getattr(_module(name), BACKENDS[name][1])
-    backend = cls(config, world, device, amp_dtype)
+def build_backend(config: TrainConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None) -> Backend:
+    """The backend of a config resolved by :func:`resolve_engine`."""
+    name = config.engine.backend
+    backend = getattr(_module(name), BACKENDS[name][1])(config, world, device, amp_dtype)
     backend.name = name
     return backend
 

@@ -8,6 +8,7 @@ writes it into that optimizer's param groups. DeepSpeed's own checkpoint format 
 from __future__ import annotations
 
 import json
+import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,43 @@ from trivit.engine.distributed import World
 TAG = "deepspeed"
 
 
+def read_json(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"engine.deepspeed_config: no such file {path!r}; see launch/deepspeed/") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError("engine.deepspeed_config", f"{path} is not valid JSON ({error})") from None
+
+
+def resolve_zero_settings(config: TrainConfig) -> dict[str, Any]:
+    """``engine.deepspeed_config``, ``engine.zero_stage`` and ``engine.precision`` where the config
+    leaves them open: the JSON from an ``accelerate launch`` DeepSpeed config (its environment); the
+    stage from there, else the JSON's, else 2; the precision the JSON enables."""
+    env = os.environ
+    engine = config.engine
+    path = engine.deepspeed_config
+    if path is None and env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() != "none":
+        path = env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    stage = engine.zero_stage
+    launched = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is None and launched is not None:
+        stage = int(launched)
+    elif stage is not None and launched is not None and int(launched) != stage:
+        raise ConfigError("engine.zero_stage", f"got {stage} but the accelerate config that launched trivit asks for "
+                                               f"ZeRO stage {launched}; make them agree (or leave engine.zero_stage null)")
+    written = read_json(path) if path else {}
+    if stage is None:
+        stage = written.get("zero_optimization", {}).get("stage")
+        stage = stage if stage in (1, 2, 3) else 2
+    settings = {"deepspeed_config": path, "zero_stage": stage}
+    if engine.precision == "auto":
+        for precision in ("bf16", "fp16"):
+            if written.get(precision, {}).get("enabled") is True:
+                settings["precision"] = precision
+    return settings
+
+
 def deepspeed_config(config: TrainConfig, world: World) -> dict[str, Any]:
     """The DeepSpeed config: ``engine.deepspeed_config`` with its "auto" values and trivit's own filled in.
 
@@ -31,15 +69,7 @@ def deepspeed_config(config: TrainConfig, world: World) -> dict[str, Any]:
     """
     engine = config.engine
     path = engine.deepspeed_config
-    if path is not None:
-        try:
-            ds = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"engine.deepspeed_config: no such file {path!r}; see launch/deepspeed/") from None
-        except json.JSONDecodeError as error:
-            raise ConfigError("engine.deepspeed_config", f"{path} is not valid JSON ({error})") from None
-    else:
-        ds = {}
+    ds = read_json(path) if path is not None else {}
     global_batch = config.data.batch_size
     micro = global_batch // (world.world_size * engine.grad_accum_steps)
     precision = {"bf16": "bf16", "fp16": "fp16"}.get(engine.precision)

@@ -15,6 +15,7 @@ TWO_RANKS = dict(ONE_RANK, WORLD_SIZE="2")
 CASES = [
     # (overrides, environment, error type, text the message must contain)
     ({"optim.lr_rate": "1"}, {}, ConfigError, "unknown key (did you mean 'optim.lr'?)"),
+    ({"model.timm_kwargs": "{embed_dim:"}, {}, ConfigError, "value '{embed_dim:' is not valid YAML"),
     ({"data.batch_size": "big"}, {}, ConfigError, "'data.batch_size': got 'big' (str); expected int"),
     ({"sparsity.tokens.keep_rate": "1.5"}, {}, ConfigError, "'sparsity.tokens.keep_rate': got 1.5; allowed: a fraction in (0, 1]"),
     ({"sparsity.attention.keep_rate": "0"}, {}, ConfigError, "'sparsity.attention.keep_rate': got 0.0; allowed: a fraction in (0, 1]"),

@@ -1,0 +1,137 @@
+"""Every backend for real: 2 CPU processes on gloo under a real launcher, through the real CLI.
+
+Each run trains the tiny ViT with all three sparsity levels for 4 steps, stops, and is launched
+again to resume to step 8. The losses must be finite, fall, and (the same mathematics) equal a
+single process that accumulates the same two micro-batches per step; the checkpoint must be in
+the backend's own format and the exported weights must load into timm strictly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_overrides
+from trivit.config import load
+from trivit.engine.config import TrainConfig
+from trivit.engine.metrics import read_metrics
+from trivit.engine.trainer import Trainer
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TOLERANCE = 1e-5
+"""Largest loss difference allowed against the single-process reference (observed: about 1e-7, float32 rounding)."""
+
+DISTRIBUTED = {
+    "data.num_workers": "1", "data.mixup": "0", "data.cutmix": "0", "data.re_prob": "0",
+    "model.drop_path_rate": "0", "optim.ema_decay": "null", "optim.lr": "3e-3", "schedule.warmup_epochs": "0",
+    "sparsity.tokens.keep_rate": "0.5", "sparsity.tokens.locations": "[0, 1]", "sparsity.tokens.fuse": "true",
+    "sparsity.attention.keep_rate": "0.5", "sparsity.schedule.start_epochs": "0.1",
+    "sparsity.schedule.span_epochs": "0.3", "sparsity.examples.policy": "forgetting",
+    "sparsity.examples.refresh_every_epochs": "1", "sparsity.examples.remove_fraction": "0.125",
+}
+"""No randomness that differs by rank (mixup, drop-path, erasing), so 2 ranks can equal 1 process."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(kind: str, port: int) -> list[str]:
+    """The command that starts 2 processes of ``python -m trivit``."""
+    if kind == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                str(port), "-m", "trivit"]
+    if kind == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_nodes", "1", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port), "--no_local_rank", "--module", "trivit"]
+    accelerate = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                  "--main_process_port", str(port)]
+    if kind == "accelerate":
+        return accelerate + ["--multi_gpu", "--num_machines", "1", "-m", "trivit"]
+    return accelerate + ["--config_file", str(ROOT / "launch" / "accelerate" / kind), "-m", "trivit"]
+
+
+VARIANTS = {
+    # name: (launcher, trivit overrides, checkpoint entry the backend writes, equals the reference)
+    "ddp": ("accelerate", {"engine.backend": "ddp"}, "trainer.pt", True),
+    "fsdp": ("fsdp.yaml", {"engine.precision": "fp32"}, "sharded", True),
+    "zero1": ("deepspeed", {"engine.backend": "deepspeed", "engine.zero_stage": "1"}, "deepspeed", True),
+    "zero2": ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "2"}, "deepspeed", True),
+    "zero3_bf16": ("deepspeed_zero3.yaml", {}, "deepspeed", False),
+}
+
+
+def train_cli(kind: str, shards: Path, run_dir: Path, **overrides: str) -> subprocess.CompletedProcess:
+    args = tiny_overrides(shards, run_dir, **dict(DISTRIBUTED, **overrides))
+    command = launcher(kind, free_port()) + ["train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_shards, tmp_path_factory) -> dict[int, float]:
+    """One process, two micro-batches per step: the same global batches as 2 ranks."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    overrides = tiny_overrides(tiny_shards, run_dir, **dict(DISTRIBUTED, **{"engine.grad_accum_steps": "2",
+                                                                            "schedule.max_steps": "8"}))
+    Trainer(load(TrainConfig, None, overrides)).train()
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_processes_train_checkpoint_resume_and_export(variant, tiny_shards, tmp_path, reference):
+    kind, overrides, written, same_math = VARIANTS[variant]
+    first = train_cli(kind, tiny_shards, tmp_path, **overrides, **{"schedule.max_steps": "4"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "step_00000004" / written).exists()
+    second = train_cli(kind, tiny_shards, tmp_path, **overrides, **{"schedule.max_steps": "8"})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "at step 4" in second.stderr
+
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path)}
+    assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
+    assert losses[7] + losses[8] < losses[1] + losses[2], f"loss does not fall: {losses}"
+    if same_math:
+        worst = max(abs(losses[s] - reference[s]) for s in losses)
+        assert worst < TOLERANCE, f"{variant} differs from one process by {worst}: {losses} vs {reference}"
+    else:  # bf16 weights: the same run to bf16 precision
+        assert all(abs(losses[s] - reference[s]) < 0.02 for s in losses), f"{losses} vs {reference}"
+
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=4, in_chans=1,
+                              embed_dim=32, depth=2, num_heads=2)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+
+
+def test_uneven_shards_give_every_rank_the_same_steps(tmp_path):
+    """One rank's shards hold 3x the samples of the other's: both still take every step of every epoch."""
+    from tests.conftest import synthetic_samples
+    from trivit.datasets.shards import brace_pattern, write_index, write_shard, write_split
+
+    samples = list(synthetic_samples(160))
+    sizes = [100, 20, 20, 20]  # 2 ranks x 1 worker: whichever rank reads the big shard has 3x the samples
+    names = [f"train-{index:06d}.tar" for index in range(len(sizes))]
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    for name, end, size in zip(names, ends, sizes):
+        write_shard(tmp_path / name, samples[end - size:end])
+    train = {"shards": names, "counts": sizes, "total": 160, "urls": brace_pattern(names)}
+    val = write_split(synthetic_samples(32, seed=1), tmp_path, "val", 32)
+    write_index(tmp_path, {"train": train, "val": val}, [f"class{i}" for i in range(4)])
+    run = train_cli("torchrun", tmp_path, tmp_path / "run", **{
+        "engine.backend": "ddp", "data.train_urls": str(tmp_path / "train-{000000..000003}.tar"),
+        "data.val_urls": str(tmp_path / "val-000000.tar"), "schedule.epochs": "2",
+        "sparsity.examples.policy": "none", "engine.timeout_s": "60"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = read_metrics(tmp_path / "run")
+    assert records[-1]["step"] == 2 * (160 // 16), "two whole epochs of 10 steps each"
