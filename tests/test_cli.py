@@ -7,7 +7,12 @@ import sys
 
 from pathlib import Path
 
+import timm
+import torch
+from safetensors.torch import load_file
+
 from tests.conftest import tiny_overrides
+from trivit.engine.checkpoint import load_trainer_state
 
 DEMO = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
 
@@ -25,6 +30,17 @@ def test_train_through_the_cli_and_resume_a_finished_run(tiny_shards, tmp_path):
     again = run_cli("train", "--config", DEMO, *overrides)
     assert again.returncode == 0
     assert "finished at step 6" in again.stdout
+
+    exported = run_cli("export", str(tmp_path / "run" / "checkpoints" / "step_00000004"), "--out", str(tmp_path / "w4"))
+    assert exported.returncode == 0, exported.stderr
+    weights = load_file(tmp_path / "w4")
+    saved = load_trainer_state(tmp_path / "run" / "checkpoints" / "step_00000004")["model"]
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    final = load_file(tmp_path / "run" / "model.safetensors")  # written at the end of training
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=4, in_chans=1,
+                              embed_dim=32, depth=2, num_heads=2)
+    model.load_state_dict(final, strict=True)
+    assert not torch.equal(final["head.weight"], weights["head.weight"]), "step 6 is not step 4"
 
 
 def test_bad_key_exits_2_with_the_fix(tmp_path):

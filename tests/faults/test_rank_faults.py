@@ -18,9 +18,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import tiny_overrides
 from tests.faults.test_process_faults import last_losses, wait_for_steps
-from tests.launchers import ROOT, free_port, launch_command
+from tests.launchers import DISTRIBUTED, ROOT, free_port, launch_command
+from trivit.config import load
 from trivit.engine.checkpoint import CheckpointManager
+from trivit.engine.config import TrainConfig
+from trivit.engine.trainer import Trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -44,11 +48,16 @@ def rank_process(parent: psutil.Process, rank: int) -> psutil.Process:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_shards, tmp_path_factory) -> dict[int, float]:
+def uninterrupted_run(tiny_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted_ddp")
     command, env = launch_command("torchrun", tiny_shards, run_dir, **RUN)
     subprocess.run(command, check=True, capture_output=True, timeout=300, cwd=ROOT, env=env)
-    return last_losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict[int, float]:
+    return last_losses(uninterrupted_run)
 
 
 def test_kill_9_of_one_rank_under_torchrun_then_resume(tiny_shards, tmp_path, uninterrupted):
@@ -94,3 +103,11 @@ def test_without_a_launcher_the_surviving_rank_exits_with_an_error(tiny_shards, 
         for process in ranks:
             if process.poll() is None:
                 process.kill()
+
+
+def test_a_two_process_checkpoint_is_refused_by_one_process(tiny_shards, tmp_path, uninterrupted_run):
+    checkpoint = CheckpointManager(uninterrupted_run / "checkpoints", 3).saved()[-1][1]
+    settings = {**DISTRIBUTED, **RUN, "engine.backend": "auto"}
+    overrides = tiny_overrides(tiny_shards, tmp_path, resume=str(checkpoint), **settings)
+    with pytest.raises(ValueError, match="was written by 2 processes, this run has 1; relaunch with 2 processes"):
+        Trainer(load(TrainConfig, None, overrides)).train()
