@@ -38,7 +38,7 @@ def test_train_through_the_cli_and_resume_a_finished_run(tiny_shards, tmp_path):
     assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
     final = load_file(tmp_path / "run" / "model.safetensors")  # written at the end of training
     model = timm.create_model("deit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=4, in_chans=1,
-                              embed_dim=32, depth=2, num_heads=2)
+                              embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)  # demo.yaml's ratio stays
     model.load_state_dict(final, strict=True)
     assert not torch.equal(final["head.weight"], weights["head.weight"]), "step 6 is not step 4"
 
