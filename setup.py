@@ -24,12 +24,14 @@ setup(
         "deepspeed>=0.16",
         "tensorboard",
         "tqdm",
+        "safetensors",
+        "matplotlib",
         "pyyaml",
         # Pillow 13 rejects posterize with 0 bits, which timm's RandAugment (DeiT's
         # rand-m9-mstd0.5-inc1) asks for at the top of its magnitude range.
         "pillow<13",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "psutil"]},
     entry_points={"console_scripts": ["trivit = trivit.cli:main"]},
 )

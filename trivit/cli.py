@@ -1,4 +1,4 @@
-"""The ``trivit`` command line: ``trivit train``, ``trivit export``, ``trivit shards``."""
+"""The ``trivit`` command line: ``trivit train``, ``trivit export``, ``trivit shards``, ``trivit bench``."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,16 @@ def shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trivit.engine.benchmark import bench_speed
+
+    bench_speed(args.models, batch=args.batch, repeats=args.repeats, steps=args.steps, warmup=args.warmup,
+                out=Path(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trivit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("checkpoint", help="a checkpoint folder (step_XXXXXXXX) or a run_dir (its latest)")
     export_parser.add_argument("--out", help="output .safetensors file (default: model.safetensors in the checkpoint)")
     export_parser.set_defaults(run=export)
+
+    bench_parser = commands.add_parser("bench", help="benchmarks; 'trivit bench speed' times the sparsity variants")
+    bench_kinds = bench_parser.add_subparsers(dest="kind", required=True)
+    speed = bench_kinds.add_parser("speed", help="training-step img/s, FLOPs and memory of every variant, "
+                                                 "interleaved in one process")
+    speed.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224", "deit_small_patch16_224",
+                                                       "deit_base_patch16_224"])
+    speed.add_argument("--batch", type=int, default=16)
+    speed.add_argument("--repeats", type=int, default=5, help="interleaved rounds over the variants")
+    speed.add_argument("--steps", type=int, default=2, help="training steps per variant per round")
+    speed.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    speed.add_argument("--out", default="benchmarks/results", help="folder for speed.md, speed.json, speed.png")
+    speed.set_defaults(run=bench)
 
     shards_parser = commands.add_parser("shards", help="write WebDataset shards from an ImageFolder tree or a built-in source")
     shards_parser.add_argument("src", help="ImageFolder root (class folders, optionally under train/ val/) or 'fashion-mnist'")

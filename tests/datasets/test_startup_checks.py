@@ -51,8 +51,9 @@ def test_bad_shard_layouts_fail_at_start_up(shard_copy, tmp_path, change, extra,
 
 def test_more_workers_than_shards_explains_the_hang_it_avoids(tiny_shards, tmp_path):
     trainer = build(tiny_shards, tmp_path, **{"data.num_workers": "9"})
-    with pytest.raises(ValueError, match="8 training shards for 1 ranks x 9 workers: every worker needs at least one "
-                                         "shard, or it would yield nothing and the ranks would hang"):
+    with pytest.raises(ValueError, match=r"8 training shards for 1 data-parallel slots \(ranks x gradient accumulation "
+                                         r"steps\) x 9 workers: every worker needs at least one shard, or it would "
+                                         r"yield nothing and the ranks would hang"):
         trainer.train()
 
 

@@ -1,0 +1,112 @@
+"""The accuracy study: dense, each sparsity level alone, and all three, on the demo data, one epoch budget.
+
+Each variant is one config under configs/study/, trained through the real CLI, one after the
+other, for every seed; the script reports test top-1 (mean and spread over seeds), wall-clock
+time of the whole run (training and its evaluations) and both as ratios to dense, and draws
+accuracy against time (the paper's figure 1). Outputs: a Markdown table on stdout and
+``<out>/accuracy_study.{md,json,png}``.
+
+    python benchmarks/accuracy_study.py --seeds 0 1 --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("dense", "tokens", "attention", "examples", "trilevel")
+
+
+def run_variant(variant: str, seed: int, runs: Path) -> dict:
+    run_dir = runs / f"{variant}_seed{seed}"
+    command = [sys.executable, "-m", "trivit", "train", "--config", str(ROOT / "configs" / "study" / f"{variant}.yaml"),
+               f"run_dir={run_dir}", f"seed={seed}", "resume=never", "logging.progress_bar=false"]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} seed {seed} failed:\n{result.stderr[-3000:]}")
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"variant": variant, "seed": seed, "top1": last["eval_top1"], "seconds": seconds,
+            "active_samples": last["active_samples"], "flops_fraction": last["flops_fraction"],
+            "epoch_flops_fraction": last["epoch_flops_fraction"], "run_dir": str(run_dir)}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per variant: mean/spread of top-1 and time, and their ratios to dense."""
+    by_variant = {v: [r for r in rows if r["variant"] == v] for v in VARIANTS if any(r["variant"] == v for r in rows)}
+    dense_top1 = statistics.mean(r["top1"] for r in by_variant["dense"])
+    dense_time = statistics.mean(r["seconds"] for r in by_variant["dense"])
+    summary = []
+    for variant, runs in by_variant.items():
+        top1 = [r["top1"] for r in runs]
+        seconds = [r["seconds"] for r in runs]
+        summary.append({
+            "variant": variant, "seeds": len(runs), "top1_mean": statistics.mean(top1),
+            "top1_min": min(top1), "top1_max": max(top1), "seconds_mean": statistics.mean(seconds),
+            "top1_vs_dense": statistics.mean(top1) - dense_top1,
+            "speedup_vs_dense": dense_time / statistics.mean(seconds),
+            "epoch_flops_fraction": runs[-1]["epoch_flops_fraction"],
+            "flops_ceiling": 1 / runs[-1]["epoch_flops_fraction"],
+        })
+    return summary
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| variant | seeds | test top-1 % (min-max) | vs dense (points) | wall-clock s | speed-up vs dense | "
+             "FLOPs ceiling |", "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['variant']} | {s['seeds']} | {s['top1_mean']:.2f} ({s['top1_min']:.2f}-{s['top1_max']:.2f}) | "
+                     f"{s['top1_vs_dense']:+.2f} | {s['seconds_mean']:.0f} | {s['speedup_vs_dense']:.2f}x | "
+                     f"{s['flops_ceiling']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for s in summary:
+        runs = [r for r in rows if r["variant"] == s["variant"]]
+        axes.scatter([r["seconds"] / 60 for r in runs], [r["top1"] for r in runs], alpha=0.4)
+        axes.annotate(s["variant"], (s["seconds_mean"] / 60, s["top1_mean"]), textcoords="offset points", xytext=(5, 5))
+    axes.set_xlabel("wall-clock to the same epoch budget (min)")
+    axes.set_ylabel("Fashion-MNIST test top-1 (%)")
+    axes.set_title("Accuracy against training time (2 epochs, 2 CPU cores)")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
+    args = parser.parse_args()
+    if "dense" not in args.variants:
+        parser.error("the ratios need the dense variant")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:  # seeds outermost: every variant sees the machine's load of the same period
+        for variant in args.variants:
+            rows.append(run_variant(variant, seed, args.runs))
+            print(json.dumps(rows[-1]), flush=True)
+    summary = summarise(rows)
+    table = markdown(summary)
+    print(table)
+    (args.out / "accuracy_study.md").write_text(table + "\n")
+    (args.out / "accuracy_study.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
+    plot(rows, summary, args.out / "accuracy_study.png")
+
+
+if __name__ == "__main__":
+    main()
