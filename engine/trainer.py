@@ -58,8 +58,9 @@ def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, tor
     use_cuda = engine.device == "cuda" or (engine.device == "auto" and cuda)
     device = torch.device("cuda", world.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     precision = engine.precision
-    if precision == "auto":
-        precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""), "auto")
+    if precision == "auto":  # an accelerate config's mixed_precision, if trivit was launched with one
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
+        precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(launched, "auto")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":

@@ -27,7 +27,9 @@ SHARDS = "sharded"
 
 class FSDPBackend(Backend):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32) if self.amp_dtype else MixedPrecisionPolicy()
+        policy = MixedPrecisionPolicy()
+        if self.amp_dtype is not None:
+            policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
             register_fsdp_forward_method(block, "forward_routed")  # the pruning blocks' entry point
