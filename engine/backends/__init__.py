@@ -23,6 +23,7 @@ BACKENDS = {
 
 
 def _module(name: str):
+    """A backend's module, imported on first use (a run never pays for the backends it does not use)."""
     return importlib.import_module(f"trivit.engine.backends.{BACKENDS[name][0]}")
 
 

@@ -81,6 +81,22 @@ def test_kill_9_of_one_rank_under_torchrun_then_resume(tiny_shards, tmp_path, un
     assert resumed == uninterrupted, f"killed after step {kill_after}, resumed from step {saved[-1][0]}"
 
 
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_a_checkpoint(tiny_shards, tmp_path, uninterrupted):
+    command, env = launch_command("torchrun", tiny_shards, tmp_path, **RUN)
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    wait_for_steps(tmp_path, 5, launcher)
+    launcher.send_signal(signal.SIGTERM)  # what Slurm and Kubernetes send to the launcher on pre-emption
+    _, stderr = launcher.communicate(timeout=BOUND_S)
+    logged = max(last_losses(tmp_path))
+    saved = CheckpointManager(tmp_path / "checkpoints", 3).saved()
+    assert saved[-1][0] == logged < 16, f"the checkpoint holds the last step taken\n{stderr[-2000:]}"
+    assert f"checkpoint written at step {logged}" in stderr
+
+    command, env = launch_command("torchrun", tiny_shards, tmp_path, **RUN)
+    subprocess.run(command, check=True, capture_output=True, timeout=300, cwd=ROOT, env=env)
+    assert last_losses(tmp_path) == uninterrupted
+
+
 def test_without_a_launcher_the_surviving_rank_exits_with_an_error(tiny_shards, tmp_path):
     """No torchrun agent to clean up: trivit's own collectives must notice the dead peer."""
     command, env = launch_command("torchrun", tiny_shards, tmp_path, **dict(RUN, **{"engine.timeout_s": "30"}))
