@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
-from trivit.sparse import create_vit
+from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.examples import ExampleStats
 from trivit.sparse.flops import model_flops
 
@@ -68,31 +68,49 @@ class Measured:
     peak_cuda_bytes: int | None = None
 
 
-class Runner:
-    """One variant's model, optimizer and (for the example level) statistics, ready to step."""
+@dataclass
+class Trainable:
+    """A model with its optimizer, shared by every variant that runs on it."""
 
-    def __init__(self, model_name: str, variant: Variant, batch: int, device: torch.device,
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def build_trainables(model_name: str, device: torch.device) -> tuple[Trainable, Trainable]:
+    """timm's dense ViT, and one trivit ViT (pruning at LOCATIONS) whose keep rates each variant sets.
+
+    Two models in all, whatever the number of variants: ten copies of deit_base with AdamW
+    states would not fit a 24 GiB machine.
+    """
+    torch.manual_seed(0)
+    dense = timm.create_model(model_name).to(device).train()
+    sparse = create_vit(model_name, {"tokens": {"locations": LOCATIONS}}).to(device).train()
+    return (Trainable(dense, torch.optim.AdamW(dense.parameters(), lr=1e-4)),
+            Trainable(sparse, torch.optim.AdamW(sparse.parameters(), lr=1e-4)))
+
+
+class Runner:
+    """One variant: the trainable it runs on, its keep rates and (for the example level) statistics."""
+
+    def __init__(self, variant: Variant, trainables: tuple[Trainable, Trainable], batch: int, device: torch.device,
                  amp_dtype: torch.dtype | None):
         self.variant, self.device, self.amp_dtype = variant, device, amp_dtype
-        torch.manual_seed(0)
-        if variant.timm_dense:
-            self.model = timm.create_model(model_name)
-        else:
-            sparsity = {"tokens": {"keep_rate": variant.tokens, "locations": LOCATIONS},
-                        "attention": {"keep_rate": variant.attention}}
-            self.model = create_vit(model_name, sparsity)
-        self.model.to(device).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.stats = None
-        if variant.removed:
-            self.model.blocks.record_cls_attention = True
-            self.stats = ExampleStats(batch * 100, device)
+        trainable = trainables[0] if variant.timm_dense else trainables[1]
+        self.model, self.optimizer = trainable.model, trainable.optimizer
+        self.stats = ExampleStats(batch * 100, device) if variant.removed else None
         generator = torch.Generator().manual_seed(0)
         size = self.model.patch_embed.img_size
         self.images = torch.randn(batch, 3, *size, generator=generator).to(device)
         self.labels = torch.randint(0, self.model.num_classes, (batch,), generator=generator).to(device)
         self.targets = smoothed_targets(self.labels, self.model.num_classes, 0.1)
         self.ids = torch.arange(batch, device=device)
+
+    def activate(self) -> None:
+        """Put the shared model in this variant's state (keep rates, [CLS]-attention recording)."""
+        if self.variant.timm_dense:
+            return
+        set_keep_rates(self.model, self.variant.tokens, self.variant.attention)
+        self.model.blocks.record_cls_attention = self.stats is not None
 
     def step(self) -> None:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -107,6 +125,7 @@ class Runner:
 
     def timed(self, steps: int) -> float:
         """Mean seconds per step over ``steps`` steps."""
+        self.activate()
         synchronize(self.device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -116,6 +135,7 @@ class Runner:
 
     def flops_per_image(self) -> tuple[float, float]:
         """(analytic, counted by torch's FlopCounterMode) forward FLOPs per image."""
+        self.activate()
         batch = self.images.shape[0]
         # the math backend spells attention as matmuls, which the counter sees (fused CPU kernels it skips)
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -136,6 +156,7 @@ class Runner:
             total += tensor.numel() * tensor.element_size()
             return tensor
 
+        self.activate()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             self.model(self.images)
         return total
@@ -143,6 +164,7 @@ class Runner:
     def peak_cuda_bytes(self) -> int | None:
         if self.device.type != "cuda":
             return None
+        self.activate()
         torch.cuda.reset_peak_memory_stats(self.device)
         self.step()
         return torch.cuda.max_memory_allocated(self.device)
@@ -155,7 +177,8 @@ def synchronize(device: torch.device) -> None:
 
 def measure_model(model_name: str, variants: tuple[Variant, ...], batch: int, repeats: int, steps: int,
                   warmup: int, device: torch.device, amp_dtype: torch.dtype | None) -> list[Measured]:
-    runners = [Runner(model_name, v, batch, device, amp_dtype) for v in variants]
+    trainables = build_trainables(model_name, device)
+    runners = [Runner(v, trainables, batch, device, amp_dtype) for v in variants]
     results = [Measured(v) for v in variants]
     for runner, result in zip(runners, results):
         result.flops_analytic, result.flops_counted = runner.flops_per_image()

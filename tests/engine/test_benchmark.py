@@ -4,23 +4,32 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trivit.engine.benchmark import Measured, Runner, Variant, overheads, summary_rows
+from trivit.engine.benchmark import Measured, Runner, Variant, build_trainables, overheads, summary_rows
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def trainables():
+    return build_trainables("deit_tiny_patch16_224", CPU)
 
 
 @pytest.mark.parametrize("variant", [Variant("dense (timm)", timm_dense=True), Variant("dense"),
                                      Variant("tokens 0.7", tokens=0.7), Variant("tokens 0.5", tokens=0.5),
                                      Variant("tokens 0.7 + attention 0.2", tokens=0.7, attention=0.2)])
-def test_analytic_flops_match_torch_flop_counter(variant):
-    analytic, counted = Runner("deit_tiny_patch16_224", variant, 2, CPU, None).flops_per_image()
+def test_analytic_flops_match_torch_flop_counter(variant, trainables):
+    analytic, counted = Runner(variant, trainables, 2, CPU, None).flops_per_image()
     assert analytic == pytest.approx(counted, rel=1e-6), "the analytic count misses or adds a product"
 
 
-def test_pruning_shrinks_the_activations_saved_for_backward():
-    saved = [Runner("deit_tiny_patch16_224", Variant(str(rate), tokens=rate), 2, CPU, None).saved_activation_bytes()
-             for rate in (1.0, 0.7, 0.5)]
-    assert saved[0] > saved[1] > saved[2]
+def test_variants_sharing_one_model_each_run_at_their_own_rates(trainables):
+    """Runners are interleaved on one shared model: each must put its own keep rates back."""
+    rates = (1.0, 0.7, 0.5, 0.7)
+    runners = [Runner(Variant(str(rate), tokens=rate), trainables, 2, CPU, None) for rate in rates]
+    saved = [runner.saved_activation_bytes() for runner in runners]
+    assert saved[0] > saved[1] > saved[2] and saved[3] == saved[1], "pruning shrinks what backward keeps"
+    flops = [runner.flops_per_image()[1] for runner in reversed(runners)]  # counted: rates 0.7, 0.5, 0.7, 1.0
+    assert flops[1] < flops[0] == flops[2] < flops[3]
 
 
 def test_epoch_speedup_and_ceiling_account_for_the_removed_examples():
