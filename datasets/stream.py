@@ -23,6 +23,7 @@ import io
 import itertools
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -305,6 +306,16 @@ class EvalStream(IterableDataset):
         return decoded_batches(iter(samples), lambda s: self.decode(s, 0), self.batch_size, True, bad)
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """Loader workers leave SIGTERM to the training process.
+
+    Schedulers and launchers signal a job's whole process group on pre-emption; a worker that died
+    of it would fail the step the trainer is finishing before it writes its checkpoint. Workers
+    still exit with their parent (the DataLoader's watchdog).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
                  shuffle_buffer: int, num_workers: int, active: np.ndarray | None = None) -> DataLoader:
     """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
@@ -326,6 +337,7 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
     dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
                           shuffle_buffer=shuffle_buffer, active=active)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      worker_init_fn=ignore_sigterm,
                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
 
 
@@ -336,4 +348,5 @@ def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank
     Its own generator keeps the global RNG untouched, so evaluating never changes training.
     """
     dataset = EvalStream(urls, decode, batch_size=batch_size, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=ignore_sigterm,
+                      generator=torch.Generator().manual_seed(0))

@@ -67,9 +67,10 @@ def test_kill_9_then_resume_logs_the_uninterrupted_losses(tiny_shards, tmp_path,
 
 
 def test_sigterm_writes_a_checkpoint_before_exiting(tiny_shards, tmp_path, uninterrupted):
-    process = subprocess.Popen(command(tiny_shards, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command(tiny_shards, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     wait_for_steps(tmp_path, 5, process)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: the whole group, loader workers included
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143, stderr
     logged = max(r["step"] for r in read_metrics(tmp_path))
