@@ -111,6 +111,8 @@ class EngineConfig:
     deepspeed_config: str | None = None
     """A DeepSpeed JSON (e.g. launch/deepspeed/zero3_bf16.json); "auto" values and the batch sizes,
     clipping, precision and ZeRO stage are filled from this config, which must agree with it."""
+    deepspeed_options: dict[str, Any] = field(default_factory=dict)
+    """Inline DeepSpeed config keys, laid over ``deepspeed_config`` (e.g. {zero_optimization: {overlap_comm: false}})."""
     grad_accum_steps: int = 1
     """Micro-batches per step on each rank; data.batch_size must divide by world size x this."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

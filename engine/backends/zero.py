@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trivit.config import ConfigError
+from trivit.config import ConfigError, merge
 from trivit.engine.backends.base import Backend, OptimizerFactory
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World
@@ -49,7 +49,7 @@ def resolve_zero_settings(config: TrainConfig) -> dict[str, Any]:
     elif stage is not None and launched is not None and int(launched) != stage:
         raise ConfigError("engine.zero_stage", f"got {stage} but the accelerate config that launched trivit asks for "
                                                f"ZeRO stage {launched}; make them agree (or leave engine.zero_stage null)")
-    written = read_json(path) if path else {}
+    written = merge(read_json(path) if path else {}, engine.deepspeed_options)
     if stage is None:
         stage = written.get("zero_optimization", {}).get("stage")
         stage = stage if stage in (1, 2, 3) else 2
@@ -69,7 +69,7 @@ def deepspeed_config(config: TrainConfig, world: World) -> dict[str, Any]:
     """
     engine = config.engine
     path = engine.deepspeed_config
-    ds = read_json(path) if path is not None else {}
+    ds = merge(read_json(path) if path is not None else {}, engine.deepspeed_options)
     global_batch = config.data.batch_size
     micro = global_batch // (world.world_size * engine.grad_accum_steps)
     precision = {"bf16": "bf16", "fp16": "fp16"}.get(engine.precision)
@@ -88,8 +88,9 @@ def deepspeed_config(config: TrainConfig, world: World) -> dict[str, Any]:
             section = section.setdefault(key, {})
         given = section.get(keys[-1], "auto")
         if given != "auto" and given != value:
+            source = path or "engine.deepspeed_options"
             raise ConfigError("engine.deepspeed_config",
-                              f"{path} sets {'.'.join(keys)}={given!r} but this run needs {value!r} (from data.batch_size, "
+                              f"{source} sets {'.'.join(keys)}={given!r} but this run needs {value!r} (from data.batch_size, "
                               "engine.grad_accum_steps, the world size, optim.clip_grad, engine.zero_stage and "
                               "engine.precision); set it to \"auto\" or change the trivit config")
         section[keys[-1]] = value
