@@ -49,24 +49,23 @@ class CheckpointManager:
         files (a collective) and returns the main rank's ``trainer.pt`` content."""
         path = self.path(step)
         tmp = path.with_name(path.name + ".tmp")
-        error: Exception | None = None
-        try:
+
+        def prepare() -> None:
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-        except OSError as failure:
-            error = failure
-        if all_ranks_ok(error is None, self.device):
-            try:
-                state = write(tmp)
-                if self.is_main:
-                    _save_synced(state, tmp / TRAINER_FILE)
-                os.sync()
-            except (OSError, RuntimeError) as failure:
-                error = failure
+
+        def write_all() -> None:
+            state = write(tmp)
+            if self.is_main:
+                _save_synced(state, tmp / TRAINER_FILE)
+            os.sync()
+
+        error = _attempt(prepare)
+        ok = all_ranks_ok(error is None, self.device)  # every rank votes after each phase, so none waits alone
+        if ok:
+            error = _attempt(write_all)
             ok = all_ranks_ok(error is None, self.device)
-        else:
-            ok = False
         if not ok:
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -96,6 +95,15 @@ class CheckpointManager:
             except (RuntimeError, EOFError, OSError, ValueError) as error:
                 log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, error)
         return None
+
+
+def _attempt(action: Callable[[], None]) -> Exception | None:
+    """Run ``action``; the write error it raised, if any."""
+    try:
+        action()
+    except (OSError, RuntimeError) as error:
+        return error
+    return None
 
 
 def _save_synced(state: dict[str, Any], path: Path) -> None:

@@ -301,6 +301,7 @@ class Trainer:
             if not torch.isfinite(step_loss):
                 backend.zero_grad()
                 self._nonfinite(step_loss)
+                total = step_loss  # logged as null; the update is skipped
                 break
             backend.backward(loss, last_micro_batch=index == accum - 1)
             if self.selector is not None:
@@ -312,7 +313,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model, step=self.step + 1)
         self.scheduler.step(self.epochs.progress(self.step + 1))
-        return total if torch.isfinite(step_loss) else step_loss
+        return total
 
     def _micro_batch_loss(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, rank_batch: int):
         """Forward one micro-batch: its share of the rank's mean weighted loss, logits, per-sample losses, labels."""
@@ -362,10 +363,8 @@ class Trainer:
         placeholder = torch.zeros(1, self.config.model.in_chans, self.config.model.img_size, self.config.model.img_size)
         while True:
             batch = next(batches, None)
-            if self.world.distributed and sum_tensor(torch.tensor([float(batch is not None)], device=self.device)) == 0:
-                break
-            if batch is None and not self.world.distributed:
-                break
+            if sum_tensor(torch.tensor([float(batch is not None)], device=self.device)).item() == 0:
+                break  # no rank has a batch left
             if batch is not None:
                 sums[3] += batch.skipped
             if batch is None or not len(batch.ids):
