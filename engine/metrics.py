@@ -20,12 +20,14 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
-        """``record`` must hold ``step``; other numbers become scalars named by their key, list items ``key/i``."""
+        """``record`` must hold ``step``; other numbers become scalars named by their key, list items
+        ``key/i`` and mapping items ``key/name``."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                items = enumerate(value) if isinstance(value, list) else [(None, value)]
+                items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) \
+                    else [(None, value)]
                 for index, item in items:
                     if key != "step" and isinstance(item, (int, float)) and math.isfinite(item):
                         self.writer.add_scalar(key if index is None else f"{key}/{index}", item, record["step"])

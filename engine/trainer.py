@@ -253,7 +253,9 @@ class Trainer:
                 "loss": loss_value if math.isfinite(loss_value) else None, "nonfinite_steps": self.nonfinite_steps,
                 "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
                 "keep_rate_tokens": blocks.token_keep_rate, "keep_rate_attention": blocks.attention_keep_rate,
-                "tokens_per_block": list(blocks.tokens_per_block), "active_samples": active,
+                "tokens_per_block": list(blocks.tokens_per_block),
+                "attention_density": {str(block): d.item() for block, d in blocks.attention_density.items()},
+                "active_samples": active,
                 "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples,
                 "data/skipped": self.data_counts["skipped"], "data/bad_shards": self.data_counts["bad_shards"]}
 
@@ -357,8 +359,9 @@ class Trainer:
                              num_workers=min(data.num_workers, len(self.shards.val_urls)))
         was_training = model.training
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        """correct, samples, summed loss, skipped samples"""
+        locations = sorted(self.model.blocks.locations)
+        sums = torch.zeros(4 + len(locations), dtype=torch.float64, device=self.device)
+        """correct, samples, summed loss, skipped samples, then per location the attention density x samples"""
         batches = iter(loader)
         placeholder = torch.zeros(1, self.config.model.in_chans, self.config.model.img_size, self.config.model.img_size)
         while True:
@@ -377,11 +380,17 @@ class Trainer:
             sums[0] += (logits.argmax(-1) == labels).sum()
             sums[1] += labels.numel()
             sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            for slot, block in enumerate(locations, start=4):
+                if block in model.blocks.attention_density:
+                    sums[slot] += model.blocks.attention_density[block] * labels.numel()
         model.train(was_training)
-        correct, total, loss_sum, skipped = sum_tensor(sums).tolist()
+        correct, total, loss_sum, skipped, *density = sum_tensor(sums).tolist()
         if total == 0:
             raise ValueError("the validation shards yielded no samples; check data.val_urls")
-        return {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total, "eval_skipped": int(skipped)}
+        record = {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total, "eval_skipped": int(skipped)}
+        if model.blocks.attention_keep_rate < 1:
+            record["eval_attention_density"] = {str(block): d / total for block, d in zip(locations, density)}
+        return record
 
     def _evaluate_all(self) -> dict[str, float]:
         """Evaluate the model (and its EMA) at the final keep rates of the schedule."""

@@ -5,6 +5,14 @@ attention restricted to the kept tokens. The result is a boolean mask (True = at
 gradient, applied through ``scaled_dot_product_attention`` by every following block up to the
 next location. Prefix tokens ([CLS]) and the fused token always see and are seen by everyone,
 so no row of the mask is ever empty.
+
+Which links a query patch keeps, exactly as the Tri-Level E-ViT reference code: every kept
+patch key whose attention is greater than or equal to the row's k-th largest value,
+k = ceil(K x keep_rate) of the K kept patches. Ties at the threshold are all kept, so a row
+keeps at least k links and more when values tie. This matters from the second location on:
+its ranking attention was computed under the previous mask, so many rows hold fewer than k
+non-zero values and keep all of their (zero) tied links. The rule compares values only, so it
+is deterministic on every device (no dependence on the order ``topk`` returns ties in).
 """
 from __future__ import annotations
 
@@ -39,16 +47,22 @@ def build_attention_mask(
 
     ``attention`` (B, P + N, P + N) is the head-averaged attention before token selection;
     ``kept`` (B, K) are the kept patch indices into the N patches. Each kept patch query keeps
-    its top ``ceil(K x keep_rate)`` kept patch keys; prefix and suffix rows and columns are all True.
+    its kept patch keys whose attention is >= the row's ``ceil(K x keep_rate)``-th largest (ties
+    kept); prefix and suffix rows and columns are all True.
     """
     prefix = num_prefix_tokens
     patch_attention = attention[:, prefix:, prefix:]
     batch, num_kept = kept.shape
     rows = patch_attention.gather(1, kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1]))
     among_kept = rows.gather(2, kept.unsqueeze(1).expand(-1, num_kept, -1))
-    top = among_kept.topk(kept_count(num_kept, keep_rate), dim=-1, sorted=False).indices
+    threshold = among_kept.topk(kept_count(num_kept, keep_rate), dim=-1).values[..., -1:]
     length = prefix + num_kept + num_suffix_tokens
     mask = torch.ones(batch, length, length, dtype=torch.bool, device=attention.device)
-    patch_mask = torch.zeros(batch, num_kept, num_kept, dtype=torch.bool, device=attention.device)
-    mask[:, prefix:prefix + num_kept, prefix:prefix + num_kept] = patch_mask.scatter_(-1, top, True)
+    mask[:, prefix:prefix + num_kept, prefix:prefix + num_kept] = among_kept >= threshold
     return mask.unsqueeze(1)
+
+
+def patch_link_density(mask: torch.Tensor, num_prefix_tokens: int, num_suffix_tokens: int) -> torch.Tensor:
+    """Fraction of the kept patch-to-patch links that ``mask`` (B, 1, L, L) lets through, over the batch."""
+    end = mask.shape[-1] - num_suffix_tokens
+    return mask[:, 0, num_prefix_tokens:end, num_prefix_tokens:end].float().mean()

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from trivit.config import ConfigError, from_dict
-from trivit.sparse.attention import build_attention_mask
+from trivit.sparse.attention import build_attention_mask, patch_link_density
 from trivit.sparse.config import SparsityConfig
 from trivit.sparse.tokens import select_tokens
 
@@ -80,6 +80,9 @@ class RoutedBlocks(nn.Sequential):
         self.attention_keep_rate = sparsity.attention.keep_rate
         self.tokens_per_block: list[int] = []
         """Sequence length after each block in the last forward pass (what its MLP ran on)."""
+        self.attention_density: dict[int, torch.Tensor] = {}
+        """Per pruning block of the last forward: the fraction of kept patch-to-patch links its mask
+        lets through (over the batch); above the attention keep rate where ties are kept."""
         self.record_cls_attention = False
         """Keep the last block's head-averaged [CLS] -> patch attention of each forward (the example level reads it)."""
         self.last_cls_attention: torch.Tensor | None = None
@@ -91,26 +94,27 @@ class RoutedBlocks(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn_mask = None
         self.tokens_per_block = []
+        self.attention_density = {}
         last = len(self) - 1
         for index, block in enumerate(self):
             prune = self.active and index in self.locations
             record = self.record_cls_attention and index == last
             if prune or record:
-                x, attn_mask = block.forward_routed(x, attn_mask, self._router(attn_mask, prune, record))
+                x, attn_mask = block.forward_routed(x, attn_mask, self._router(index, attn_mask, prune, record))
             else:
                 x = block(x, attn_mask=attn_mask)
             self.tokens_per_block.append(x.shape[1])
         return x
 
-    def _router(self, attn_mask: torch.Tensor | None, prune: bool, record: bool) -> Router:
+    def _router(self, index: int, attn_mask: torch.Tensor | None, prune: bool, record: bool) -> Router:
         def route(x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             if record:
                 self.last_cls_attention = attention[:, 0, self.num_prefix_tokens:].detach()
-            return self.route(x, attention) if prune else (x, attn_mask)
+            return self.route(x, attention, index) if prune else (x, attn_mask)
         return route
 
-    def route(self, x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token selection, then the attention mask over the kept tokens."""
+    def route(self, x: torch.Tensor, attention: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token selection, then the attention mask over the kept tokens (block ``index`` prunes)."""
         prefix = self.num_prefix_tokens
         tokens = self.sparsity.tokens
         if self.token_keep_rate < 1:
@@ -122,7 +126,9 @@ class RoutedBlocks(nn.Sequential):
         if self.attention_keep_rate >= 1:
             return x, None
         suffix = x.shape[1] - prefix - kept.shape[1]
-        return x, build_attention_mask(attention, kept, self.attention_keep_rate, prefix, suffix)
+        mask = build_attention_mask(attention, kept, self.attention_keep_rate, prefix, suffix)
+        self.attention_density[index] = patch_link_density(mask, prefix, suffix)
+        return x, mask
 
 
 def set_keep_rates(model: nn.Module, tokens: float, attention: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trivit.config import load
 from trivit.engine.checkpoint import CheckpointManager
@@ -113,5 +114,12 @@ def test_all_three_levels_resume_exactly_and_shorten_the_epochs(tiny_shards, tmp
     assert records[1]["keep_rate_tokens"] == 1.0 and records[15]["keep_rate_tokens"] == 0.5
     assert records[15]["tokens_per_block"] == [1 + 8 + 1, 1 + 5 + 1], "16 patches -> 8 + fused -> ceil(9 / 2) + fused"
     assert records[15]["flops_fraction"] < records[1]["flops_fraction"] == 1.0
+    # 8 kept patches, k = 4 (ties may add links); then 9 patches (8 + fused) -> 5 kept, k = 3 of 5
+    assert records[1]["attention_density"] == {}, "the attention level is off during the warm-up"
+    assert 0.5 <= records[15]["attention_density"]["0"] <= 1 and 0.6 <= records[15]["attention_density"]["1"] <= 1
+    assert set(records[12]["eval_attention_density"]) == {"0", "1"}
+    assert records[12]["eval_attention_density"]["0"] >= 0.5
+    scalars = EventAccumulator(str(tmp_path / "full" / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"attention_density/0", "attention_density/1", "eval_attention_density/1"} <= set(scalars)
     checkpoint = CheckpointManager(tmp_path / "split" / "checkpoints", 2).load_latest()[0]
     assert checkpoint["examples"]["refreshes"] == 2 and checkpoint["epochs"]["lengths"] == [6, 6, 6]
