@@ -288,7 +288,12 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Every sample of this rank's share of the shards, once, in shard order."""
+    """Every sample of this rank's share of the shards, once, in shard order.
+
+    Shards are dealt over ranks first (rank ``r`` takes shards ``r, r + world, ...``), then over
+    the rank's loader workers, so every rank reads within one shard of every other whatever
+    the number of workers.
+    """
 
     def __init__(self, urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int):
         super().__init__()
@@ -298,7 +303,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        shards = self.urls[self.rank * workers + worker:: self.world_size * workers]
+        shards = self.urls[self.rank:: self.world_size][worker:: workers]
         bad = BadData()
         if not shards:
             return iter(())
