@@ -10,16 +10,23 @@ from trivit.datasets import fashion_mnist
 from trivit.datasets.config import DataConfig
 from trivit.datasets.shards import INDEX_NAME, read_index
 from trivit.datasets.stream import expand_urls
+from trivit.locks import exclusive
 
 SOURCES: dict[str, Callable[[str | Path], Path]] = {"fashion-mnist": fashion_mnist.prepare}
 
 
 def prepare_source(name: str, cache_dir: str | Path) -> Path:
-    """Shards of built-in source ``name`` in ``cache_dir`` (written on first use); returns their folder."""
+    """Shards of built-in source ``name`` in ``cache_dir`` (written on first use); returns their folder.
+
+    Every rank of a launch calls this before the process group exists: a lock file in
+    ``cache_dir`` lets the first process write the shards while the others wait, then find them.
+    """
     if name not in SOURCES:
         raise ValueError(f"unknown data source {name!r}; built-in sources: {', '.join(SOURCES)} "
                          "(or set data.train_urls to your own shards)")
-    return SOURCES[name](cache_dir)
+    cache = Path(cache_dir).expanduser()
+    with exclusive(cache / f".{name}.lock", f"waiting for another process to prepare {name} in {cache}"):
+        return SOURCES[name](cache)
 
 
 @dataclass(frozen=True)

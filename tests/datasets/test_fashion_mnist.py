@@ -91,3 +91,25 @@ def test_shards_are_byte_identical_when_rewritten(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
         with tarfile.open(tmp_path / "a" / name) as tar:
             assert all(member.mtime == 0 for member in tar.getmembers())
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not fashion_mnist.PACKAGE_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_two_ranks_prepare_the_demo_data_once(tmp_path):
+    """torchrun with 2 ranks and an empty cache: one rank writes the shards while the other waits."""
+    import os
+    import subprocess
+
+    from tests.launchers import ROOT, free_port, launcher
+
+    cache = tmp_path / "cache"
+    command = launcher("torchrun", free_port()) + [
+        "train", "--config", str(ROOT / "configs" / "demo.yaml"), "--dry-run", "engine.backend=ddp",
+        f"data.cache_dir={cache}", f"run_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "config valid; backend ddp on 2 process(es)" in result.stdout
+    index = read_index(cache / "fashion-mnist" / "index.json")
+    assert index["splits"]["train"]["total"] == 60000
+    assert sorted(p.name for p in cache.iterdir()) == [".fashion-mnist.lock", "fashion-mnist"], "no temp folder left"
