@@ -6,10 +6,11 @@ rank ``r`` holding slots ``r*accum .. r*accum+accum-1`` (one per micro-batch). E
 shard list is permuted with a seed shared by all ranks and split into ``slots x num_workers``
 logical streams. Batch ``j`` of a slot comes from its logical stream ``j % num_workers``, so
 the loader's round-robin over workers yields the batches in order, and any world size with
-the same ``world x accum`` product reads exactly the same global batches. Resuming at batch
-``k`` skips the raw (undecoded) samples of batches ``< k`` in each stream; every sample's
-augmentation is seeded from (seed, epoch, sample id), so a resumed run sees the same pixels
-as an uninterrupted one.
+the same ``world x accum`` product reads exactly the same global batches. Every batch says how
+many raw (undecoded) samples it consumed from its stream, unreadable ones included; the trainer
+sums them per stream into the data position it checkpoints, and a resumed stream skips exactly
+that many raw samples. Every sample's augmentation is seeded from (seed, epoch, sample id), so
+a resumed run sees the same pixels as an uninterrupted one, also after skipped samples.
 
 Logical streams repeat their shards as needed, so every rank yields exactly the number of
 batches the epoch asks for, whatever the shard sizes (no collective hangs on uneven ranks).
@@ -108,6 +109,8 @@ class Batch(NamedTuple):
     """Samples this worker skipped as unreadable since its previous batch."""
     bad_shards: int
     """Shards this worker could not read (or read to the end) since its previous batch."""
+    consumed: tuple[int, ...] = ()
+    """Raw samples each slot's stream gave for this batch, unreadable ones included (slot order)."""
 
 
 class BadData:
@@ -149,20 +152,22 @@ def decoded_batches(samples: Iterator[dict[str, Any]], decode: Callable[[dict[st
                     batch_size: int, partial: bool, bad: BadData) -> Iterator[Batch]:
     """Decode samples into batches, skipping (and counting) the ones that fail to decode."""
     pending: list[tuple[torch.Tensor, int, int]] = []
+    consumed = 0
     for sample in samples:
+        consumed += 1
         try:
             pending.append(decode(sample))
         except Exception as error:  # noqa: BLE001 - a bad sample must not stop a week-long run
             bad.sample(sample, error)
             continue
         if len(pending) == batch_size:
-            yield collate(pending, bad)
-            pending = []
+            yield collate(pending, bad, consumed)
+            pending, consumed = [], 0
     if pending and partial:
-        yield collate(pending, bad)
+        yield collate(pending, bad, consumed)
     elif partial and (bad.skipped or bad.bad_shards):
         empty = torch.empty(0, dtype=torch.long)
-        yield Batch(torch.empty(0), empty, empty, *bad.take())  # the counts of the stream's tail
+        yield Batch(torch.empty(0), empty, empty, *bad.take(), (consumed,))  # the counts of the stream's tail
 
 
 def concatenate(parts: tuple[Batch, ...]) -> Batch:
@@ -170,12 +175,13 @@ def concatenate(parts: tuple[Batch, ...]) -> Batch:
     if len(parts) == 1:
         return parts[0]
     return Batch(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
-                 torch.cat([p.ids for p in parts]), sum(p.skipped for p in parts), sum(p.bad_shards for p in parts))
+                 torch.cat([p.ids for p in parts]), sum(p.skipped for p in parts), sum(p.bad_shards for p in parts),
+                 sum((p.consumed for p in parts), ()))
 
 
-def collate(samples: list[tuple[torch.Tensor, int, int]], bad: BadData) -> Batch:
+def collate(samples: list[tuple[torch.Tensor, int, int]], bad: BadData, consumed: int) -> Batch:
     images, labels, ids = zip(*samples)
-    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids), *bad.take())
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids), *bad.take(), (consumed,))
 
 
 @dataclass(frozen=True)
@@ -213,35 +219,56 @@ class StreamLayout:
         before = len(range(stream, start, self.num_streams))
         return before, len(range(stream, stop, self.num_streams)) - before
 
+    def stream_of(self, step: int) -> int:
+        """The logical stream that batch ``step`` of the epoch comes from."""
+        return step % self.num_streams
+
+
+StreamPosition = list[list[int]]
+"""Raw samples consumed so far this epoch, per slot of the rank (slot order) and per logical stream."""
+
+
+def full_batches_position(layout: StreamLayout, start: int, batch_size: int) -> StreamPosition:
+    """The position before step ``start`` if no sample was unreadable (every batch took ``batch_size``)."""
+    return [[layout.batches(stream, start, start)[0] * batch_size for stream in range(layout.num_streams)]
+            for _ in layout.slots]
+
 
 class TrainStream(IterableDataset):
     """Steps ``start..stop-1`` of one epoch for one rank: each item is the rank's micro-batches,
-    one per slot of :class:`StreamLayout`, concatenated in slot order; see the module docstring."""
+    one per slot of :class:`StreamLayout`, concatenated in slot order; see the module docstring.
+
+    ``position`` says how many raw samples each slot's streams gave before ``start``.
+    """
 
     def __init__(self, layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 shuffle_buffer: int, active: np.ndarray | None = None):
+                 position: StreamPosition, shuffle_buffer: int, active: np.ndarray | None = None):
         super().__init__()
         self.layout, self.decode = layout, decode
         self.batch_size, self.start, self.stop = batch_size, start, stop
         """``batch_size`` is one slot's micro-batch."""
+        self.position = position
         self.shuffle_buffer = shuffle_buffer
         self.active = active
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        stream = (self.start + worker) % self.layout.num_streams
-        skip, count = self.layout.batches(stream, self.start, self.stop)
-        per_slot = [itertools.islice(self._slot_batches(slot, stream, skip), count) for slot in self.layout.slots]
+        stream = self.layout.stream_of(self.start + worker)
+        _, count = self.layout.batches(stream, self.start, self.stop)
+        per_slot = [itertools.islice(self._slot_batches(slot, stream, self.position[index][stream]), count)
+                    for index, slot in enumerate(self.layout.slots)]
         return (concatenate(parts) for parts in zip(*per_slot))
 
     def _slot_batches(self, slot: int, stream: int, skip: int) -> Iterator[Batch]:
         layout = self.layout
         bad = BadData()
         epoch_seed = mix_seed(layout.seed, layout.epoch)
-        raw = self._samples(layout.shards(slot, stream), mix_seed(layout.seed, layout.epoch, slot, stream), bad)
-        samples = itertools.islice(raw, skip * self.batch_size, None)
-        return decoded_batches(samples, lambda s: self.decode(s, epoch_seed), self.batch_size, False, bad)
+        samples = self._samples(layout.shards(slot, stream), mix_seed(layout.seed, layout.epoch, slot, stream), bad)
+        for _ in itertools.islice(samples, skip):
+            pass
+        bad.take()  # shards that failed before the resume point were counted by the run that read them
+        yield from decoded_batches(samples, lambda s: self.decode(s, epoch_seed), self.batch_size, False, bad)
 
     def _samples(self, shards: list[str], seed: int, bad: BadData) -> Iterator[dict[str, Any]]:
         """Raw samples of the stream's shards, pass after pass, shuffled within each pass.
@@ -322,10 +349,13 @@ def ignore_sigterm(worker_id: int) -> None:
 
 
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 shuffle_buffer: int, num_workers: int, active: np.ndarray | None = None) -> DataLoader:
+                 shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
+                 active: np.ndarray | None = None) -> DataLoader:
     """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
 
     ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
+    ``position`` is the raw samples consumed before ``start``; the default assumes every sample
+    before it was readable (:func:`full_batches_position`), the trainer passes the exact one.
     ``active`` (a boolean array over sample ids) drops every other sample before decoding.
     """
     if num_workers and layout.num_streams != num_workers:
@@ -340,7 +370,7 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
             "(each worker draws shards with replacement), or write more, smaller shards."
         )
     dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
-                          shuffle_buffer=shuffle_buffer, active=active)
+                          position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer, active=active)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       worker_init_fn=ignore_sigterm,
                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from trivit.config import ConfigError, to_dict
 from trivit.datasets.sources import resolve_shards
-from trivit.datasets.stream import Batch, SampleDecoder, StreamLayout, eval_loader, train_loader
+from trivit.datasets.stream import (Batch, SampleDecoder, StreamLayout, StreamPosition, eval_loader,
+                                    full_batches_position, train_loader)
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend, resolve_engine
 from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
@@ -111,6 +112,8 @@ class Trainer:
             self.model.blocks.record_cls_attention = examples.policy == "forgetting"
         self.plan = EpochPlan(active=torch.ones(num_samples, dtype=torch.bool), weights=torch.ones(num_samples))
         self.epochs = EpochTracker()
+        self.stream_position: StreamPosition = []
+        """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
         self.nonfinite_steps = 0
         self.stop_requested = False
         """SIGTERM seen by this rank; ``preempted`` once every rank knows (the step's all-reduce)."""
@@ -204,7 +207,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
-        set_rng_state(state["ranks"][self.world.rank]["rng"])
+        rank_state = state["ranks"][self.world.rank]
+        set_rng_state(rank_state["rng"])
         self.epochs.load_state_dict(state["epochs"])
         self.data_counts = dict(state["data_counts"])
         self.nonfinite_steps = state["nonfinite_steps"]
@@ -212,6 +216,8 @@ class Trainer:
         if self.selector is not None:
             self.selector.load_state_dict(state["examples"])
         self.step = state["step"]
+        self.stream_position = rank_state.get("stream_position") or full_batches_position(
+            self._layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
 
     def _resume(self) -> None:
         resume = self.config.resume
@@ -410,6 +416,13 @@ class Trainer:
         if self.selector is not None:
             self.plan = self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks)
         self.epochs.begin(self.step, int(self.plan.active.sum()) // self.config.data.batch_size)
+        self.stream_position = full_batches_position(self._layout(epoch), 0, self.micro_batch)
+
+    def _advance_stream(self, batch: Batch) -> None:
+        """Count the raw samples the step's batch took from its stream, unreadable ones included."""
+        stream = self._layout(self.epochs.current).stream_of(self.epochs.offset(self.step))
+        for slot, consumed in enumerate(batch.consumed):
+            self.stream_position[slot][stream] += consumed
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         """Pre-emption: finish the current step, write a checkpoint, stop (see the training loop)."""
@@ -439,7 +452,7 @@ class Trainer:
         """Write a checkpoint (every rank takes part)."""
         if self.selector is not None:
             self.selector.stats.synchronize(sum_across_ranks)  # one table for all ranks, kept once
-        rank_states = gather_objects({"rng": rng_state()})
+        rank_states = gather_objects({"rng": rng_state(), "stream_position": self.stream_position})
 
         def write(folder: Path) -> dict[str, Any]:
             return {**self.state_dict(rank_states), **self.backend.save(folder)}
@@ -476,6 +489,7 @@ class Trainer:
                 tick = time.perf_counter()
                 for batch in self._epoch_loader():
                     loss = self._train_step(batch)
+                    self._advance_stream(batch)
                     self.step += 1
                     window_images += len(batch.ids) * self.world.world_size
                     window_time += time.perf_counter() - tick
@@ -517,5 +531,6 @@ class Trainer:
             stop = min(stop, offset + config.schedule.max_steps - self.step)
         active = self.plan.active.numpy() if self.selector is not None else None
         return train_loader(self._layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
-                            start=offset, stop=stop, shuffle_buffer=data.shuffle_buffer,
+                            start=offset, stop=stop, position=[list(p) for p in self.stream_position],
+                            shuffle_buffer=data.shuffle_buffer,
                             num_workers=data.num_workers, active=active)

@@ -66,3 +66,34 @@ def test_training_goes_on_and_logs_the_skipped_count(bad_shards, tmp_path):
 def test_too_much_bad_data_stops_with_a_clear_error(bad_shards, tmp_path):
     with pytest.raises(ValueError, match=r"training samples read so far are unreadable, more than data.max_bad_fraction=0.01"):
         run(bad_shards, tmp_path / "run", **{"data.max_bad_fraction": "0.01"})
+
+
+@pytest.fixture(scope="module")
+def one_corrupt_per_shard(tmp_path_factory):
+    """8 shards x 32 samples, the 5th sample of each shard a corrupt PNG."""
+    folder = tmp_path_factory.mktemp("corrupt_per_shard")
+    samples = list(synthetic_samples(256))
+    for shard in range(8):
+        samples[32 * shard + 4]["png"] = b"\x89PNG not an image"
+    names = [f"train-{i:06d}.tar" for i in range(8)]
+    for i, name in enumerate(names):
+        write_shard(folder / name, samples[32 * i: 32 * (i + 1)])
+    split = {"shards": names, "counts": [32] * 8, "total": 256, "urls": "train-{000000..000007}.tar"}
+    write_index(folder, {"train": split}, [f"class{i}" for i in range(4)])
+    return folder
+
+
+def test_resume_after_skipped_samples_continues_the_exact_stream(one_corrupt_per_shard, tmp_path):
+    """Samples skipped before the checkpoint do not shift the resumed stream: the losses are identical."""
+    common = {"data.train_urls": str(one_corrupt_per_shard / "train-{000000..000007}.tar"),
+              "data.val_urls": str(one_corrupt_per_shard / "train-000000.tar"), "data.max_bad_fraction": "0.1",
+              "schedule.max_steps": "16", "checkpoint.every_steps": "8"}
+    run(one_corrupt_per_shard, tmp_path / "full", **common)
+    run(one_corrupt_per_shard, tmp_path / "split", **dict(common, **{"schedule.max_steps": "8"}))
+    at_checkpoint = {r["step"]: r for r in read_metrics(tmp_path / "split")}[8]
+    assert at_checkpoint["data/skipped"] >= 2, "corrupt samples were read before the checkpoint"
+    run(one_corrupt_per_shard, tmp_path / "split", **common)
+    full = {r["step"]: r for r in read_metrics(tmp_path / "full")}
+    split = {r["step"]: r for r in read_metrics(tmp_path / "split")}
+    assert [split[s]["loss"] for s in range(9, 17)] == [full[s]["loss"] for s in range(9, 17)]
+    assert split[16]["data/skipped"] == full[16]["data/skipped"], "skipped samples are counted once"
