@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from trivit.config import ConfigError
 from trivit.datasets import fashion_mnist
 from trivit.datasets.config import DataConfig
 from trivit.datasets.shards import INDEX_NAME, read_index
@@ -31,41 +32,92 @@ def prepare_source(name: str, cache_dir: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class ShardSet:
-    """The training and validation shards of a run, with what their index says about them."""
+    """The training and validation shards of a run, with what their indexes say about them."""
 
     train_urls: list[str]
     val_urls: list[str]
     train_samples: int
+    """Samples in the listed training shards (the index's counts): the epoch length comes from it."""
+    classes: list[str]
+    num_ids: int = 0
+    """Size of the global sample-id space: the sum over sources of their training split's size."""
+    id_offsets: dict[str, int] = field(default_factory=dict)
+    """Per training URL, what is added to its samples' ids so that joined sources never share an id."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source (a '::'-separated part of ``data.train_urls``) read with its own index."""
+
+    urls: list[str]
+    samples: int
+    """Samples in the listed shards."""
+    num_ids: int
+    """Ids its splits number: each split numbers its samples 0 .. total - 1, whether or not every
+    shard is listed, and the splits it lists shards of are placed one after the other."""
+    id_offsets: dict[str, int]
+    """Per URL, the offset of its split within the source."""
     classes: list[str]
 
 
 def resolve_shards(data: DataConfig) -> ShardSet:
     """Locate the run's shards: ``data.train_urls``/``val_urls``, or the prepared built-in ``data.source``.
 
-    Checked up front, each with the fix in the message: shards that do not exist, shards the
-    index does not list (the epoch length would be wrong), shards the index lists that are gone.
+    Several sources joined with '::' each have their own index (beside their first shard, or
+    the matching '::'-part of ``data.index``) and their sample ids are shifted into one global
+    space. Checked up front, each with the fix in the message: shards that do not exist, shards
+    an index does not list (the epoch length would be wrong), shards an index lists that are
+    gone, sources whose class lists differ.
     """
-    train, val, index_path = data.train_urls, data.val_urls, data.index
+    train, val, index_spec = data.train_urls, data.val_urls, data.index
     if not train:
         folder = prepare_source(data.source, data.cache_dir)
         index = read_index(folder / INDEX_NAME)
         splits = index["splits"]
         train = str(folder / splits["train"]["urls"])
         val = val or str(folder / splits["test" if "test" in splits else "val"]["urls"])
-        index_path = index_path or str(folder / INDEX_NAME)
-    train_urls = expand_urls(train)
+        index_spec = index_spec or str(folder / INDEX_NAME)
+    patterns = train.split("::")
+    index_paths = index_spec.split("::") if index_spec else [""] * len(patterns)
+    if len(index_paths) != len(patterns):
+        raise ConfigError("data.index", f"got {len(index_paths)} index paths for {len(patterns)} training sources; "
+                                        "give one per source, joined with '::' in the same order, or none (each "
+                                        "source's index.json beside its shards)")
+    sources = [resolve_source(pattern, index_path) for pattern, index_path in zip(patterns, index_paths)]
+    for pattern, source in zip(patterns[1:], sources[1:]):
+        if source.classes != sources[0].classes:
+            raise ValueError(f"training source {pattern!r} has other classes than {patterns[0]!r} ({source.classes[:5]} "
+                             f"vs {sources[0].classes[:5]}): joined sources must share one class list")
     val_urls = expand_urls(val) if val else []
-    check_shards_exist(train_urls, "data.train_urls", train)
     check_shards_exist(val_urls, "data.val_urls", val)
-    index = read_index(index_path or Path(train_urls[0]).parent / INDEX_NAME)
-    counts = {name: count for split in index["splits"].values() for name, count in zip(split["shards"], split["counts"])}
-    unlisted = [url for url in train_urls if shard_name(url) not in counts]
+    offsets, base = {}, 0
+    for source in sources:
+        offsets.update({url: base + offset for url, offset in source.id_offsets.items()})
+        base += source.num_ids
+    return ShardSet(train_urls=[url for source in sources for url in source.urls], val_urls=val_urls,
+                    train_samples=sum(source.samples for source in sources), classes=sources[0].classes,
+                    num_ids=base, id_offsets={url: o for url, o in offsets.items() if o})
+
+
+def resolve_source(pattern: str, index_path: str) -> Source:
+    """One training source: its shards checked against its own index, its ids laid out split by split."""
+    urls = expand_urls(pattern)
+    check_shards_exist(urls, "data.train_urls", pattern)
+    index = read_index(index_path or Path(urls[0]).parent / INDEX_NAME)
+    names = {shard_name(url) for url in urls}
+    counts, split_offsets, num_ids = {}, {}, 0
+    for entry in index["splits"].values():
+        if names & set(entry["shards"]):
+            counts.update(zip(entry["shards"], entry["counts"]))
+            split_offsets.update(dict.fromkeys(entry["shards"], num_ids))
+            num_ids += entry.get("total", sum(entry["counts"]))
+    unlisted = [url for url in urls if shard_name(url) not in counts]
     if unlisted:
         raise ValueError(f"{len(unlisted)} training shards are not in the index (first: {unlisted[0]}); "
                          "rewrite the index with 'trivit shards' or point data.index at the right one")
-    check_index_complete(index, train_urls)
-    return ShardSet(train_urls=train_urls, val_urls=val_urls,
-                    train_samples=sum(counts[shard_name(url)] for url in train_urls), classes=list(index["classes"]))
+    check_index_complete(index, urls)
+    return Source(urls=urls, samples=sum(counts[shard_name(url)] for url in urls), num_ids=num_ids,
+                  id_offsets={url: split_offsets[shard_name(url)] for url in urls}, classes=list(index["classes"]))
 
 
 def shard_name(url: str) -> str:

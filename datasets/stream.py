@@ -242,7 +242,8 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 position: StreamPosition, shuffle_buffer: int, active: np.ndarray | None = None):
+                 position: StreamPosition, shuffle_buffer: int, active: np.ndarray | None = None,
+                 id_offsets: dict[str, int] | None = None):
         super().__init__()
         self.layout, self.decode = layout, decode
         self.batch_size, self.start, self.stop = batch_size, start, stop
@@ -250,6 +251,8 @@ class TrainStream(IterableDataset):
         self.position = position
         self.shuffle_buffer = shuffle_buffer
         self.active = active
+        self.id_offsets = id_offsets or {}
+        """Added to the ids of each shard's samples (joined sources, see ``resolve_shards``)."""
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -282,6 +285,7 @@ class TrainStream(IterableDataset):
             yield from wds.DataPipeline(
                 lambda: ({"url": rng.choice(shards)} for _ in itertools.count()),
                 wds.tarfile_to_samples(handler=bad.shard),
+                wds.map(self._global_id),
                 wds.select(self._is_active),
                 wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
             )
@@ -291,6 +295,7 @@ class TrainStream(IterableDataset):
             for sample in wds.DataPipeline(
                 wds.SimpleShardList(order),
                 wds.tarfile_to_samples(handler=bad.shard),
+                wds.map(self._global_id),
                 wds.select(self._is_active),
                 wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
             ):
@@ -300,6 +305,16 @@ class TrainStream(IterableDataset):
                 raise ValueError(f"training shards {order} hold no (active) samples for this stream; "
                                  "check data.train_urls")
             rng.shuffle(order)
+
+    def _global_id(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """The sample with its id moved into the run's global id space (its source's offset added)."""
+        offset = self.id_offsets.get(sample.get("__url__"), 0)
+        if offset and "id" in sample:
+            try:
+                sample["id"] = int(sample["id"]) + offset
+            except ValueError:
+                pass  # the decoder reports and skips it
+        return sample
 
     def _is_active(self, sample: dict[str, Any]) -> bool:
         """The example level's filter: reads only the id, before any image is decoded."""
@@ -350,13 +365,14 @@ def ignore_sigterm(worker_id: int) -> None:
 
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
                  shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
-                 active: np.ndarray | None = None) -> DataLoader:
+                 active: np.ndarray | None = None, id_offsets: dict[str, int] | None = None) -> DataLoader:
     """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
 
     ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
     ``position`` is the raw samples consumed before ``start``; the default assumes every sample
     before it was readable (:func:`full_batches_position`), the trainer passes the exact one.
-    ``active`` (a boolean array over sample ids) drops every other sample before decoding.
+    ``active`` (a boolean array over sample ids) drops every other sample before decoding;
+    ``id_offsets`` (per shard URL) moves joined sources' ids into one space.
     """
     if num_workers and layout.num_streams != num_workers:
         raise ValueError(f"layout has {layout.num_streams} streams but the loader {num_workers} workers")
@@ -370,7 +386,8 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
             "(each worker draws shards with replacement), or write more, smaller shards."
         )
     dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
-                          position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer, active=active)
+                          position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer,
+                          active=active, id_offsets=id_offsets)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       worker_init_fn=ignore_sigterm,
                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))

@@ -106,11 +106,13 @@ class Trainer:
         self.eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
 
         examples = config.sparsity.examples
+        num_ids = self.shards.num_ids
         self.selector = None
         if examples.policy != "none":
-            self.selector = ExampleSelector(examples, num_samples, config.schedule.epochs, config.seed, self.device)
+            self._check_every_id_listed()
+            self.selector = ExampleSelector(examples, num_ids, config.schedule.epochs, config.seed, self.device)
             self.model.blocks.record_cls_attention = examples.policy == "forgetting"
-        self.plan = EpochPlan(active=torch.ones(num_samples, dtype=torch.bool), weights=torch.ones(num_samples))
+        self.plan = EpochPlan(active=torch.ones(num_ids, dtype=torch.bool), weights=torch.ones(num_ids))
         self.epochs = EpochTracker()
         self.stream_position: StreamPosition = []
         """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
@@ -137,6 +139,15 @@ class Trainer:
             raise ConfigError("data.batch_size", f"mixup/cutmix pair the images of each micro-batch, which has "
                                                  f"{micro} (odd) here; use a global batch divisible by {2 * slots}")
         return micro
+
+    def _check_every_id_listed(self) -> None:
+        """The example level sizes epochs from its active ids: every id must be in a listed shard."""
+        shards = self.shards
+        if shards.num_ids != shards.train_samples:
+            raise ConfigError("sparsity.examples.policy", f"the example level needs every shard of the splits it "
+                                                          f"reads, but data.train_urls lists {shards.train_samples} of "
+                                                          f"their {shards.num_ids} samples; list all their shards or "
+                                                          "set sparsity.examples.policy=none")
 
     @property
     def dense_epoch_steps(self) -> int:
@@ -253,7 +264,7 @@ class Trainer:
         """The metrics of the step just taken (a skipped non-finite loss is logged as null)."""
         loss_value = loss.item()
         blocks = self.model.blocks
-        active = int(self.plan.active.sum())
+        active = self._active_samples()
         flops = dense_fraction(self.model)
         return {"step": self.step, "epoch": self.epochs.progress(self.step),
                 "loss": loss_value if math.isfinite(loss_value) else None, "nonfinite_steps": self.nonfinite_steps,
@@ -415,8 +426,12 @@ class Trainer:
         epoch = self.epochs.current + 1
         if self.selector is not None:
             self.plan = self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks)
-        self.epochs.begin(self.step, int(self.plan.active.sum()) // self.config.data.batch_size)
+        self.epochs.begin(self.step, self._active_samples() // self.config.data.batch_size)
         self.stream_position = full_batches_position(self._layout(epoch), 0, self.micro_batch)
+
+    def _active_samples(self) -> int:
+        """Training samples of the current epoch: the example level's active set, else every listed one."""
+        return int(self.plan.active.sum()) if self.selector is not None else self.shards.train_samples
 
     def _advance_stream(self, batch: Batch) -> None:
         """Count the raw samples the step's batch took from its stream, unreadable ones included."""
@@ -533,4 +548,4 @@ class Trainer:
         return train_loader(self._layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
                             start=offset, stop=stop, position=[list(p) for p in self.stream_position],
                             shuffle_buffer=data.shuffle_buffer,
-                            num_workers=data.num_workers, active=active)
+                            num_workers=data.num_workers, active=active, id_offsets=self.shards.id_offsets)

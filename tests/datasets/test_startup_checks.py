@@ -64,3 +64,48 @@ def test_pipe_urls_stream_through_a_command(tiny_shards, tmp_path):
     trainer.train()
     assert trainer.step == 20 and trainer.shards.train_samples == 256
     assert read_metrics(tmp_path / "run")[-1]["data/skipped"] == 0
+
+
+@pytest.fixture(scope="module")
+def second_source(tmp_path_factory):
+    """A shard set written on its own (ids from 0 again, same file names): 2 shards x 48 samples."""
+    from tests.conftest import NUM_CLASSES, synthetic_samples
+    from trivit.datasets.shards import write_index, write_split
+
+    folder = tmp_path_factory.mktemp("second_source")
+    write_index(folder, {"train": write_split(synthetic_samples(96, seed=3), folder, "train", 48)},
+                [f"class{i}" for i in range(NUM_CLASSES)])
+    return folder
+
+
+def test_joined_sources_get_distinct_ids_and_one_table(tiny_shards, second_source, tmp_path):
+    joined = f"{tiny_shards}/train-{{000000..000007}}.tar::{second_source}/train-{{000000..000001}}.tar"
+    trainer = build(tiny_shards, tmp_path, **{"data.train_urls": joined, "sparsity.examples.policy": "forgetting",
+                                               "data.batch_size": "32"})
+    assert trainer.shards.train_samples == 256 + 96, "each source's counts from its own index"
+    assert trainer.shards.num_ids == len(trainer.selector.in_pool) == len(trainer.selector.stats.correct) == 352
+    ids = [i for batch in trainer._epoch_loader() for i in batch.ids.tolist()]
+    assert len(ids) == len(set(ids)) == trainer.epochs.lengths[-1] * 32, "no id is read twice in an epoch"
+    assert all(trainer.plan.active[i] for i in ids), "only active samples are read"
+    assert any(i >= 256 for i in ids), "the second source's ids come after the first's"
+
+
+def test_joined_sources_with_other_classes_are_refused(tiny_shards, tmp_path):
+    from trivit.datasets.shards import write_index, write_split
+    from tests.conftest import synthetic_samples
+
+    other = tmp_path / "other"
+    write_index(other, {"train": write_split(synthetic_samples(32), other, "train", 32)}, ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="has other classes than .*joined sources must share one class list"):
+        build(tiny_shards, tmp_path, **{"data.train_urls": f"{tiny_shards}/train-000000.tar::{other}/train-000000.tar"})
+
+
+def test_a_subset_of_the_shards_trains_and_the_example_level_asks_for_all(tiny_shards, tmp_path):
+    subset = {"data.train_urls": f"{tiny_shards}/train-{{000000..000004}}.tar", "schedule.max_steps": "12"}
+    trainer = build(tiny_shards, tmp_path, **subset)
+    trainer.train()
+    assert trainer.shards.train_samples == 160 and trainer.shards.num_ids == 256
+    assert trainer.epochs.lengths[0] == 160 // 16, "the epoch is the listed shards' samples"
+    with pytest.raises(ValueError, match=r"lists 160 of their 256 samples; list all their shards or set "
+                                         r"sparsity.examples.policy=none"):
+        build(tiny_shards, tmp_path / "examples", **subset, **{"sparsity.examples.policy": "forgetting"})
