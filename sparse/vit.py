@@ -179,12 +179,15 @@ def _check_sparsity_fits(model: VisionTransformer, config: SparsityConfig) -> No
 
 
 def _create_timm(name: str, **kwargs: Any) -> nn.Module:
-    if name not in timm.list_models():
+    """``timm.create_model``; any name it accepts works, pretrained tags included ('vit_base_patch16_224.augreg_in1k')."""
+    if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; any plain ViT name works, e.g. 'deit_tiny_patch16_224'")
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as error:
         raise ValueError(f"timm model {name!r} does not accept these arguments ({error}); check model.timm_kwargs") from None
+    except RuntimeError as error:
+        raise ValueError(f"timm model {name!r}: {error}") from None
 
 
 def _check_plain_vit(name: str, timm_kwargs: Mapping[str, Any]) -> None:

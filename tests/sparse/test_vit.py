@@ -46,26 +46,43 @@ def test_logits_equal_timm_on_the_same_weights(name, training):
         assert not torch.allclose(other_draw, got), "drop-path must be active in train mode"
 
 
-def test_checkpoint_loads_strictly_both_ways():
+@pytest.mark.parametrize("direction", ["ours_to_timm", "timm_to_ours"])
+def test_checkpoint_loads_strictly_both_ways(direction):
     kwargs = {"img_size": 32, "patch_size": 8, "num_classes": 5}
-    ours = create_vit("deit_tiny_patch16_224", **kwargs)
-    reference = timm.create_model("deit_tiny_patch16_224", **kwargs)
-    reference.load_state_dict(ours.state_dict(), strict=True)
-    ours.load_state_dict(reference.state_dict(), strict=True)
-    for key, value in ours.state_dict().items():
-        assert torch.equal(value, reference.state_dict()[key]), key
+    torch.manual_seed(0)
+    ours = create_vit("deit_tiny_patch16_224", **kwargs).eval()
+    torch.manual_seed(1)
+    reference = timm.create_model("deit_tiny_patch16_224", **kwargs).eval()
+    source, target = (ours, reference) if direction == "ours_to_timm" else (reference, ours)
+    images = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(target(images), source(images)), "two different initialisations"
+    target.load_state_dict(source.state_dict(), strict=True)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in source.state_dict().items())
+    torch.testing.assert_close(target(images), source(images), rtol=0, atol=1e-6)
 
 
 def test_sparsity_accepts_a_dict_and_rejects_unknown_keys():
-    assert create_vit("deit_tiny_patch16_224", {}, img_size=32, patch_size=8) is not None
+    model = create_vit("deit_tiny_patch16_224", {"tokens": {"keep_rate": 0.5, "locations": [1]}}, img_size=32,
+                       patch_size=8)
+    assert model.blocks.token_keep_rate == 0.5 and model.blocks.attention_keep_rate == 1.0
+    assert model.blocks.locations == {1}
+    model(torch.randn(1, 3, 32, 32))
+    assert model.blocks.tokens_per_block == [1 + 16, 1 + 8] + [1 + 8] * 10
     with pytest.raises(ConfigError, match=r"sparsity\.token"):
         create_vit("deit_tiny_patch16_224", {"token": {"keep_rate": 0.7}}, img_size=32, patch_size=8)
+
+
+def test_model_names_with_a_pretrained_tag_are_accepted():
+    with torch.device("meta"):
+        model = create_vit("vit_base_patch16_224.augreg2_in21k_ft_in1k", num_classes=10)
+    assert model.pretrained_cfg["tag"] == "augreg2_in21k_ft_in1k" and len(model.blocks) == 12
 
 
 @pytest.mark.parametrize("name, message", [
     ("resnet50", "not a plain ViT"),
     ("vit_small_patch16_18x2_224", "not a plain ViT"),
     ("deit_tiny_patch16", "unknown timm model"),
+    ("vit_base_patch16_224.no_such_tag", "Invalid pretrained tag"),
 ])
 def test_rejects_models_that_are_not_plain_vits(name, message):
     with pytest.raises(ValueError, match=message):
