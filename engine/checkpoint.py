@@ -3,10 +3,12 @@
 A checkpoint is ``<run_dir>/checkpoints/step_XXXXXXXX/`` holding ``trainer.pt`` (written by
 the main rank: step, schedules, data position, sparsity state, every rank's RNG, and for
 single/DDP the model and optimizer) plus whatever the backend writes beside it (FSDP's
-sharded state dict, DeepSpeed's checkpoint). Everything is written into ``step_XXXXXXXX.tmp/``,
-synced to disk, and renamed once every rank has finished: a crash mid-write leaves at most a
-``.tmp`` folder, which is never taken for a checkpoint. With several nodes, ``run_dir`` must
-be on a filesystem all of them share.
+sharded state dict, DeepSpeed's checkpoint). Everything is written into ``step_XXXXXXXX.tmp/``
+and renamed once every rank has finished: a crash mid-write leaves at most a ``.tmp`` folder,
+which is never taken for a checkpoint. Durability without flushing the whole node: each rank
+fsyncs the files it wrote, the main rank fsyncs the folder's directories before the rename and
+the parent directory after it, so a checkpoint that exists by name survives a power loss. With
+several nodes, ``run_dir`` must be on a filesystem all of them share.
 """
 from __future__ import annotations
 
@@ -56,24 +58,30 @@ class CheckpointManager:
                 tmp.mkdir(parents=True)
 
         def write_all() -> None:
+            before = file_stamps(tmp)
             state = write(tmp)
             if self.is_main:
-                _save_synced(state, tmp / TRAINER_FILE)
-            os.sync()
+                torch.save(state, tmp / TRAINER_FILE)
+            for file in changed_files(tmp, before):
+                fsync_path(file)
 
-        error = _attempt(prepare)
-        ok = all_ranks_ok(error is None, self.device)  # every rank votes after each phase, so none waits alone
-        if ok:
-            error = _attempt(write_all)
-            ok = all_ranks_ok(error is None, self.device)
-        if not ok:
+        def complete() -> None:
             if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            self._raise_write_error(path, error)
+                for directory in [tmp, *(d for d in sorted(tmp.rglob("*")) if d.is_dir())]:
+                    fsync_path(directory)
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+                fsync_path(self.folder)
+
+        error = None
+        for phase in (prepare, write_all, complete):  # every rank votes after each phase, so none waits alone
+            error = _attempt(phase)
+            if not all_ranks_ok(error is None, self.device):
+                if self.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                self._raise_write_error(path, error)
         if self.is_main:
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
             for _, old in self.saved()[: -self.keep]:
                 shutil.rmtree(old)
         barrier()
@@ -106,11 +114,28 @@ def _attempt(action: Callable[[], None]) -> Exception | None:
     return None
 
 
-def _save_synced(state: dict[str, Any], path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+def file_stamps(folder: Path) -> dict[Path, tuple[int, int]]:
+    """(modification time, size) of every file under ``folder``."""
+    stamps = {}
+    for file in folder.rglob("*"):
+        if file.is_file():
+            stat = file.stat()
+            stamps[file] = (stat.st_mtime_ns, stat.st_size)
+    return stamps
+
+
+def changed_files(folder: Path, before: dict[Path, tuple[int, int]]) -> list[Path]:
+    """Files under ``folder`` that are new or changed since ``before`` (this rank's, and any written meanwhile)."""
+    return [file for file, stamp in file_stamps(folder).items() if before.get(file) != stamp]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file's or directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoint_folder(path: str | Path) -> Path:

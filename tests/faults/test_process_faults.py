@@ -124,3 +124,21 @@ def test_a_failing_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one(
         train(tiny_shards, tmp_path, **{"schedule.max_steps": "8", "checkpoint.every_steps": "4"})
     state, path = CheckpointManager(tmp_path / "checkpoints", 2).load_latest()
     assert path.name == "step_00000004" and state["step"] == 4
+
+
+def test_a_checkpoint_is_made_durable_file_by_file_without_flushing_the_node(tiny_shards, tmp_path, monkeypatch):
+    """fsync of every file written, of the folder before the rename and of its parent after it; no os.sync."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "sync", lambda: events.append(("sync", None)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b)))
+    train(tiny_shards, tmp_path, **{"schedule.max_steps": "4", "checkpoint.every_steps": "4"})
+    checkpoints = tmp_path / "checkpoints"
+    final, tmp = checkpoints / "step_00000004", checkpoints / "step_00000004.tmp"
+    assert ("sync", None) not in events, "os.sync flushes every filesystem of the node"
+    synced = [path for kind, path in events if kind == "fsync"]
+    assert str(tmp / "trainer.pt") in synced and str(tmp) in synced
+    rename = events.index(("rename", str(final)))
+    assert events.index(("fsync", str(tmp))) < rename < events.index(("fsync", str(checkpoints)))
