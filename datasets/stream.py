@@ -363,19 +363,8 @@ def ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
-                 active: np.ndarray | None = None, id_offsets: dict[str, int] | None = None) -> DataLoader:
-    """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
-
-    ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
-    ``position`` is the raw samples consumed before ``start``; the default assumes every sample
-    before it was readable (:func:`full_batches_position`), the trainer passes the exact one.
-    ``active`` (a boolean array over sample ids) drops every other sample before decoding;
-    ``id_offsets`` (per shard URL) moves joined sources' ids into one space.
-    """
-    if num_workers and layout.num_streams != num_workers:
-        raise ValueError(f"layout has {layout.num_streams} streams but the loader {num_workers} workers")
+def check_enough_shards(layout: StreamLayout) -> None:
+    """Every (slot, worker) stream needs a shard of its own, or it would yield nothing and the ranks would hang."""
     needed = layout.num_slots * layout.num_streams
     if not layout.resampled and len(layout.urls) < needed:
         raise ValueError(
@@ -385,20 +374,44 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
             f"{max(1, len(layout.urls) // layout.num_slots)}, data.resampled=true "
             "(each worker draws shards with replacement), or write more, smaller shards."
         )
+
+
+def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
+                 shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
+                 active: np.ndarray | None = None, id_offsets: dict[str, int] | None = None,
+                 pin_memory: bool = False) -> DataLoader:
+    """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
+
+    ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
+    ``position`` is the raw samples consumed before ``start``; the default assumes every sample
+    before it was readable (:func:`full_batches_position`), the trainer passes the exact one.
+    ``active`` (a boolean array over sample ids) drops every other sample before decoding;
+    ``id_offsets`` (per shard URL) moves joined sources' ids into one space; ``pin_memory`` when
+    training on CUDA.
+
+    Workers are started for each epoch rather than kept (``persistent_workers``): an epoch's
+    streams depend on what is decided when it begins (the shard permutation, the example
+    level's active set), and a stream's shuffle buffer drains at the end of every pass by
+    design, so a kept worker would carry nothing over. Starting them costs about a second per
+    epoch.
+    """
+    if num_workers and layout.num_streams != num_workers:
+        raise ValueError(f"layout has {layout.num_streams} streams but the loader {num_workers} workers")
+    check_enough_shards(layout)
     dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
                           position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer,
                           active=active, id_offsets=id_offsets)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      worker_init_fn=ignore_sigterm,
+                      pin_memory=pin_memory, worker_init_fn=ignore_sigterm,
                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
 
 
 def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int,
-                num_workers: int) -> DataLoader:
+                num_workers: int, pin_memory: bool = False) -> DataLoader:
     """Loader over every sample of this rank's share of ``urls``.
 
     Its own generator keeps the global RNG untouched, so evaluating never changes training.
     """
     dataset = EvalStream(urls, decode, batch_size=batch_size, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=ignore_sigterm,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=ignore_sigterm, generator=torch.Generator().manual_seed(0))

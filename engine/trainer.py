@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from trivit.config import ConfigError, to_dict
 from trivit.datasets.sources import resolve_shards
-from trivit.datasets.stream import (Batch, SampleDecoder, StreamLayout, StreamPosition, eval_loader,
-                                    full_batches_position, train_loader)
+from trivit.datasets.stream import (Batch, SampleDecoder, StreamLayout, StreamPosition, check_enough_shards,
+                                    eval_loader, full_batches_position, train_loader)
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend, resolve_engine
 from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
@@ -89,6 +89,7 @@ class Trainer:
         if num_samples < data.batch_size:
             raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the {num_samples} training samples")
         self.num_classes = config.model.num_classes or len(self.shards.classes)
+        check_enough_shards(self._layout(0))
         init_process_group(self.world, self.device, config.engine.timeout_s)
 
         seed_everything(config.seed)  # the same initial weights on every rank
@@ -373,7 +374,8 @@ class Trainer:
         data = self.config.data
         loader = eval_loader(self.shards.val_urls, self.eval_decoder, batch_size=data.eval_batch_size,
                              rank=self.world.rank, world_size=self.world.world_size,
-                             num_workers=min(data.num_workers, len(self.shards.val_urls)))
+                             num_workers=min(data.num_workers, len(self.shards.val_urls)),
+                             pin_memory=self.device.type == "cuda")
         was_training = model.training
         model.eval()
         locations = sorted(self.model.blocks.locations)
@@ -548,4 +550,5 @@ class Trainer:
         return train_loader(self._layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
                             start=offset, stop=stop, position=[list(p) for p in self.stream_position],
                             shuffle_buffer=data.shuffle_buffer,
-                            num_workers=data.num_workers, active=active, id_offsets=self.shards.id_offsets)
+                            num_workers=data.num_workers, active=active, id_offsets=self.shards.id_offsets,
+                            pin_memory=self.device.type == "cuda")

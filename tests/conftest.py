@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,12 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra: str) -> list[str]:
     }
     overrides.update(extra)
     return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def fault_step(low: int, high: int) -> int:
+    """A random step in [low, high] at which a test injects a fault, printed so that a failure can be
+    replayed: the seed is ``TRIVIT_TEST_FAULT_SEED`` if set, else the process id."""
+    seed = int(os.environ.get("TRIVIT_TEST_FAULT_SEED", os.getpid()))
+    step = random.Random(seed).randint(low, high)
+    print(f"fault_step drew {step} (replay with TRIVIT_TEST_FAULT_SEED={seed})")
+    return step

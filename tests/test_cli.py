@@ -55,3 +55,11 @@ def test_dry_run_validates_and_counts_steps(tiny_shards, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "256 training samples, 3 epochs of up to 16 steps of 16 images" in result.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_runs_the_shards_per_worker_check(tiny_shards, tmp_path):
+    result = run_cli("train", "--config", DEMO, "--dry-run",
+                     *tiny_overrides(tiny_shards, tmp_path / "run", **{"data.num_workers": "9"}))
+    assert result.returncode == 2
+    assert "8 training shards for 1 data-parallel slots (ranks x gradient accumulation steps) x 9 workers" in result.stderr
+    assert "Use data.num_workers <= 8, data.resampled=true" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from tests.conftest import tiny_overrides
 from trivit.config import load
@@ -50,11 +51,17 @@ def test_bad_shard_layouts_fail_at_start_up(shard_copy, tmp_path, change, extra,
 
 
 def test_more_workers_than_shards_explains_the_hang_it_avoids(tiny_shards, tmp_path):
-    trainer = build(tiny_shards, tmp_path, **{"data.num_workers": "9"})
     with pytest.raises(ValueError, match=r"8 training shards for 1 data-parallel slots \(ranks x gradient accumulation "
                                          r"steps\) x 9 workers: every worker needs at least one shard, or it would "
                                          r"yield nothing and the ranks would hang"):
-        trainer.train()
+        build(tiny_shards, tmp_path, **{"data.num_workers": "9"})
+
+
+def test_loaders_pin_memory_when_training_on_cuda(tiny_shards, tmp_path):
+    trainer = build(tiny_shards, tmp_path)
+    assert trainer._epoch_loader().pin_memory is False, "the CPU has no use for pinned pages"
+    trainer.device = torch.device("cuda")  # where the loaders are made, the device is all that counts
+    assert trainer._epoch_loader().pin_memory is True
 
 
 def test_pipe_urls_stream_through_a_command(tiny_shards, tmp_path):

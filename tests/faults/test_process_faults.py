@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import fault_step, tiny_overrides
 from trivit.config import load
 from trivit.engine.checkpoint import CheckpointManager
 from trivit.engine.config import TrainConfig
@@ -53,7 +52,7 @@ def uninterrupted(tiny_shards, tmp_path_factory) -> dict[int, float]:
 
 
 def test_kill_9_then_resume_logs_the_uninterrupted_losses(tiny_shards, tmp_path, uninterrupted):
-    kill_after = random.Random(os.getpid()).randint(4, 18)
+    kill_after = fault_step(4, 18)
     process = subprocess.Popen(command(tiny_shards, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_steps(tmp_path, kill_after, process)
     process.send_signal(signal.SIGKILL)
@@ -64,6 +63,32 @@ def test_kill_9_then_resume_logs_the_uninterrupted_losses(tiny_shards, tmp_path,
     resumed = last_losses(tmp_path)
     assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 25))
     assert resumed == uninterrupted, f"killed after step {kill_after}, resumed from step {saved[-1][0]}"
+
+
+KILL_IN_CHECKPOINT = """
+import os, signal, sys, torch
+from trivit.cli import main
+save = torch.save
+def save_then_die(state, path, *args, **kwargs):
+    save(state, path, *args, **kwargs)
+    if str(path).endswith("step_{step:08d}.tmp/trainer.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)  # the folder is written, the rename never happens
+torch.save = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_while_a_checkpoint_folder_is_tmp_resumes_from_the_previous_one(tiny_shards, tmp_path, uninterrupted):
+    step = 3 * fault_step(2, 7)  # a checkpoint step (every 3)
+    program = [sys.executable, "-c", KILL_IN_CHECKPOINT.format(step=step)] + command(tiny_shards, tmp_path)[3:]
+    killed = subprocess.run(program, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / f"step_{step:08d}.tmp" / "trainer.pt").is_file(), "killed with the folder still .tmp"
+    assert CheckpointManager(checkpoints, 2).saved()[-1][0] == step - 3
+    subprocess.run(command(tiny_shards, tmp_path), check=True, capture_output=True, timeout=300)
+    assert last_losses(tmp_path) == uninterrupted
+    assert not (checkpoints / f"step_{step:08d}.tmp").exists(), "the next save of that step replaced it"
 
 
 def test_sigterm_writes_a_checkpoint_before_exiting(tiny_shards, tmp_path, uninterrupted):

@@ -8,7 +8,6 @@ the uninterrupted run's losses.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import fault_step, tiny_overrides
 from tests.faults.test_process_faults import last_losses, wait_for_steps
 from tests.launchers import DISTRIBUTED, ROOT, free_port, launch_command
 from trivit.config import load
@@ -61,7 +60,7 @@ def uninterrupted(uninterrupted_run) -> dict[int, float]:
 
 
 def test_kill_9_of_one_rank_under_torchrun_then_resume(tiny_shards, tmp_path, uninterrupted):
-    kill_after = random.Random(os.getpid()).randint(4, 12)
+    kill_after = fault_step(4, 12)
     command, env = launch_command("torchrun", tiny_shards, tmp_path, **RUN)
     launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     victim = rank_process(psutil.Process(launcher.pid), 1)
