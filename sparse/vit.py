@@ -14,6 +14,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import Attention
+from timm.models import split_model_name_tag
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -182,12 +183,14 @@ def _create_timm(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model``; any name it accepts works, pretrained tags included ('vit_base_patch16_224.augreg_in1k')."""
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; any plain ViT name works, e.g. 'deit_tiny_patch16_224'")
+    architecture, tag = split_model_name_tag(name)
+    if tag and f"{architecture}.{tag}" not in timm.list_pretrained(f"{architecture}.*"):
+        raise ValueError(f"timm has no pretrained tag {tag!r} for {architecture!r}; its tags: "
+                         f"{', '.join(timm.list_pretrained(f'{architecture}.*')) or 'none'}")
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as error:
         raise ValueError(f"timm model {name!r} does not accept these arguments ({error}); check model.timm_kwargs") from None
-    except RuntimeError as error:
-        raise ValueError(f"timm model {name!r}: {error}") from None
 
 
 def _check_plain_vit(name: str, timm_kwargs: Mapping[str, Any]) -> None:
