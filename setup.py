@@ -4,7 +4,7 @@ The repository's top-level folders are mapped onto the ``trivit`` package
 (``engine/`` is ``trivit.engine`` and so on), so nothing installs a top-level
 ``datasets`` module that would shadow Hugging Face's.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ("engine", "sparse", "datasets")
 
@@ -13,7 +13,8 @@ setup(
     version="0.1.0",
     description="Tri-level sparse (examples, tokens, attention) training for vision transformers",
     python_requires=">=3.10",
-    packages=["trivit", *(f"trivit.{name}" for name in SUBPACKAGES)],
+    packages=["trivit", *(f"trivit.{name}" for name in SUBPACKAGES),
+              *(f"trivit.{name}.{sub}" for name in SUBPACKAGES for sub in find_packages(name))],
     package_dir={"trivit": "trivit", **{f"trivit.{name}": name for name in SUBPACKAGES}},
     install_requires=[
         "torch>=2.4",
