@@ -4,8 +4,11 @@ The repository's top-level folders are mapped onto the ``trivit`` package
 (``engine/`` is ``trivit.engine`` and so on), so nothing installs a top-level
 ``datasets`` module that would shadow Hugging Face's.
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).resolve().parent
 SUBPACKAGES = ("engine", "sparse", "datasets")
 
 setup(
@@ -14,15 +17,16 @@ setup(
     description="Tri-level sparse (examples, tokens, attention) training for vision transformers",
     python_requires=">=3.10",
     packages=["trivit", *(f"trivit.{name}" for name in SUBPACKAGES),
-              *(f"trivit.{name}.{sub}" for name in SUBPACKAGES for sub in find_packages(name))],
+              *(f"trivit.{name}.{sub}" for name in SUBPACKAGES for sub in find_packages(HERE / name))],
     package_dir={"trivit": "trivit", **{f"trivit.{name}": name for name in SUBPACKAGES}},
     install_requires=[
-        "torch>=2.4",
-        "torchvision",
-        "timm>=1.0.15",
+        # Floors: the oldest releases the whole test suite passes with (docs/DEPENDENCIES.md).
+        "torch>=2.9",
+        "torchvision>=0.24",
+        "timm>=1.0.28",
         "webdataset>=0.2.100",
         "accelerate>=1.0",
-        "deepspeed>=0.16",
+        "deepspeed>=0.16.4",
         "tensorboard",
         "tqdm",
         "safetensors",
