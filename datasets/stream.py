@@ -20,14 +20,18 @@ warning and counted, and the counts travel with the next :class:`Batch`.
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import logging
+import multiprocessing
+import os
 import random
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.synchronize import Event
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -353,14 +357,37 @@ class EvalStream(IterableDataset):
         return decoded_batches(iter(samples), lambda s: self.decode(s, 0), self.batch_size, True, bad)
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """Loader workers leave SIGTERM to the training process.
+class ShardLoader(DataLoader):
+    """A ``DataLoader`` whose workers leave SIGTERM to the training process until it is done with them.
 
-    Schedulers and launchers signal a job's whole process group on pre-emption; a worker that died
-    of it would fail the step the trainer is finishing before it writes its checkpoint. Workers
-    still exit with their parent (the DataLoader's watchdog).
+    Schedulers and launchers signal a job's whole process group on pre-emption; a worker that
+    died of it would fail the step the trainer is finishing before it writes its checkpoint, so
+    workers ignore SIGTERM. Iterate through :meth:`batches`: on every exit from it (the end, an
+    exception, Ctrl-C) the workers are released, so the loader's own shutdown and Python's exit
+    can stop them. A worker that ignored SIGTERM for good would make the process hang at exit.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def __init__(self, dataset: IterableDataset, **kwargs: Any):
+        self.released = multiprocessing.get_context().Event()
+        super().__init__(dataset, batch_size=None, worker_init_fn=functools.partial(_worker_signals, self.released),
+                         **kwargs)
+
+    @contextmanager
+    def batches(self) -> Iterator[Iterator[Batch]]:
+        iterator = iter(self)
+        try:
+            yield iterator
+        finally:
+            self.released.set()
+
+
+def _worker_signals(released: Event, worker_id: int) -> None:
+    """In a loader worker: ignore SIGTERM until the loader is released, then exit on it."""
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if released.is_set():
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def check_enough_shards(layout: StreamLayout) -> None:
@@ -379,7 +406,7 @@ def check_enough_shards(layout: StreamLayout) -> None:
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
                  shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
                  active: np.ndarray | None = None, id_offsets: dict[str, int] | None = None,
-                 pin_memory: bool = False) -> DataLoader:
+                 pin_memory: bool = False) -> ShardLoader:
     """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
 
     ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
@@ -401,17 +428,16 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
     dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
                           position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer,
                           active=active, id_offsets=id_offsets)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      pin_memory=pin_memory, worker_init_fn=ignore_sigterm,
-                      generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
+    return ShardLoader(dataset, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
+                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
 
 
 def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int,
-                num_workers: int, pin_memory: bool = False) -> DataLoader:
+                num_workers: int, pin_memory: bool = False) -> ShardLoader:
     """Loader over every sample of this rank's share of ``urls``.
 
     Its own generator keeps the global RNG untouched, so evaluating never changes training.
     """
     dataset = EvalStream(urls, decode, batch_size=batch_size, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=ignore_sigterm, generator=torch.Generator().manual_seed(0))
+    return ShardLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
+                       generator=torch.Generator().manual_seed(0))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,25 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All records of a run's metrics.jsonl, in the order written."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Throughput:
+    """Images per second of the training steps since the last record (loader waits included)."""
+
+    def __init__(self) -> None:
+        self.images, self.seconds, self.tick = 0, 0.0, time.perf_counter()
+
+    def start(self) -> None:
+        """A step begins (waiting for its batch counts)."""
+        self.tick = time.perf_counter()
+
+    def add(self, images: int) -> None:
+        """A step of ``images`` (all ranks) has ended."""
+        self.images += images
+        self.seconds += time.perf_counter() - self.tick
+
+    def take(self) -> float:
+        """The rate since the last ``take``, and start a new window."""
+        rate = self.images / max(self.seconds, 1e-9)
+        self.images, self.seconds = 0, 0.0
+        return rate

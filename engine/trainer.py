@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from trivit.engine.distributed import World, gather_objects, init_process_group,
 from trivit.engine.epochs import EpochTracker
 from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
-from trivit.engine.metrics import MetricsLogger
+from trivit.engine.metrics import MetricsLogger, Throughput
 from trivit.engine.optim import build_optimizer, build_scheduler
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.sparse import create_vit, set_keep_rates
@@ -381,27 +380,27 @@ class Trainer:
         locations = sorted(self.model.blocks.locations)
         sums = torch.zeros(4 + len(locations), dtype=torch.float64, device=self.device)
         """correct, samples, summed loss, skipped samples, then per location the attention density x samples"""
-        batches = iter(loader)
         placeholder = torch.zeros(1, self.config.model.in_chans, self.config.model.img_size, self.config.model.img_size)
-        while True:
-            batch = next(batches, None)
-            if sum_tensor(torch.tensor([float(batch is not None)], device=self.device)).item() == 0:
-                break  # no rank has a batch left
-            if batch is not None:
-                sums[3] += batch.skipped
-            if batch is None or not len(batch.ids):
-                if self.world.distributed:
-                    model(self.backend.prepare_inputs(placeholder))
-                continue
-            labels = batch.labels.to(self.device)
-            with self.backend.autocast():
-                logits = model(self.backend.prepare_inputs(batch.images)).float()
-            sums[0] += (logits.argmax(-1) == labels).sum()
-            sums[1] += labels.numel()
-            sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
-            for slot, block in enumerate(locations, start=4):
-                if block in model.blocks.attention_density:
-                    sums[slot] += model.blocks.attention_density[block] * labels.numel()
+        with loader.batches() as batches:
+            while True:
+                batch = next(batches, None)
+                if sum_tensor(torch.tensor([float(batch is not None)], device=self.device)).item() == 0:
+                    break  # no rank has a batch left
+                if batch is not None:
+                    sums[3] += batch.skipped
+                if batch is None or not len(batch.ids):
+                    if self.world.distributed:
+                        model(self.backend.prepare_inputs(placeholder))
+                    continue
+                labels = batch.labels.to(self.device)
+                with self.backend.autocast():
+                    logits = model(self.backend.prepare_inputs(batch.images)).float()
+                sums[0] += (logits.argmax(-1) == labels).sum()
+                sums[1] += labels.numel()
+                sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+                for slot, block in enumerate(locations, start=4):
+                    if block in model.blocks.attention_density:
+                        sums[slot] += model.blocks.attention_density[block] * labels.numel()
         model.train(was_training)
         correct, total, loss_sum, skipped, *density = sum_tensor(sums).tolist()
         if total == 0:
@@ -493,49 +492,55 @@ class Trainer:
         self._resume()
         self._write_config()
         config = self.config
-        main = self.world.is_main
-        metrics = MetricsLogger(self.run_dir, config.logging.tensorboard) if main else None
+        metrics = MetricsLogger(self.run_dir, config.logging.tensorboard) if self.world.is_main else None
+        bar = tqdm(total=config.schedule.max_steps or config.schedule.epochs * self.dense_epoch_steps,
+                   initial=self.step, disable=not (config.logging.progress_bar and self.world.is_main),
+                   dynamic_ncols=True, desc="train")
+        throughput = Throughput()
         last: dict[str, Any] = {}
-        bar = tqdm(total=self.config.schedule.max_steps or self.config.schedule.epochs * self.dense_epoch_steps,
-                   initial=self.step, disable=not (config.logging.progress_bar and main), dynamic_ncols=True,
-                   desc="train")
-        window_images, window_time = 0, 0.0
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while not self.finished():
-                tick = time.perf_counter()
-                for batch in self._epoch_loader():
-                    loss = self._train_step(batch)
-                    self._advance_stream(batch)
-                    self.step += 1
-                    window_images += len(batch.ids) * self.world.world_size
-                    window_time += time.perf_counter() - tick
-                    evaluate = self._is_eval_step()
-                    if evaluate or self.step % config.logging.every_steps == 0:
-                        record = self._step_record(loss, window_images / max(window_time, 1e-9))
-                        if evaluate:
-                            record.update(self._evaluate_all())
-                        if metrics is not None:
-                            metrics.log(record)
-                        last = record
-                        window_images, window_time = 0, 0.0
-                        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{record['img_per_s']:.0f}",
-                                        **({"top1": f"{record['eval_top1']:.2f}"} if evaluate else {}))
-                    if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.preempted:
-                        saved = self._save()
-                        if self.finished() and main:
-                            log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
-                    if self.preempted:
-                        raise Preempted(f"SIGTERM: checkpoint written at step {self.step} in {self.checkpoints.folder}; "
-                                        "run the same command (resume=auto) to continue")
-                    bar.update(1)
-                    tick = time.perf_counter()
+                with self._epoch_loader().batches() as batches:
+                    throughput.start()
+                    for batch in batches:
+                        last = self._run_step(batch, throughput, metrics, bar) or last
+                        throughput.start()
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             bar.close()
             if metrics is not None:
                 metrics.close()
         return last
+
+    def _run_step(self, batch: Batch, throughput: Throughput, metrics: MetricsLogger | None,
+                  bar: tqdm) -> dict[str, Any] | None:
+        """One training step, then what is due after it: log, evaluate, checkpoint, stop on SIGTERM.
+        Returns the step's metrics record when one was written."""
+        config = self.config
+        loss = self._train_step(batch)
+        self._advance_stream(batch)
+        self.step += 1
+        throughput.add(len(batch.ids) * self.world.world_size)
+        record = None
+        evaluate = self._is_eval_step()
+        if evaluate or self.step % config.logging.every_steps == 0:
+            record = self._step_record(loss, throughput.take())
+            if evaluate:
+                record.update(self._evaluate_all())
+            if metrics is not None:
+                metrics.log(record)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{record['img_per_s']:.0f}",
+                            **({"top1": f"{record['eval_top1']:.2f}"} if "eval_top1" in record else {}))
+        if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.preempted:
+            saved = self._save()
+            if self.finished() and self.world.is_main:
+                log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
+        if self.preempted:
+            raise Preempted(f"SIGTERM: checkpoint written at step {self.step} in {self.checkpoints.folder}; "
+                            "run the same command (resume=auto) to continue")
+        bar.update(1)
+        return record
 
     def _epoch_loader(self):
         """This rank's loader for the rest of the current epoch (beginning the next one if due)."""

@@ -11,6 +11,7 @@ from trivit.config import ConfigError, load
 
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect of a job stopped by SIGTERM
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def train(args: argparse.Namespace) -> int:
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, OSError) as error:
         print(f"trivit: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("trivit: interrupted (the last checkpoint is intact; resume=auto continues from it)", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

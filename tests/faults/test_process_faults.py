@@ -167,3 +167,50 @@ def test_a_checkpoint_is_made_durable_file_by_file_without_flushing_the_node(tin
     assert str(tmp / "trainer.pt") in synced and str(tmp) in synced
     rename = events.index(("rename", str(final)))
     assert events.index(("fsync", str(tmp))) < rename < events.index(("fsync", str(checkpoints)))
+
+
+@pytest.fixture(scope="module")
+def val_with_an_unknown_class(tmp_path_factory):
+    """Validation shards whose labels go beyond the 4 classes of the training index."""
+    from tests.conftest import synthetic_samples
+    from trivit.datasets.shards import write_split
+
+    folder = tmp_path_factory.mktemp("unknown_class")
+    samples = list(synthetic_samples(32, seed=1))
+    samples[5]["cls"] = 6
+    write_split(samples, folder, "val", 32)
+    return folder / "val-000000.tar"
+
+
+def test_an_error_during_evaluation_exits_within_a_bound(tiny_shards, tmp_path, val_with_an_unknown_class):
+    """Loader workers that ignore SIGTERM must not keep a failed run alive."""
+    overrides = tiny_overrides(tiny_shards, tmp_path, **{"data.val_urls": str(val_with_an_unknown_class),
+                                                        "schedule.eval_every_steps": "2", "schedule.max_steps": "6"})
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "trivit", "train", *overrides], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "Target 6 is out of bounds" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_ctrl_c_during_evaluation_exits_within_a_bound(tiny_shards, tmp_path):
+    import psutil
+
+    slow_val = f"pipe:sleep 30 && cat {tiny_shards}/val-000000.tar"
+    overrides = tiny_overrides(tiny_shards, tmp_path, **{"data.val_urls": slow_val, "schedule.eval_every_steps": "2",
+                                                        "schedule.max_steps": "6", "data.num_workers": "1"})
+    process = subprocess.Popen([sys.executable, "-m", "trivit", "train", *overrides], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("sleep 30" in " ".join(child.cmdline()) for child in psutil.Process(process.pid).children(True)):
+            assert process.poll() is None and time.monotonic() < deadline, "evaluation never started"
+            time.sleep(0.05)
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)  # Ctrl-C: to the training process, while its loader waits
+        _, stderr = process.communicate(timeout=60)
+        assert time.monotonic() - interrupted < 30
+        assert process.returncode == 130 and "interrupted" in stderr
+    finally:
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
