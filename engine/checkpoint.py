@@ -26,6 +26,7 @@ from trivit.engine.distributed import all_ranks_ok, barrier
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8,})$")
 TRAINER_FILE = "trainer.pt"
+REQUIRED_KEYS = ("step", "backend", "model_name", "ranks")
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +101,9 @@ class CheckpointManager:
         for _, path in reversed(self.saved()):
             try:
                 return load_trainer_state(path), path
-            except (RuntimeError, EOFError, OSError, ValueError) as error:
+            except ValueError as error:
+                log.warning("%s; trying the previous one", error)
+            except OSError as error:
                 log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, error)
         return None
 
@@ -145,5 +148,20 @@ def checkpoint_folder(path: str | Path) -> Path:
 
 
 def load_trainer_state(folder: str | Path) -> dict[str, Any]:
-    """A checkpoint's ``trainer.pt`` (tensors and plain Python values only: nothing is unpickled as code)."""
-    return torch.load(checkpoint_folder(folder) / TRAINER_FILE, map_location="cpu", weights_only=True)
+    """A checkpoint's ``trainer.pt`` (tensors and plain Python values only: nothing is unpickled as code).
+
+    A missing file raises ``FileNotFoundError``; any file that is not a readable trivit checkpoint
+    (truncated, overwritten with garbage, another program's) raises ``ValueError`` naming it.
+    """
+    path = checkpoint_folder(folder) / TRAINER_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unpickling garbage can raise nearly anything
+        raise ValueError(f"checkpoint {path.parent} is unreadable ({type(error).__name__}: {error})") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path.parent} is unreadable: {TRAINER_FILE} is not a trivit checkpoint "
+                         f"(no {', '.join(missing)})")
+    return state

@@ -40,6 +40,7 @@ from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.metrics import MetricsLogger, Throughput
 from trivit.engine.optim import build_optimizer, build_scheduler
+from trivit.engine.run_lock import lock_run_dir
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.examples import EpochPlan, ExampleSelector, sum_across_ranks
@@ -89,6 +90,8 @@ class Trainer:
             raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the {num_samples} training samples")
         self.num_classes = config.model.num_classes or len(self.shards.classes)
         check_enough_shards(self._layout(0))
+        if not self.shards.val_urls:
+            log.warning("no validation shards (data.val_urls is empty): this run trains without evaluation")
         init_process_group(self.world, self.device, config.engine.timeout_s)
 
         seed_everything(config.seed)  # the same initial weights on every rank
@@ -248,8 +251,19 @@ class Trainer:
                 raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (a step_XXXXXXXX folder holding "
                                         "trainer.pt); use 'auto', 'never' or a checkpoint folder")
             state = load_trainer_state(path)
+            self._check_no_later_checkpoints(path, state["step"])
         self.load_state_dict(state, path)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_no_later_checkpoints(self, path: Path, step: int) -> None:
+        """Branching from an earlier checkpoint into a run_dir that holds later ones would mix two runs
+        (metrics, ``resume=auto``) and the keep-last rule could delete the branch's own checkpoints."""
+        later = [folder.name for saved_step, folder in self.checkpoints.saved() if saved_step > step]
+        if later:
+            raise ValueError(f"resume={str(path)!r} is at step {step}, but {self.checkpoints.folder} already holds "
+                             f"later checkpoints ({', '.join(later)}); continuing here would mix two runs. Branch "
+                             f"into a new run_dir (run_dir=NEW resume={path}), or resume=auto to continue from "
+                             f"{later[-1]}")
 
     # -- loop --------------------------------------------------------------------------------
 
@@ -404,8 +418,11 @@ class Trainer:
         model.train(was_training)
         correct, total, loss_sum, skipped, *density = sum_tensor(sums).tolist()
         if total == 0:
-            raise ValueError("the validation shards yielded no samples; check data.val_urls")
-        record = {"eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total, "eval_skipped": int(skipped)}
+            log.warning("the validation shards yielded no readable samples (%d skipped); no evaluation this time. "
+                        "Check data.val_urls", int(skipped))
+            return {"eval_samples": 0, "eval_skipped": int(skipped)}
+        record = {"eval_samples": int(total), "eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total,
+                  "eval_skipped": int(skipped)}
         if model.blocks.attention_keep_rate < 1:
             record["eval_attention_density"] = {str(block): d / total for block, d in zip(locations, density)}
         return record
@@ -489,6 +506,10 @@ class Trainer:
         At the end, the main rank also writes ``<run_dir>/model.safetensors``: the final weights
         in one file that ``timm.create_model`` loads.
         """
+        with lock_run_dir(self.run_dir, self.world, self.device):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         self._resume()
         self._write_config()
         config = self.config
@@ -522,9 +543,13 @@ class Trainer:
         self._advance_stream(batch)
         self.step += 1
         throughput.add(len(batch.ids) * self.world.world_size)
+        if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.preempted:
+            saved = self._save()  # before evaluating: an evaluation that fails loses nothing
+            if self.finished() and self.world.is_main:
+                log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
         record = None
-        evaluate = self._is_eval_step()
-        if evaluate or self.step % config.logging.every_steps == 0:
+        evaluate = self._is_eval_step() and bool(self.shards.val_urls) and not self.preempted
+        if evaluate or self.preempted or self.step % config.logging.every_steps == 0:
             record = self._step_record(loss, throughput.take())
             if evaluate:
                 record.update(self._evaluate_all())
@@ -532,10 +557,6 @@ class Trainer:
                 metrics.log(record)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{record['img_per_s']:.0f}",
                             **({"top1": f"{record['eval_top1']:.2f}"} if "eval_top1" in record else {}))
-        if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.preempted:
-            saved = self._save()
-            if self.finished() and self.world.is_main:
-                log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
         if self.preempted:
             raise Preempted(f"SIGTERM: checkpoint written at step {self.step} in {self.checkpoints.folder}; "
                             "run the same command (resume=auto) to continue")

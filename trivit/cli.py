@@ -19,16 +19,20 @@ def train(args: argparse.Namespace) -> int:
     from trivit.engine.trainer import Preempted, Trainer
 
     from trivit.engine.distributed import destroy_process_group
+    from trivit.engine.run_lock import check_run_dir_free
 
     config = load(TrainConfig, args.config, args.overrides)
     try:
         trainer = Trainer(config)
         main = trainer.world.is_main
         if args.dry_run:
+            check_run_dir_free(trainer.run_dir, trainer.world, trainer.device)
             if main:
+                evaluation = (f"{len(trainer.shards.val_urls)} validation shards" if trainer.shards.val_urls
+                              else "no validation data: training runs without evaluation")
                 print(f"config valid; backend {trainer.backend.description()}; {trainer.shards.train_samples} "
                       f"training samples, {config.schedule.epochs} epochs of up to {trainer.dense_epoch_steps} "
-                      f"steps of {config.data.batch_size} images")
+                      f"steps of {config.data.batch_size} images; {evaluation}")
             return 0
         try:
             last = trainer.train()

@@ -31,3 +31,32 @@ def exclusive(path: str | Path, waiting_message: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+class InUse(OSError):
+    """The lock is held by another process."""
+
+
+@contextmanager
+def exclusive_or_fail(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the block, or raise :class:`InUse` at once if another
+    process holds it. The holder's pid is written into the file so that the error can name it; a
+    file left by a dead process is not a lock (the kernel released it).
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so children
+    forked while it is held (loader workers) do not keep it alive after this process dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise InUse(f"{what} is in use by another process (pid {holder}; lock file {path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
