@@ -178,3 +178,7 @@ class TrainConfig:
         check(bool(self.run_dir), "run_dir", self.run_dir, "a folder path")
         check(len(self.data.mean) == self.model.in_chans, "data.mean", self.data.mean,
               f"one value per input channel (model.in_chans={self.model.in_chans})")
+        peak = self.optim.peak_lr(self.data.batch_size)
+        check(self.schedule.min_lr <= peak, "schedule.min_lr", self.schedule.min_lr,
+              f"at most the peak learning rate {peak:g} (optim.lr, or optim.base_lr x data.batch_size / 512), "
+              "or the cosine 'decay' would raise the learning rate")

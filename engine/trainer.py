@@ -221,6 +221,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
+        elif self.ema is not None:
+            self.ema.module.load_state_dict(self.model.state_dict())
+            log.info("optim.ema_decay is new in this run: the EMA starts from the resumed weights")
         rank_state = state["ranks"][self.world.rank]
         set_rng_state(rank_state["rng"])
         self.epochs.load_state_dict(state["epochs"])

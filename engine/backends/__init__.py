@@ -71,6 +71,12 @@ def resolve_engine(config: TrainConfig, world: World) -> TrainConfig:
 
 def _check_supported(config: TrainConfig, world: World) -> None:
     engine, ema, name = config.engine, config.optim.ema_decay, config.engine.backend
+    deepspeed_keys = [key for key, value in (("engine.zero_stage", engine.zero_stage),
+                                             ("engine.deepspeed_config", engine.deepspeed_config),
+                                             ("engine.deepspeed_options", engine.deepspeed_options)) if value]
+    if name != "deepspeed" and deepspeed_keys:
+        raise ConfigError(deepspeed_keys[0], f"is set but the backend is {name!r}, which would ignore it; remove "
+                                             f"{' and '.join(deepspeed_keys)}, or set engine.backend=deepspeed")
     sharded = name == "fsdp" or (name == "deepspeed" and engine.zero_stage == 3)
     if ema is not None and sharded:
         raise ConfigError("optim.ema_decay", f"an EMA of the weights needs the whole model on every rank, which "

@@ -123,3 +123,14 @@ def test_all_three_levels_resume_exactly_and_shorten_the_epochs(tiny_shards, tmp
     assert {"attention_density/0", "attention_density/1", "eval_attention_density/1"} <= set(scalars)
     checkpoint = CheckpointManager(tmp_path / "split" / "checkpoints", 2).load_latest()[0]
     assert checkpoint["examples"]["refreshes"] == 2 and checkpoint["epochs"]["lengths"] == [6, 6, 6]
+
+
+def test_an_ema_switched_on_at_resume_starts_from_the_resumed_weights(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "4", "optim.ema_decay": "null"})
+    trainer = Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path / "run",
+                                                             **{"schedule.max_steps": "8", "optim.ema_decay": "0.9"})))
+    initial = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+    trainer._resume()
+    resumed, ema = trainer.model.state_dict(), trainer.ema.module.state_dict()
+    assert all(torch.equal(ema[k], resumed[k]) for k in resumed)
+    assert not torch.equal(initial["head.weight"], ema["head.weight"]), "not the random initial weights"

@@ -52,6 +52,14 @@ CASES = [
     ({"model.name": "resnet18"}, {}, ValueError, "'resnet18' is not a plain ViT"),
     ({"resume": "/nonexistent/step_00000004"}, {}, FileNotFoundError, "no such checkpoint (a step_XXXXXXXX folder"),
     ({"data.train_urls": "/nonexistent/train-{000000..000003}.tar"}, {}, FileNotFoundError, "no shard matches data.train_urls"),
+    ({"schedule.min_lr": "0.01"}, {}, ConfigError,
+     "'schedule.min_lr': got 0.01; allowed: at most the peak learning rate 0.001 (optim.lr, or optim.base_lr x "
+     "data.batch_size / 512), or the cosine 'decay' would raise the learning rate"),
+    ({"engine.zero_stage": "3"}, {}, ConfigError,
+     "'engine.zero_stage': is set but the backend is 'single', which would ignore it; remove engine.zero_stage, or "
+     "set engine.backend=deepspeed"),
+    ({"engine.deepspeed_config": "launch/deepspeed/zero2_bf16.json", "engine.backend": "ddp"}, TWO_RANKS, ConfigError,
+     "'engine.deepspeed_config': is set but the backend is 'ddp'"),
 ]
 
 
