@@ -363,8 +363,9 @@ class ShardLoader(DataLoader):
     Schedulers and launchers signal a job's whole process group on pre-emption; a worker that
     died of it would fail the step the trainer is finishing before it writes its checkpoint, so
     workers ignore SIGTERM. Iterate through :meth:`batches`: on every exit from it (the end, an
-    exception, Ctrl-C) the workers are released, so the loader's own shutdown and Python's exit
-    can stop them. A worker that ignored SIGTERM for good would make the process hang at exit.
+    exception, Ctrl-C) the workers are released and shut down there and then, so neither an
+    error's traceback (which keeps the iterator alive) nor the next loader's fork finds them.
+    A worker that ignored SIGTERM for good would make the process hang at exit.
     """
 
     def __init__(self, dataset: IterableDataset, **kwargs: Any):
@@ -379,6 +380,9 @@ class ShardLoader(DataLoader):
             yield iterator
         finally:
             self.released.set()
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
+            if shutdown is not None:
+                shutdown()
 
 
 def _worker_signals(released: Event, worker_id: int) -> None:
