@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from trivit.config import check
+from trivit.config import check, finite
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -44,7 +45,7 @@ class DataConfig:
     """Color jitter strength, applied only when auto_augment is null (as in timm)."""
     re_prob: float = 0.25
     """Random erasing probability."""
-    interpolation: str = "bicubic"
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "hamming", "box"] = "bicubic"
     eval_crop_pct: float = 0.875
     """Evaluation: resize to img_size / eval_crop_pct, then center-crop img_size."""
     mixup: float = 0.8
@@ -60,9 +61,10 @@ class DataConfig:
         check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "a positive integer")
         check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
-        check(len(self.mean) in (1, 3) and len(self.std) == len(self.mean), "std", self.std,
-              "one value per channel, as many as 'mean' (1 or 3)")
-        check(all(s > 0 for s in self.std), "std", self.std, "positive values")
+        check(len(self.mean) in (1, 3) and finite(*self.mean), "mean", self.mean,
+              "one finite value per image channel (1 or 3 values)")
+        check(len(self.std) == len(self.mean), "std", self.std, f"as many values as data.mean ({len(self.mean)})")
+        check(all(s > 0 for s in self.std) and finite(*self.std), "std", self.std, "positive finite values")
         check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "scale", self.scale,
               "[min, max] with 0 < min <= max <= 1")
         check(0 <= self.hflip <= 1, "hflip", self.hflip, "a probability in [0, 1]")

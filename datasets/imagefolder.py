@@ -44,15 +44,24 @@ def class_names(split_root: Path) -> list[str]:
     return names
 
 
-def list_images(split_root: Path, classes: list[str]) -> list[ImageFile]:
-    """Every image file of the split, sorted by class then path."""
-    files = []
+def list_images(split_root: Path, classes: list[str]) -> tuple[list[ImageFile], list[tuple[str, str]]]:
+    """Every image file of the split, sorted by class then path, and the (path, reason) of what is left out:
+    files trivit does not read and class folders the training split does not have."""
+    files, left_out = [], []
     for label, name in enumerate(classes):
         folder = split_root / name
         if folder.is_dir():
-            files.extend(ImageFile(str(p), label) for p in sorted(folder.rglob("*"))
-                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return files
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(ImageFile(str(path), label))
+                else:
+                    left_out.append((str(path), f"not a {'/'.join(sorted(IMAGE_SUFFIXES))} file: convert it to PNG "
+                                                "or JPEG to include it"))
+    for folder in sorted(p for p in split_root.iterdir() if p.is_dir() and p.name not in classes):
+        count = sum(1 for p in folder.rglob("*") if p.is_file())
+        left_out.append((str(folder), f"class folder not in the training split ({count} files left out, they would "
+                                      "have no label): add the class to train/ or remove the folder"))
+    return files, left_out
 
 
 def check_image(path: str) -> str | None:
@@ -96,27 +105,44 @@ def _write_one(job: tuple[Path, list[tuple[int, ImageFile]]]) -> int:
 def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None = None,
                       max_shard_bytes: int | None = None, workers: int = 1, seed: int = 0,
                       progress: bool = True) -> tuple[dict, list[tuple[str, str]]]:
-    """Write every split of ``root`` to ``dest``; returns the index and the (path, reason) of skipped files."""
+    """Write every split of ``root`` to ``dest``; returns the index and the (path, reason) of skipped files.
+
+    Every split is listed and every image checked before anything is written: a split that would
+    hold no sample stops the command with the reasons, and an existing index is never replaced
+    by an empty one.
+    """
     if samples_per_shard is None and max_shard_bytes is None:
         samples_per_shard = 1000
+    for name, value in (("samples_per_shard", samples_per_shard), ("max_shard_bytes", max_shard_bytes)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    root, dest = root.resolve(), dest.resolve()
+    if dest == root or root in dest.parents:
+        raise ValueError(f"the output folder {dest} is inside the image tree {root}: its shards would become an "
+                         "extra class on the next run; write them outside the tree")
     splits = find_splits(root)
     classes = class_names(splits.get("train", next(iter(splits.values()))))
-    dest.mkdir(parents=True, exist_ok=True)
-    index, skipped = {}, []
+    checked, skipped = {}, []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for split, split_root in splits.items():
-            files = list_images(split_root, classes)
+            files, left_out = list_images(split_root, classes)
             reasons = list(tqdm(pool.map(check_image, [f.path for f in files], chunksize=64), total=len(files),
                                 desc=f"check {split}", disable=not progress))
-            skipped += [(f.path, r) for f, r in zip(files, reasons) if r is not None]
-            good = [f for f, r in zip(files, reasons) if r is None]
+            skipped += left_out + [(f.path, r) for f, r in zip(files, reasons) if r is not None]
+            checked[split] = [f for f, r in zip(files, reasons) if r is None]
+            if not checked[split]:
+                raise ValueError(f"{split_root} holds no readable image in the class folders of the training split "
+                                 f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): nothing was "
+                                 f"written. Left out: {'; '.join(f'{p}: {r}' for p, r in left_out[:3]) or 'nothing'}")
+        dest.mkdir(parents=True, exist_ok=True)
+        index = {}
+        for split, good in checked.items():
             random.Random(seed).shuffle(good)
             plan = plan_shards(good, samples_per_shard, max_shard_bytes)
             names = [f"{split}-{number:06d}.tar" for number in range(len(plan))]
             jobs = [(dest / name, [(p, good[p]) for p in positions]) for name, positions in zip(names, plan)]
             counts = list(tqdm(pool.map(_write_one, jobs), total=len(jobs), desc=f"write {split}",
                                disable=not progress))
-            index[split] = {"shards": names, "counts": counts, "total": sum(counts),
-                            "urls": brace_pattern(names) if names else ""}
+            index[split] = {"shards": names, "counts": counts, "total": sum(counts), "urls": brace_pattern(names)}
     write_index(dest, index, classes)
     return index, skipped

@@ -1,6 +1,7 @@
 """Built-in data sources that trivit can turn into shards by name."""
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,8 +78,8 @@ def resolve_shards(data: DataConfig) -> ShardSet:
         train = str(folder / splits["train"]["urls"])
         val = val or str(folder / splits["test" if "test" in splits else "val"]["urls"])
         index_spec = index_spec or str(folder / INDEX_NAME)
-    patterns = train.split("::")
-    index_paths = index_spec.split("::") if index_spec else [""] * len(patterns)
+    patterns = [expand_home(part) for part in train.split("::")]
+    index_paths = [expand_home(part) for part in index_spec.split("::")] if index_spec else [""] * len(patterns)
     if len(index_paths) != len(patterns):
         raise ConfigError("data.index", f"got {len(index_paths)} index paths for {len(patterns)} training sources; "
                                         "give one per source, joined with '::' in the same order, or none (each "
@@ -88,6 +89,7 @@ def resolve_shards(data: DataConfig) -> ShardSet:
         if source.classes != sources[0].classes:
             raise ValueError(f"training source {pattern!r} has other classes than {patterns[0]!r} ({source.classes[:5]} "
                              f"vs {sources[0].classes[:5]}): joined sources must share one class list")
+    val = "::".join(expand_home(part) for part in val.split("::")) if val else ""
     val_urls = expand_urls(val) if val else []
     check_shards_exist(val_urls, "data.val_urls", val)
     offsets, base = {}, 0
@@ -118,6 +120,11 @@ def resolve_source(pattern: str, index_path: str) -> Source:
     check_index_complete(index, urls)
     return Source(urls=urls, samples=sum(counts[shard_name(url)] for url in urls), num_ids=num_ids,
                   id_offsets={url: split_offsets[shard_name(url)] for url in urls}, classes=list(index["classes"]))
+
+
+def expand_home(path: str) -> str:
+    """``~`` expanded in a local path (a ``pipe:`` command's shell expands its own)."""
+    return path if path.startswith("pipe:") else os.path.expanduser(path)
 
 
 def shard_name(url: str) -> str:

@@ -83,6 +83,16 @@ def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
             torch.set_rng_state(states[2])
 
 
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` as an 8-bit ``mode`` image. 16- and 32-bit integer images (16-bit PNGs: mode 'I;16')
+    are scaled to 0..255 first, as 16-bit values divided by 257; a plain ``convert`` clips them at 255."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() <= 65535 else float(pixels.max())
+        image = Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    return image.convert(mode)
+
+
 @dataclass(frozen=True)
 class SampleDecoder:
     """Turns a raw shard sample into ``(image tensor, class index, sample id)``."""
@@ -99,7 +109,7 @@ class SampleDecoder:
             raise ValueError(f"no {' or '.join(missing)} field")
         sample_id, label = int(sample["id"]), int(sample["cls"])
         with Image.open(io.BytesIO(sample[key])) as image:
-            image = image.convert(self.mode)
+            image = to_mode(image, self.mode)
         with seeded_rng(mix_seed(seed, sample_id), restore=get_worker_info() is None):
             pixels = self.transform(image)
         return pixels, label, sample_id

@@ -5,23 +5,29 @@ from collections.abc import Callable
 
 from timm.data import Mixup, create_transform
 
+from trivit.config import ConfigError
 from trivit.datasets.config import DataConfig
 
 
 def train_transform(data: DataConfig, img_size: int) -> Callable:
     """Random resized crop, flip, RandAugment and random erasing, as in timm's training pipeline."""
-    return create_transform(
-        (len(data.mean), img_size, img_size),
-        is_training=True,
-        scale=tuple(data.scale),
-        hflip=data.hflip,
-        auto_augment=data.auto_augment,
-        color_jitter=data.color_jitter or None,
-        re_prob=data.re_prob,
-        interpolation=data.interpolation,
-        mean=tuple(data.mean),
-        std=tuple(data.std),
-    )
+    try:
+        return create_transform(
+            (len(data.mean), img_size, img_size),
+            is_training=True,
+            scale=tuple(data.scale),
+            hflip=data.hflip,
+            auto_augment=data.auto_augment,
+            color_jitter=data.color_jitter or None,
+            re_prob=data.re_prob,
+            interpolation=data.interpolation,
+            mean=tuple(data.mean),
+            std=tuple(data.std),
+        )
+    except (AssertionError, KeyError, ValueError) as error:  # timm's policy parser asserts
+        raise ConfigError("data.auto_augment", f"got {data.auto_augment!r}, which timm cannot parse ({error}); "
+                                               "allowed: a timm policy such as 'rand-m9-mstd0.5-inc1' (RandAugment), "
+                                               "'augmix-m5-w4-d2', 'original', 'v0', or null") from None
 
 
 def eval_transform(data: DataConfig, img_size: int) -> Callable:

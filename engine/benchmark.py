@@ -184,7 +184,8 @@ def measure_model(model_name: str, variants: tuple[Variant, ...], batch: int, re
         result.flops_analytic, result.flops_counted = runner.flops_per_image()
         result.saved_activation_bytes = runner.saved_activation_bytes()
         result.peak_cuda_bytes = runner.peak_cuda_bytes()
-        runner.timed(warmup)
+        if warmup:
+            runner.timed(warmup)
     for _ in range(repeats):
         for runner, result in zip(runners, results):
             result.step_seconds.append(runner.timed(steps))

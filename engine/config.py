@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from trivit.config import check
+from trivit.config import check, finite
 from trivit.datasets.config import DataConfig
 from trivit.sparse.config import SparsityConfig
 
@@ -63,12 +63,14 @@ class OptimConfig:
     """Keep an exponential moving average of the weights with this decay (e.g. 0.99996); null = off."""
 
     def __post_init__(self) -> None:
-        check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number or null")
-        check(self.base_lr > 0, "base_lr", self.base_lr, "a positive number")
-        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check(self.lr is None or (self.lr > 0 and finite(self.lr)), "lr", self.lr, "a positive finite number or null")
+        check(self.base_lr > 0 and finite(self.base_lr), "base_lr", self.base_lr, "a positive finite number")
+        check(self.weight_decay >= 0 and finite(self.weight_decay), "weight_decay", self.weight_decay,
+              "a finite number >= 0")
+        check(self.eps > 0 and finite(self.eps), "eps", self.eps, "a small positive number (e.g. 1e-8)")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
               "two values in [0, 1)")
-        check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "a positive norm or null")
+        check(self.clip_grad is None or (self.clip_grad > 0 and finite(self.clip_grad)), "clip_grad", self.clip_grad, "a positive norm or null")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a decay in (0, 1) or null")
 
     def peak_lr(self, global_batch: int) -> float:
@@ -93,8 +95,8 @@ class ScheduleConfig:
         check(self.epochs > 0, "epochs", self.epochs, "a positive integer")
         check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
               f"a number in [0, schedule.epochs={self.epochs})")
-        check(self.min_lr >= 0, "min_lr", self.min_lr, "a number >= 0")
-        check(self.warmup_lr >= 0, "warmup_lr", self.warmup_lr, "a number >= 0")
+        check(self.min_lr >= 0 and finite(self.min_lr), "min_lr", self.min_lr, "a finite number >= 0")
+        check(self.warmup_lr >= 0 and finite(self.warmup_lr), "warmup_lr", self.warmup_lr, "a finite number >= 0")
         check(self.max_steps is None or self.max_steps > 0, "max_steps", self.max_steps, "a positive integer or null")
         check(self.eval_every_steps >= 0, "eval_every_steps", self.eval_every_steps, "an integer >= 0")
 

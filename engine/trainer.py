@@ -89,6 +89,10 @@ class Trainer:
         if num_samples < data.batch_size:
             raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the {num_samples} training samples")
         self.num_classes = config.model.num_classes or len(self.shards.classes)
+        if self.num_classes < len(self.shards.classes):
+            raise ConfigError("model.num_classes", f"got {self.num_classes}, fewer than the {len(self.shards.classes)} "
+                                                   "classes of the shard index; use null (the index's count) or at "
+                                                   f"least {len(self.shards.classes)}")
         check_enough_shards(self._layout(0))
         if not self.shards.val_urls:
             log.warning("no validation shards (data.val_urls is empty): this run trains without evaluation")
@@ -114,6 +118,7 @@ class Trainer:
         if examples.policy != "none":
             self._check_every_id_listed()
             self.selector = ExampleSelector(examples, num_ids, config.schedule.epochs, config.seed, self.device)
+            self._check_epoch_length(int((~self.selector.in_pool).sum()), 0)
             self.model.blocks.record_cls_attention = examples.policy == "forgetting"
         self.plan = EpochPlan(active=torch.ones(num_ids, dtype=torch.bool), weights=torch.ones(num_ids))
         self.epochs = EpochTracker()
@@ -367,8 +372,10 @@ class Trainer:
     def _nonfinite(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf loss, or skip the update and count it (``engine.nonfinite_loss``)."""
         engine = self.config.engine
-        where = (f"loss is {loss.item()} (mean over all ranks) at step {self.step + 1}; "
-                 f"the last checkpoint in {self.checkpoints.folder} is intact")
+        saved = self.checkpoints.saved()
+        kept = (f"the last checkpoint {saved[-1][1]} is intact" if saved
+                else "no checkpoint was written yet")
+        where = f"loss is {loss.item()} (mean over all ranks) at step {self.step + 1}; {kept}"
         if engine.nonfinite_loss == "stop":
             raise FloatingPointError(f"{where} (engine.nonfinite_loss=skip skips such steps instead)")
         self.nonfinite_steps += 1
@@ -447,7 +454,19 @@ class Trainer:
         epoch = self.epochs.current + 1
         if self.selector is not None:
             self.plan = self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks)
+        self._check_epoch_length(self._active_samples(), epoch)
         self.epochs.begin(self.step, self._active_samples() // self.config.data.batch_size)
+
+    def _check_epoch_length(self, active: int, epoch: int) -> None:
+        """An epoch must hold at least one global batch of active samples."""
+        batch, examples = self.config.data.batch_size, self.config.sparsity.examples
+        if active < batch:
+            raise ConfigError("sparsity.examples", f"epoch {epoch} would train on {active} active samples, fewer than "
+                                                   f"one global batch of {batch}: the example level (policy "
+                                                   f"{examples.policy!r}, initial_remove_fraction "
+                                                   f"{examples.initial_remove_fraction}, prune_ratio "
+                                                   f"{examples.prune_ratio}) leaves too few; lower those fractions "
+                                                   "or data.batch_size")
         self.stream_position = full_batches_position(self._layout(epoch), 0, self.micro_batch)
 
     def _active_samples(self) -> int:

@@ -191,6 +191,9 @@ def _create_timm(name: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, **kwargs)
     except TypeError as error:
         raise ValueError(f"timm model {name!r} does not accept these arguments ({error}); check model.timm_kwargs") from None
+    except AssertionError as error:  # timm checks shapes with asserts, e.g. num_heads dividing embed_dim
+        raise ValueError(f"timm model {name!r} refuses these arguments ({error or 'an assertion failed'}); check "
+                         "model.timm_kwargs (e.g. num_heads must divide embed_dim)") from None
 
 
 def _check_plain_vit(name: str, timm_kwargs: Mapping[str, Any]) -> None:

@@ -81,7 +81,7 @@ def shards(args: argparse.Namespace) -> int:
     for split, entry in splits.items():
         print(f"{split}: {entry['total']} samples in {len(entry['shards'])} shards: {dest / entry['urls']}")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable files:", file=sys.stderr)
+        print(f"left out {len(skipped)} files or folders:", file=sys.stderr)
         for path, reason in skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
     return 0
@@ -90,10 +90,20 @@ def shards(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import time
+
+    import timm
+
     from trivit.engine.benchmark import bench_speed
 
-    bench_speed(args.models, batch=args.batch, repeats=args.repeats, steps=args.steps, warmup=args.warmup,
-                out=Path(args.out))
+    unknown = [name for name in args.models if not timm.is_model(name)]
+    if unknown:
+        raise ValueError(f"unknown timm model {unknown[0]!r} in --models; any plain ViT name works, e.g. "
+                         "deit_small_patch16_224")
+    out = Path(args.out) if args.out else Path("bench-results") / time.strftime("speed-%Y%m%d-%H%M%S")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} already holds results; pass --overwrite to replace them, or another --out")
+    bench_speed(args.models, batch=args.batch, repeats=args.repeats, steps=args.steps, warmup=args.warmup, out=out)
     return 0
 
 
@@ -118,28 +128,60 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "interleaved in one process")
     speed.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224", "deit_small_patch16_224",
                                                        "deit_base_patch16_224"])
-    speed.add_argument("--batch", type=int, default=16)
-    speed.add_argument("--repeats", type=int, default=5, help="interleaved rounds over the variants")
-    speed.add_argument("--steps", type=int, default=2, help="training steps per variant per round")
-    speed.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    speed.add_argument("--out", default="benchmarks/results", help="folder for speed.md, speed.json, speed.png")
+    speed.add_argument("--batch", type=positive_int, default=16)
+    speed.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds over the variants")
+    speed.add_argument("--steps", type=positive_int, default=2, help="training steps per variant per round")
+    speed.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per variant first")
+    speed.add_argument("--out", help="folder for speed.md, speed.json, speed.png (default: a new folder "
+                                     "bench-results/speed-<date>-<time> in the current directory)")
+    speed.add_argument("--overwrite", action="store_true", help="write into --out even if it holds results")
     speed.set_defaults(run=bench)
 
     shards_parser = commands.add_parser("shards", help="write WebDataset shards from an ImageFolder tree or a built-in source")
     shards_parser.add_argument("src", help="ImageFolder root (class folders, optionally under train/ val/) or 'fashion-mnist'")
     shards_parser.add_argument("dest", help="output folder for <split>-NNNNNN.tar and index.json")
     size = shards_parser.add_mutually_exclusive_group()
-    size.add_argument("--samples-per-shard", type=int, help="samples per shard (default 1000; 5000 for fashion-mnist)")
-    size.add_argument("--max-shard-bytes", type=int, help="cut shards at this many bytes of image data instead")
-    shards_parser.add_argument("--workers", type=int, default=1, help="parallel processes checking and writing")
+    size.add_argument("--samples-per-shard", type=positive_int,
+                      help="samples per shard (default 1000; 5000 for fashion-mnist)")
+    size.add_argument("--max-shard-bytes", type=positive_int, help="cut shards at this many bytes of image data instead")
+    shards_parser.add_argument("--workers", type=positive_int, default=1, help="parallel processes checking and writing")
     shards_parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (shards are pre-shuffled)")
     shards_parser.add_argument("--quiet", action="store_true", help="no progress bars")
     shards_parser.set_defaults(run=shards)
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides of ``trivit train`` may also follow its options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if args.command == "train":
+        args.overrides += overrides
+        extra = [item for item in extra if item not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,  # one rank tells the story
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")

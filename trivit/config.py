@@ -9,7 +9,9 @@ through :func:`check`; :func:`from_dict` prefixes the dotted path of the section
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
+import math
 import re
 import types
 import typing
@@ -56,6 +58,11 @@ def check(condition: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a :class:`ConfigError` for ``key`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(key, f"got {value!r}; allowed: {allowed}")
+
+
+def finite(*values: float) -> bool:
+    """True when every value is a finite number (YAML reads .nan and .inf)."""
+    return all(math.isfinite(value) for value in values)
 
 
 def leaf_keys(cls: type, prefix: str = "") -> list[str]:
@@ -140,18 +147,31 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] 
 
 def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The mapping of a YAML config file with its ``base`` chain resolved."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError("", f"config file {str(path)!r} is a folder; pass --config PATH to a YAML file in it")
     if not path.is_file():
         raise ConfigError("", f"config file {str(path)!r} does not exist (pass --config PATH to a YAML file)")
     if path.resolve() in _chain:
         raise ConfigError("base", f"{str(path)!r} is its own base (through {' -> '.join(map(str, _chain))})")
-    data = read_yaml(path.read_text())
+    try:
+        data = read_yaml(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or error
+        raise ConfigError("", f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError("", f"config file {str(path)!r} must hold a mapping of keys at the top level")
     data = dict(data or {})
     bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError("base", f"in {str(path)!r}: got {bases!r}; allowed: a config file name or a list of "
+                                  "them, relative to this file (e.g. base: [deit_imagenet.yaml])")
     merged: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merged = merge(merged, read_config_file(path.parent / base, _chain + (path.resolve(),)))
     return merge(merged, data)
 
@@ -232,4 +252,8 @@ def _coerce(tp: Any, value: Any, key: str, root: type) -> Any:
         raise ConfigError(key, f"got {value!r}; expected int")
     if isinstance(value, tp):
         return value
+    if tp is str and isinstance(value, (datetime.date, datetime.time)):
+        raise ConfigError(key, f"YAML reads {value} as a {type(value).__name__}; quote it to keep it a string, "
+                               f"e.g. {key}='\"{value}\"' on the command line or {key.rsplit('.', 1)[-1]}: "
+                               f"\"{value}\" in a file")
     raise ConfigError(key, f"got {value!r} ({type(value).__name__}); expected {_describe(tp)}")

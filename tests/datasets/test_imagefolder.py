@@ -38,7 +38,7 @@ def image_tree(tmp_path_factory):
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"not an image at all")
     good = (root / "train" / "fox" / "img01.jpg").read_bytes()
     (root / "train" / "fox" / "truncated.jpg").write_bytes(good[: len(good) // 2])
-    (root / "train" / "cat" / "notes.txt").write_text("ignored: not an image suffix")
+    (root / "train" / "cat" / "notes.txt").write_text("left out and listed: not an image suffix")
     return root
 
 
@@ -53,7 +53,7 @@ def read_all(dest, split):
 def test_round_trip_keeps_bytes_labels_and_reports_bad_files(image_tree, tmp_path):
     dest = tmp_path / "shards"
     index, skipped = write_imagefolder(image_tree, dest, samples_per_shard=5, workers=2, progress=False)
-    assert sorted(p.rsplit("/", 1)[-1] for p, _ in skipped) == ["broken.jpg", "truncated.jpg"]
+    assert sorted(p.rsplit("/", 1)[-1] for p, _ in skipped) == ["broken.jpg", "notes.txt", "truncated.jpg"]
     assert index["train"]["total"] == 36 and index["train"]["counts"] == [5] * 7 + [1]
     assert index["val"]["total"] == 12
     read, samples = read_all(dest, "train")
@@ -112,5 +112,5 @@ def test_cli_writes_shards_and_lists_unreadable_files(image_tree, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "train: 36 samples in 4 shards" in result.stdout
-    assert "skipped 2 unreadable files" in result.stderr and "broken.jpg" in result.stderr
+    assert "left out 3 files or folders" in result.stderr and "broken.jpg" in result.stderr
     assert torch.tensor(read_index(tmp_path / "out" / "index.json")["splits"]["val"]["counts"]).sum() == 12
