@@ -52,3 +52,11 @@ def test_overheads_compare_the_right_pairs():
     found = overheads(rows)
     assert found["m: attention 0.2 on top of tokens 0.7"] == pytest.approx(3.0)
     assert found["m: example-level bookkeeping per step"] == pytest.approx(2.0)
+
+
+def test_no_warmup_steps_is_allowed():
+    from trivit.engine.benchmark import measure_model
+
+    measured = measure_model("deit_tiny_patch16_224", (Variant("dense"),), batch=1, repeats=1, steps=1, warmup=0,
+                             device=CPU, amp_dtype=None)
+    assert len(measured) == 1 and len(measured[0].step_seconds) == 1 and measured[0].step_seconds[0] > 0
