@@ -34,8 +34,9 @@ def lock_run_dir(run_dir: Path, world: World, device: torch.device) -> ExitStack
     return stack
 
 
-def check_run_dir_free(run_dir: Path, world: World, device: torch.device) -> None:
-    """Raise as :func:`lock_run_dir` would, without keeping the lock nor creating anything (``--dry-run``)."""
-    if all_ranks_ok(not (run_dir / LOCK_FILE).exists(), device):
-        return
-    lock_run_dir(run_dir, world, device).close()
+def check_run_dir_free(run_dir: Path, world: World) -> None:
+    """On the main rank, raise as :func:`lock_run_dir` would, without keeping the lock nor creating
+    anything (``--dry-run``; no collective, so the other ranks simply end)."""
+    if world.is_main and (run_dir / LOCK_FILE).exists():
+        with exclusive_or_fail(run_dir / LOCK_FILE, f"run_dir {str(run_dir)!r}"):
+            pass

@@ -26,7 +26,7 @@ def train(args: argparse.Namespace) -> int:
         trainer = Trainer(config)
         main = trainer.world.is_main
         if args.dry_run:
-            check_run_dir_free(trainer.run_dir, trainer.world, trainer.device)
+            check_run_dir_free(trainer.run_dir, trainer.world)
             if main:
                 evaluation = (f"{len(trainer.shards.val_urls)} validation shards" if trainer.shards.val_urls
                               else "no validation data: training runs without evaluation")
