@@ -8,7 +8,7 @@ appended at the end and counts as a patch at the next location (as in EViT).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,8 +22,9 @@ class TokenConfig:
 
     keep_rate: float = 1.0
     """Fraction of patch tokens kept at each location (compounding); 1.0 = level off."""
-    locations: list[int] = field(default_factory=lambda: [3, 6, 9])
-    """0-based indices of the blocks that prune, between their attention and their MLP."""
+    locations: list[int] | None = None
+    """0-based indices of the blocks that prune, between their attention and their MLP; null: the
+    paper's places scaled to the depth, 1/4, 1/2 and 3/4 of it (3, 6, 9 of 12 blocks; 6, 12, 18 of 24)."""
     fuse: bool = False
     """Fuse the dropped tokens into one token weighted by their [CLS] attention (EViT) instead of discarding them."""
     selector: Literal["attentive", "random"] = "attentive"
@@ -31,8 +32,15 @@ class TokenConfig:
 
     def __post_init__(self) -> None:
         check(0 < self.keep_rate <= 1, "keep_rate", self.keep_rate, "a fraction in (0, 1]")
-        check(len(set(self.locations)) == len(self.locations) and all(i >= 0 for i in self.locations),
-              "locations", self.locations, "distinct block indices >= 0")
+        check(self.locations is None or (len(set(self.locations)) == len(self.locations)
+                                         and all(i >= 0 for i in self.locations)),
+              "locations", self.locations, "distinct block indices >= 0, or null (1/4, 1/2, 3/4 of the depth)")
+
+    def resolved_locations(self, depth: int) -> list[int]:
+        """The pruning blocks of a model with ``depth`` blocks."""
+        if self.locations is not None:
+            return list(self.locations)
+        return [depth // 4, depth // 2, 3 * depth // 4]
 
 
 def kept_count(num_patches: int, keep_rate: float) -> int:

@@ -76,7 +76,7 @@ class RoutedBlocks(nn.Sequential):
         super().__init__(*blocks)
         self.sparsity = sparsity
         self.num_prefix_tokens = num_prefix_tokens
-        self.locations = frozenset(sparsity.tokens.locations)
+        self.locations = frozenset(sparsity.tokens.resolved_locations(len(blocks)))
         self.token_keep_rate = sparsity.tokens.keep_rate
         self.attention_keep_rate = sparsity.attention.keep_rate
         self.tokens_per_block: list[int] = []
@@ -170,7 +170,7 @@ def _check_sparsity_fits(model: VisionTransformer, config: SparsityConfig) -> No
     if config.tokens.keep_rate == 1 and config.attention.keep_rate == 1:
         return
     depth = len(model.blocks)
-    beyond = [i for i in config.tokens.locations if i >= depth]
+    beyond = [i for i in config.tokens.resolved_locations(depth) if i >= depth]
     if beyond:
         raise ConfigError("sparsity.tokens.locations", f"got {config.tokens.locations}; blocks {beyond} do not exist "
                                                        f"(the model has {depth} blocks, indices 0..{depth - 1})")

@@ -1,11 +1,17 @@
 """Config loading and validation: every bad key or value names itself and what is allowed."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 import yaml
 
 from trivit.config import ConfigError, load, parse_overrides
 from trivit.engine.config import TrainConfig
+from trivit.sparse import create_vit
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -79,3 +85,12 @@ def test_base_files_chain_and_override(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="is its own base"):
         load(TrainConfig, tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize("recipe, depth, locations", [("deit_small_trilevel.yaml", 12, {3, 6, 9}),
+                                                      ("vit_large_trilevel.yaml", 24, {6, 12, 18})])
+def test_the_paper_locations_scale_with_the_depth(recipe, depth, locations):
+    config = load(TrainConfig, CONFIGS / recipe)
+    with torch.device("meta"):
+        model = create_vit(config.model.name, config.sparsity, num_classes=1000)
+    assert len(model.blocks) == depth and model.blocks.locations == locations
