@@ -23,7 +23,7 @@ setup(
         # Floors: the oldest releases the whole test suite passes with (docs/DEPENDENCIES.md).
         "torch>=2.9",
         "torchvision>=0.24",
-        "timm>=1.0.28",
+        "timm>=1.0.31",
         "webdataset>=0.2.100",
         "accelerate>=1.0",
         "deepspeed>=0.16.4",

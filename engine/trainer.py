@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import yaml
-from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
@@ -35,6 +34,7 @@ from trivit.engine.backends import build_backend, resolve_engine
 from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, gather_objects, init_process_group, sum_tensor, world_from_env
+from trivit.engine.ema import build_ema
 from trivit.engine.epochs import EpochTracker
 from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
@@ -105,7 +105,7 @@ class Trainer:
         self.model = self.backend.module
         self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
-        self.ema = ModelEmaV3(self.model, decay=config.optim.ema_decay) if config.optim.ema_decay else None
+        self.ema = build_ema(self.model, config.optim.ema_decay) if config.optim.ema_decay else None
         seed_everything(config.seed + self.world.rank)  # each rank its own dropout, drop-path and mixup draws
         self.mixer = batch_mixer(data, self.num_classes)
         mode = image_mode(config.model.in_chans)
@@ -405,6 +405,7 @@ class Trainer:
         sums = torch.zeros(4 + len(locations), dtype=torch.float64, device=self.device)
         """correct, samples, summed loss, skipped samples, then per location the attention density x samples"""
         placeholder = torch.zeros(1, self.config.model.in_chans, self.config.model.img_size, self.config.model.img_size)
+        dtype = next(model.parameters()).dtype  # the fp32 EMA beside a bf16 DeepSpeed module takes fp32 images
         with loader.batches() as batches:
             while True:
                 batch = next(batches, None)
@@ -414,11 +415,11 @@ class Trainer:
                     sums[3] += batch.skipped
                 if batch is None or not len(batch.ids):
                     if self.world.distributed:
-                        model(self.backend.prepare_inputs(placeholder))
+                        model(self.backend.prepare_inputs(placeholder).to(dtype))
                     continue
                 labels = batch.labels.to(self.device)
                 with self.backend.autocast():
-                    logits = model(self.backend.prepare_inputs(batch.images)).float()
+                    logits = model(self.backend.prepare_inputs(batch.images).to(dtype)).float()
                 sums[0] += (logits.argmax(-1) == labels).sum()
                 sums[1] += labels.numel()
                 sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
