@@ -1,14 +1,17 @@
 """The process group: who this process is, and the few collectives the trainer itself needs.
 
-Every launcher trivit supports (torchrun, accelerate launch, the deepspeed launcher, srun
-through them) sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; a plain ``trivit train`` sets
-none and is one process. The group is created once, here, before any backend is built, with
+Every launcher trivit supports (torchrun, accelerate launch, the deepspeed launcher) sets
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; ``srun`` with one task per GPU sets Slurm's own
+(``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS``), read when the others are absent,
+with ``MASTER_ADDR`` / ``MASTER_PORT`` derived from the step's first node and the job id unless
+given. A plain ``trivit train`` (also inside a batch script, outside ``srun``) is one process. The group is created once, here, before any backend is built, with
 gloo on CPU and NCCL on GPUs, and a timeout: a rank that dies or hangs makes the others fail
 with an error after ``engine.timeout_s`` instead of waiting forever.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -35,8 +38,10 @@ class World:
 
 
 def world_from_env() -> World:
-    """This process's place, from the launcher's environment variables."""
+    """This process's place, from the launcher's environment variables (or an ``srun`` step's)."""
     env = os.environ
+    if "RANK" not in env and "SLURM_STEP_NUM_TASKS" in env:
+        return _world_from_slurm(env)
     world = World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
     if world.distributed and not {"MASTER_ADDR", "MASTER_PORT"} <= env.keys():
         raise ValueError(f"WORLD_SIZE={world.world_size} but MASTER_ADDR/MASTER_PORT are not set; start trivit "
@@ -44,13 +49,42 @@ def world_from_env() -> World:
     return world
 
 
+def _world_from_slurm(env: os._Environ) -> World:
+    """An ``srun`` task as a rank. Its place is exported as torchrun's variables too (Accelerate and
+    DeepSpeed read those); ``MASTER_ADDR``/``MASTER_PORT`` are derived unless given: the step's
+    first host, and 29000 + job id mod 1000."""
+    world = World(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    env.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank))
+    if world.distributed:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        env.setdefault("MASTER_ADDR", first_slurm_host(nodes) if nodes else env.get("SLURM_LAUNCH_NODE_IPADDR", ""))
+        env.setdefault("MASTER_PORT", str(29000 + int(env.get("SLURM_JOB_ID", 0)) % 1000))
+    return world
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[017-020,031],cpu1`` -> ``gpu017``."""
+    match = re.match(r"([^,\[]+)(?:\[([^-,\]]+))?", nodelist)
+    if not match:
+        raise ValueError(f"cannot read the Slurm node list {nodelist!r}; set MASTER_ADDR to the first node's address")
+    return match.group(1) + (match.group(2) or "")
+
+
 def init_process_group(world: World, device: torch.device, timeout_s: float) -> None:
-    """Join the launcher's process group (no-op for one process or when already joined)."""
+    """Make ``device`` this process's current GPU, then join the launcher's process group (no-op for
+    one process or when already joined).
+
+    The current device must be set first, for every backend: NCCL binds each rank's communicator
+    to it (``device_id``), and FSDP2 and DeepSpeed take ``torch.cuda.current_device()``; left at
+    its default, every rank of a node would use GPU 0.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not world.distributed or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", rank=world.rank, world_size=world.world_size,
+                            timeout=timedelta(seconds=timeout_s), device_id=device if cuda else None)
 
 
 def sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
