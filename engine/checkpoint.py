@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from trivit.engine.distributed import all_ranks_ok, barrier
+from trivit.engine.distributed import all_ranks_ok, barrier, broadcast_object, gather_objects
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8,})$")
 TRAINER_FILE = "trainer.pt"
@@ -106,6 +106,44 @@ class CheckpointManager:
             except OSError as error:
                 log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, error)
         return None
+
+
+Found = tuple[dict[str, Any], Path]
+
+
+def agreed_resume(pick: Callable[[], Found | None], is_main: bool) -> Found | None:
+    """The checkpoint every rank resumes from, read by every rank; all ranks call this.
+
+    The main rank alone chooses (``pick``: the newest checkpoint it can read, or the one named)
+    and broadcasts its choice, or its error, so that every rank resumes from the same step or
+    stops with the same reason. A rank that cannot read the chosen checkpoint (a filesystem it
+    does not share) stops every rank, naming itself.
+    """
+    choice: Path | Exception | None = None
+    picked: Found | None = None
+    if is_main:
+        try:
+            picked = pick()
+            choice = picked[1] if picked else None
+        except (OSError, ValueError) as error:
+            choice = error
+    choice = broadcast_object(choice)
+    if isinstance(choice, Exception):
+        raise choice
+    if choice is None:
+        return None
+    error = None
+    if picked is None:
+        try:
+            picked = load_trainer_state(choice), choice
+        except (OSError, ValueError) as failure:
+            error = str(failure)
+    failures = [(rank, reason) for rank, reason in enumerate(gather_objects(error)) if reason]
+    if failures:
+        rank, reason = failures[0]
+        raise ValueError(f"rank {rank} cannot read checkpoint {choice}, which the main rank resumes from ({reason}); "
+                         "every rank must see the same run_dir (a filesystem all nodes share)")
+    return picked
 
 
 def _attempt(action: Callable[[], None]) -> Exception | None:

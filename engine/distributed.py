@@ -102,6 +102,15 @@ def gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
+def broadcast_object(value: Any) -> Any:
+    """The main rank's ``value`` on every rank (``value`` itself in one process)."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

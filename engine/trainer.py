@@ -31,7 +31,7 @@ from trivit.datasets.stream import (Batch, SampleDecoder, StreamLayout, StreamPo
                                     eval_loader, full_batches_position, train_loader)
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend, resolve_engine
-from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
+from trivit.engine.checkpoint import CheckpointManager, agreed_resume, checkpoint_folder, load_trainer_state
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, gather_objects, init_process_group, sum_tensor, world_from_env
 from trivit.engine.ema import build_ema
@@ -242,26 +242,28 @@ class Trainer:
             self._layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
 
     def _resume(self) -> None:
+        found = agreed_resume(self._pick_checkpoint, self.world.is_main)
+        if found is not None:
+            self.load_state_dict(*found)
+            log.info("resumed from %s at step %d", found[1], self.step)
+
+    def _pick_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
+        """On the main rank: the checkpoint ``resume`` asks for (None: start afresh)."""
         resume = self.config.resume
         if resume == "never":
             if self.checkpoints.saved():
                 raise ValueError(f"resume=never but {self.checkpoints.folder} already holds checkpoints; "
                                  "use a new run_dir, or resume=auto to continue that run")
-            return
+            return None
         if resume == "auto":
-            found = self.checkpoints.load_latest()
-            if found is None:
-                return
-            state, path = found
-        else:
-            path = checkpoint_folder(resume)
-            if not (path / "trainer.pt").is_file():
-                raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (a step_XXXXXXXX folder holding "
-                                        "trainer.pt); use 'auto', 'never' or a checkpoint folder")
-            state = load_trainer_state(path)
-            self._check_no_later_checkpoints(path, state["step"])
-        self.load_state_dict(state, path)
-        log.info("resumed from %s at step %d", path, self.step)
+            return self.checkpoints.load_latest()
+        path = checkpoint_folder(resume)
+        if not (path / "trainer.pt").is_file():
+            raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (a step_XXXXXXXX folder holding "
+                                    "trainer.pt); use 'auto', 'never' or a checkpoint folder")
+        state = load_trainer_state(path)
+        self._check_no_later_checkpoints(path, state["step"])
+        return state, path
 
     def _check_no_later_checkpoints(self, path: Path, step: int) -> None:
         """Branching from an earlier checkpoint into a run_dir that holds later ones would mix two runs
