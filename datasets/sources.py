@@ -64,20 +64,18 @@ class Source:
 def resolve_shards(data: DataConfig) -> ShardSet:
     """Locate the run's shards: ``data.train_urls``/``val_urls``, or the prepared built-in ``data.source``.
 
-    Several sources joined with '::' each have their own index (beside their first shard, or
-    the matching '::'-part of ``data.index``) and their sample ids are shifted into one global
-    space. Checked up front, each with the fix in the message: shards that do not exist, shards
+    A source is brace-expanded shard paths, or the folder ``trivit shards`` wrote: its index then
+    lists the shards (the 'train' split for training, 'val' or else 'test' for validation), so
+    shard counts never have to be typed. Several sources joined with '::' each have their own
+    index (beside their first shard, or the matching '::'-part of ``data.index``) and their sample
+    ids are shifted into one global space. Checked up front, each with the fix in the message: shards that do not exist, shards
     an index does not list (the epoch length would be wrong), shards an index lists that are
     gone, sources whose class lists differ.
     """
     train, val, index_spec = data.train_urls, data.val_urls, data.index
     if not train:
         folder = prepare_source(data.source, data.cache_dir)
-        index = read_index(folder / INDEX_NAME)
-        splits = index["splits"]
-        train = str(folder / splits["train"]["urls"])
-        val = val or str(folder / splits["test" if "test" in splits else "val"]["urls"])
-        index_spec = index_spec or str(folder / INDEX_NAME)
+        train, val = str(folder), val or str(folder)
     patterns = [expand_home(part) for part in train.split("::")]
     index_paths = [expand_home(part) for part in index_spec.split("::")] if index_spec else [""] * len(patterns)
     if len(index_paths) != len(patterns):
@@ -89,8 +87,7 @@ def resolve_shards(data: DataConfig) -> ShardSet:
         if source.classes != sources[0].classes:
             raise ValueError(f"training source {pattern!r} has other classes than {patterns[0]!r} ({source.classes[:5]} "
                              f"vs {sources[0].classes[:5]}): joined sources must share one class list")
-    val = "::".join(expand_home(part) for part in val.split("::")) if val else ""
-    val_urls = expand_urls(val) if val else []
+    val_urls = [url for part in val.split("::") for url in source_urls(expand_home(part), VAL_SPLITS)] if val else []
     check_shards_exist(val_urls, "data.val_urls", val)
     offsets, base = {}, 0
     for source in sources:
@@ -103,7 +100,7 @@ def resolve_shards(data: DataConfig) -> ShardSet:
 
 def resolve_source(pattern: str, index_path: str) -> Source:
     """One training source: its shards checked against its own index, its ids laid out split by split."""
-    urls = expand_urls(pattern)
+    urls = source_urls(pattern, TRAIN_SPLITS, index_path)
     check_shards_exist(urls, "data.train_urls", pattern)
     index = read_index(index_path or Path(urls[0]).parent / INDEX_NAME)
     names = {shard_name(url) for url in urls}
@@ -120,6 +117,24 @@ def resolve_source(pattern: str, index_path: str) -> Source:
     check_index_complete(index, urls)
     return Source(urls=urls, samples=sum(counts[shard_name(url)] for url in urls), num_ids=num_ids,
                   id_offsets={url: split_offsets[shard_name(url)] for url in urls}, classes=list(index["classes"]))
+
+
+TRAIN_SPLITS = ("train",)
+VAL_SPLITS = ("val", "test")
+
+
+def source_urls(pattern: str, splits: tuple[str, ...], index_path: str = "") -> list[str]:
+    """The shards of one source: a folder's index split (the first of ``splits`` it has), else the
+    brace-expanded pattern."""
+    folder = Path(pattern)
+    if not folder.is_dir():
+        return expand_urls(pattern)
+    index = read_index(index_path or folder / INDEX_NAME)
+    split = next((name for name in splits if name in index["splits"]), None)
+    if split is None:
+        raise ValueError(f"the index of {folder} has no {' or '.join(repr(s) for s in splits)} split (it has "
+                         f"{', '.join(index['splits'])}); name the shards themselves, e.g. {folder}/train-{{...}}.tar")
+    return [str(folder / name) for name in index["splits"][split]["shards"]]
 
 
 def expand_home(path: str) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,12 @@ from torch import nn
 from tqdm import tqdm
 
 from trivit.config import ConfigError, to_dict
-from trivit.datasets.sources import resolve_shards
-from trivit.datasets.stream import (Batch, SampleDecoder, StreamLayout, StreamPosition, check_enough_shards,
-                                    eval_loader, full_batches_position, train_loader)
+from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, eval_loader, full_batches_position, train_loader
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
-from trivit.engine.backends import build_backend, resolve_engine
+from trivit.engine.backends import build_backend
 from trivit.engine.checkpoint import CheckpointManager, agreed_resume, checkpoint_folder, load_trainer_state
 from trivit.engine.config import TrainConfig
-from trivit.engine.distributed import World, gather_objects, init_process_group, sum_tensor, world_from_env
+from trivit.engine.distributed import gather_objects, init_process_group, sum_tensor
 from trivit.engine.ema import build_ema
 from trivit.engine.epochs import EpochTracker
 from trivit.engine.export import WEIGHTS_FILE, export
@@ -42,31 +39,13 @@ from trivit.engine.metrics import MetricsLogger, Throughput
 from trivit.engine.optim import build_optimizer, build_scheduler
 from trivit.engine.run_lock import lock_run_dir
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
+from trivit.engine.startup import check_epoch_length, resolve_run
 from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.examples import EpochPlan, ExampleSelector, sum_across_ranks
 from trivit.sparse.flops import dense_fraction
 from trivit.sparse.schedule import scheduled_keep_rate
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, torch.dtype | None]:
-    """The device (this rank's GPU under a launcher) and the mixed-precision dtype (None = fp32)."""
-    engine = config.engine
-    cuda = torch.cuda.is_available()
-    if engine.device == "cuda" and not cuda:
-        raise ConfigError("engine.device", "got 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    use_cuda = engine.device == "cuda" or (engine.device == "auto" and cuda)
-    device = torch.device("cuda", world.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
-    precision = engine.precision
-    if precision == "auto":  # an accelerate config's mixed_precision, if trivit was launched with one
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
-        precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(launched, "auto")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("engine.precision", "got 'fp16' on the CPU; use 'fp32' or 'bf16' there")
-    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Preempted(Exception):
@@ -77,25 +56,13 @@ class Trainer:
     """Builds everything from a :class:`TrainConfig` and trains it; ``state_dict`` is the whole run state."""
 
     def __init__(self, config: TrainConfig):
-        self.world = world_from_env()
-        config = resolve_engine(config, self.world)
-        self.config = config
+        setup = resolve_run(config)
+        self.setup = setup
+        self.config = config = setup.config
+        self.world, self.device, self.amp_dtype = setup.world, setup.device, setup.amp_dtype
+        self.micro_batch, self.shards, self.num_classes = setup.micro_batch, setup.shards, setup.num_classes
         self.run_dir = Path(config.run_dir)
-        self.device, self.amp_dtype = resolve_device(config, self.world)
         data = config.data
-        self.micro_batch = self._micro_batch_size()
-        self.shards = resolve_shards(data)
-        num_samples = self.shards.train_samples
-        if num_samples < data.batch_size:
-            raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the {num_samples} training samples")
-        self.num_classes = config.model.num_classes or len(self.shards.classes)
-        if self.num_classes < len(self.shards.classes):
-            raise ConfigError("model.num_classes", f"got {self.num_classes}, fewer than the {len(self.shards.classes)} "
-                                                   "classes of the shard index; use null (the index's count) or at "
-                                                   f"least {len(self.shards.classes)}")
-        check_enough_shards(self._layout(0))
-        if not self.shards.val_urls:
-            log.warning("no validation shards (data.val_urls is empty): this run trains without evaluation")
         init_process_group(self.world, self.device, config.engine.timeout_s)
 
         seed_everything(config.seed)  # the same initial weights on every rank
@@ -116,9 +83,7 @@ class Trainer:
         num_ids = self.shards.num_ids
         self.selector = None
         if examples.policy != "none":
-            self._check_every_id_listed()
             self.selector = ExampleSelector(examples, num_ids, config.schedule.epochs, config.seed, self.device)
-            self._check_epoch_length(int((~self.selector.in_pool).sum()), 0)
             self.model.blocks.record_cls_attention = examples.policy == "forgetting"
         self.plan = EpochPlan(active=torch.ones(num_ids, dtype=torch.bool), weights=torch.ones(num_ids))
         self.epochs = EpochTracker()
@@ -133,29 +98,6 @@ class Trainer:
         self.step = 0
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep,
                                              self.world.is_main, self.device)
-
-    def _micro_batch_size(self) -> int:
-        """Images per rank per micro-batch: the global batch over world size x accumulation steps."""
-        data, engine = self.config.data, self.config.engine
-        slots = self.world.world_size * engine.grad_accum_steps
-        if data.batch_size % slots:
-            raise ConfigError("data.batch_size", f"got {data.batch_size}, not divisible by world size "
-                                                 f"{self.world.world_size} x engine.grad_accum_steps "
-                                                 f"{engine.grad_accum_steps} = {slots}; use a multiple of {slots}")
-        micro = data.batch_size // slots
-        if (data.mixup > 0 or data.cutmix > 0) and micro % 2:
-            raise ConfigError("data.batch_size", f"mixup/cutmix pair the images of each micro-batch, which has "
-                                                 f"{micro} (odd) here; use a global batch divisible by {2 * slots}")
-        return micro
-
-    def _check_every_id_listed(self) -> None:
-        """The example level sizes epochs from its active ids: every id must be in a listed shard."""
-        shards = self.shards
-        if shards.num_ids != shards.train_samples:
-            raise ConfigError("sparsity.examples.policy", f"the example level needs every shard of the splits it "
-                                                          f"reads, but data.train_urls lists {shards.train_samples} of "
-                                                          f"their {shards.num_ids} samples; list all their shards or "
-                                                          "set sparsity.examples.policy=none")
 
     @property
     def dense_epoch_steps(self) -> int:
@@ -239,7 +181,7 @@ class Trainer:
             self.selector.load_state_dict(state["examples"])
         self.step = state["step"]
         self.stream_position = rank_state.get("stream_position") or full_batches_position(
-            self._layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
+            self.setup.layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
 
     def _resume(self) -> None:
         found = agreed_resume(self._pick_checkpoint, self.world.is_main)
@@ -457,20 +399,10 @@ class Trainer:
         epoch = self.epochs.current + 1
         if self.selector is not None:
             self.plan = self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks)
-        self._check_epoch_length(self._active_samples(), epoch)
+        check_epoch_length(self.config, self._active_samples(), epoch)
         self.epochs.begin(self.step, self._active_samples() // self.config.data.batch_size)
 
-    def _check_epoch_length(self, active: int, epoch: int) -> None:
-        """An epoch must hold at least one global batch of active samples."""
-        batch, examples = self.config.data.batch_size, self.config.sparsity.examples
-        if active < batch:
-            raise ConfigError("sparsity.examples", f"epoch {epoch} would train on {active} active samples, fewer than "
-                                                   f"one global batch of {batch}: the example level (policy "
-                                                   f"{examples.policy!r}, initial_remove_fraction "
-                                                   f"{examples.initial_remove_fraction}, prune_ratio "
-                                                   f"{examples.prune_ratio}) leaves too few; lower those fractions "
-                                                   "or data.batch_size")
-        self.stream_position = full_batches_position(self._layout(epoch), 0, self.micro_batch)
+        self.stream_position = full_batches_position(self.setup.layout(epoch), 0, self.micro_batch)
 
     def _active_samples(self) -> int:
         """Training samples of the current epoch: the example level's active set, else every listed one."""
@@ -478,7 +410,7 @@ class Trainer:
 
     def _advance_stream(self, batch: Batch) -> None:
         """Count the raw samples the step's batch took from its stream, unreadable ones included."""
-        stream = self._layout(self.epochs.current).stream_of(self.epochs.offset(self.step))
+        stream = self.setup.layout(self.epochs.current).stream_of(self.epochs.offset(self.step))
         for slot, consumed in enumerate(batch.consumed):
             self.stream_position[slot][stream] += consumed
 
@@ -493,13 +425,6 @@ class Trainer:
         if schedule.max_steps is not None and self.step >= schedule.max_steps:
             return True
         return self.epochs.epoch_done(self.step) and self.epochs.current + 1 >= schedule.epochs
-
-    def _layout(self, epoch: int) -> StreamLayout:
-        data = self.config.data
-        return StreamLayout.for_rank(tuple(self.shards.train_urls), seed=self.config.seed, epoch=epoch,
-                                     rank=self.world.rank, world_size=self.world.world_size,
-                                     accum_steps=self.config.engine.grad_accum_steps, num_workers=data.num_workers,
-                                     resampled=data.resampled)
 
     def _is_eval_step(self) -> bool:
         every = self.config.schedule.eval_every_steps
@@ -598,7 +523,7 @@ class Trainer:
         if config.schedule.max_steps is not None:
             stop = min(stop, offset + config.schedule.max_steps - self.step)
         active = self.plan.active.numpy() if self.selector is not None else None
-        return train_loader(self._layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
+        return train_loader(self.setup.layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
                             start=offset, stop=stop, position=[list(p) for p in self.stream_position],
                             shuffle_buffer=data.shuffle_buffer,
                             num_workers=data.num_workers, active=active, id_offsets=self.shards.id_offsets,

@@ -1,8 +1,6 @@
 """``trivit shards`` on odd image trees: nothing is dropped without a word, nothing good is overwritten."""
 from __future__ import annotations
 
-import io
-import json
 
 import numpy as np
 import pytest

@@ -116,3 +116,10 @@ def test_a_subset_of_the_shards_trains_and_the_example_level_asks_for_all(tiny_s
     with pytest.raises(ValueError, match=r"lists 160 of their 256 samples; list all their shards or set "
                                          r"sparsity.examples.policy=none"):
         build(tiny_shards, tmp_path / "examples", **subset, **{"sparsity.examples.policy": "forgetting"})
+
+
+def test_a_shard_folder_is_read_through_its_index(tiny_shards, tmp_path):
+    """The recipes name the folder `trivit shards` wrote: no shard count to type (and get wrong)."""
+    trainer = build(tiny_shards, tmp_path, **{"data.train_urls": str(tiny_shards), "data.val_urls": str(tiny_shards)})
+    assert trainer.shards.train_samples == 256 and len(trainer.shards.train_urls) == 8
+    assert [url.rsplit("/", 1)[-1] for url in trainer.shards.val_urls] == ["val-000000.tar", "val-000001.tar"]

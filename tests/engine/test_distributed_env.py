@@ -8,7 +8,7 @@ import torch.distributed as dist
 from trivit.engine import distributed
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, init_process_group, world_from_env
-from trivit.engine.trainer import resolve_device
+from trivit.engine.startup import resolve_device
 
 
 def test_each_rank_takes_its_local_gpu_before_joining_the_group(monkeypatch):

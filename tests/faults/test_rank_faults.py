@@ -7,7 +7,6 @@ the uninterrupted run's losses.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -1,0 +1,128 @@
+"""Everything a run resolves and checks before any process group exists.
+
+:func:`resolve_run` turns a config and the launcher's environment into the concrete run (backend,
+device, precision, micro-batch, shards, classes) and runs every start-up check that needs
+neither GPUs nor peers, so the trainer, ``--dry-run`` and the tests of each launcher's
+environment all meet the same errors at the same point.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from trivit.config import ConfigError
+from trivit.datasets.sources import ShardSet, resolve_shards
+from trivit.datasets.stream import StreamLayout, check_enough_shards
+from trivit.engine.backends import resolve_engine
+from trivit.engine.config import TrainConfig
+from trivit.engine.distributed import World, world_from_env
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    config: TrainConfig
+    """The config with a concrete backend (and ZeRO stage)."""
+    world: World
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    """The mixed-precision dtype; None = fp32."""
+    micro_batch: int
+    """Images per rank per micro-batch."""
+    shards: ShardSet
+    num_classes: int
+
+    def layout(self, epoch: int) -> StreamLayout:
+        """How ``epoch``'s batches are laid out over this rank's slots and loader workers."""
+        data = self.config.data
+        return StreamLayout.for_rank(tuple(self.shards.train_urls), seed=self.config.seed, epoch=epoch,
+                                     rank=self.world.rank, world_size=self.world.world_size,
+                                     accum_steps=self.config.engine.grad_accum_steps, num_workers=data.num_workers,
+                                     resampled=data.resampled)
+
+
+def resolve_run(config: TrainConfig, world: World | None = None) -> RunSetup:
+    """The concrete run of ``config`` in this process's environment; raises on any start-up problem."""
+    world = world or world_from_env()
+    config = resolve_engine(config, world)
+    device, amp_dtype = resolve_device(config, world)
+    data = config.data
+    micro_batch = micro_batch_size(config, world)
+    shards = resolve_shards(data)
+    if shards.train_samples < data.batch_size:
+        raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the {shards.train_samples} "
+                                             "training samples")
+    num_classes = config.model.num_classes or len(shards.classes)
+    if num_classes < len(shards.classes):
+        raise ConfigError("model.num_classes", f"got {num_classes}, fewer than the {len(shards.classes)} classes of "
+                                               f"the shard index; use null (the index's count) or at least "
+                                               f"{len(shards.classes)}")
+    setup = RunSetup(config, world, device, amp_dtype, micro_batch, shards, num_classes)
+    check_enough_shards(setup.layout(0))
+    check_example_level(config, shards)
+    if not shards.val_urls:
+        log.warning("no validation shards (data.val_urls is empty): this run trains without evaluation")
+    return setup
+
+
+def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, torch.dtype | None]:
+    """The device (this rank's GPU under a launcher) and the mixed-precision dtype (None = fp32)."""
+    engine = config.engine
+    cuda = torch.cuda.is_available()
+    if engine.device == "cuda" and not cuda:
+        raise ConfigError("engine.device", "got 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    use_cuda = engine.device == "cuda" or (engine.device == "auto" and cuda)
+    device = torch.device("cuda", world.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    precision = engine.precision
+    if precision == "auto":  # an accelerate config's mixed_precision, if trivit was launched with one
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
+        precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(launched, "auto")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("engine.precision", "got 'fp16' on the CPU; use 'fp32' or 'bf16' there")
+    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def micro_batch_size(config: TrainConfig, world: World) -> int:
+    """Images per rank per micro-batch: the global batch over world size x accumulation steps."""
+    data, engine = config.data, config.engine
+    slots = world.world_size * engine.grad_accum_steps
+    if data.batch_size % slots:
+        raise ConfigError("data.batch_size", f"got {data.batch_size}, not divisible by world size {world.world_size} "
+                                             f"x engine.grad_accum_steps {engine.grad_accum_steps} = {slots}; use a "
+                                             f"multiple of {slots}")
+    micro = data.batch_size // slots
+    if (data.mixup > 0 or data.cutmix > 0) and micro % 2:
+        raise ConfigError("data.batch_size", f"mixup/cutmix pair the images of each micro-batch, which has {micro} "
+                                             f"(odd) here; use a global batch divisible by {2 * slots}")
+    return micro
+
+
+def check_example_level(config: TrainConfig, shards: ShardSet) -> None:
+    """The example level keeps one table entry per sample id and sizes epochs from its active ids."""
+    examples = config.sparsity.examples
+    if examples.policy == "none":
+        return
+    if shards.num_ids != shards.train_samples:
+        raise ConfigError("sparsity.examples.policy", f"the example level needs every shard of the splits it reads, "
+                                                      f"but data.train_urls lists {shards.train_samples} of their "
+                                                      f"{shards.num_ids} samples; list all their shards or set "
+                                                      "sparsity.examples.policy=none")
+    removed = round(examples.initial_remove_fraction * shards.num_ids) if examples.policy == "forgetting" else 0
+    check_epoch_length(config, shards.num_ids - removed, epoch=0)
+
+
+def check_epoch_length(config: TrainConfig, active: int, epoch: int) -> None:
+    """An epoch must hold at least one global batch of active samples."""
+    batch, examples = config.data.batch_size, config.sparsity.examples
+    if active < batch:
+        raise ConfigError("sparsity.examples", f"epoch {epoch} would train on {active} active samples, fewer than one "
+                                               f"global batch of {batch}: the example level (policy "
+                                               f"{examples.policy!r}, initial_remove_fraction "
+                                               f"{examples.initial_remove_fraction}, prune_ratio {examples.prune_ratio}) "
+                                               "leaves too few; lower those fractions or data.batch_size")
