@@ -159,3 +159,10 @@ def test_each_recipe_passes_dry_run(recipe, imagenet_stand_in, tmp_path, capsys)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "config valid; backend single on 1 process(es)" in out and "2048 training samples" in out
+
+
+def test_the_deepspeed_env_file_is_read_as_deepspeeds_launcher_reads_it():
+    """DeepSpeed's runner splits every line of the file at its first '=' (no comments, no blank lines)."""
+    lines = (ROOT / "launch" / "deepspeed_env").read_text().splitlines()
+    exports = dict(line.split("=", maxsplit=1) for line in lines)
+    assert len(exports) == len(lines) and {"PATH", "OMP_NUM_THREADS"} <= exports.keys()
