@@ -19,8 +19,9 @@ trap 'echo TERM >> "$STUB_LOG"; kill $!; exit 143' TERM
 wait
 """
 SCONTROL = """#!/bin/bash
-if [ "$1" = show ]; then echo gpu017; echo gpu018; else echo "scontrol $*" >> "$STUB_LOG"; fi
+if [ "$1" = show ]; then printf 'gpu%03d\\n' $(seq 17 5000); else echo "scontrol $*" >> "$STUB_LOG"; fi
 """
+"""A long node list: a reader that stops after the first line would kill the writer with SIGPIPE."""
 
 
 def start(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, Path]:
