@@ -32,6 +32,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def deepspeed_comm_op():
+    """Build DeepSpeed's CPU communication op once, here, before two ranks at a time would race to
+    JIT-compile it (cached in ~/.cache/torch_extensions; about a minute the first time)."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_shards, tmp_path_factory) -> dict[int, float]:
     """One process, two micro-batches per step: the same global batches as 2 ranks."""
