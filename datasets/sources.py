@@ -68,9 +68,9 @@ def resolve_shards(data: DataConfig) -> ShardSet:
     lists the shards (the 'train' split for training, 'val' or else 'test' for validation), so
     shard counts never have to be typed. Several sources joined with '::' each have their own
     index (beside their first shard, or the matching '::'-part of ``data.index``) and their sample
-    ids are shifted into one global space. Checked up front, each with the fix in the message: shards that do not exist, shards
-    an index does not list (the epoch length would be wrong), shards an index lists that are
-    gone, sources whose class lists differ.
+    ids are shifted into one global space. Checked up front, each with the fix in the message:
+    shards that do not exist, shards an index does not list (the epoch length would be wrong),
+    shards an index lists that are gone, sources whose class lists differ.
     """
     train, val, index_spec = data.train_urls, data.val_urls, data.index
     if not train:

@@ -70,7 +70,8 @@ class OptimConfig:
         check(self.eps > 0 and finite(self.eps), "eps", self.eps, "a small positive number (e.g. 1e-8)")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
               "two values in [0, 1)")
-        check(self.clip_grad is None or (self.clip_grad > 0 and finite(self.clip_grad)), "clip_grad", self.clip_grad, "a positive norm or null")
+        check(self.clip_grad is None or (self.clip_grad > 0 and finite(self.clip_grad)), "clip_grad", self.clip_grad,
+              "a positive norm or null")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a decay in (0, 1) or null")
 
     def peak_lr(self, global_batch: int) -> float:

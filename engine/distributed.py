@@ -4,9 +4,10 @@ Every launcher trivit supports (torchrun, accelerate launch, the deepspeed launc
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; ``srun`` with one task per GPU sets Slurm's own
 (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS``), read when the others are absent,
 with ``MASTER_ADDR`` / ``MASTER_PORT`` derived from the step's first node and the job id unless
-given. A plain ``trivit train`` (also inside a batch script, outside ``srun``) is one process. The group is created once, here, before any backend is built, with
-gloo on CPU and NCCL on GPUs, and a timeout: a rank that dies or hangs makes the others fail
-with an error after ``engine.timeout_s`` instead of waiting forever.
+given. A plain ``trivit train`` (also inside a batch script, outside ``srun``) is one process.
+The group is created once, here, before any backend is built, with gloo on CPU and NCCL on
+GPUs, and a timeout: a rank that dies or hangs makes the others fail with an error after
+``engine.timeout_s`` instead of waiting forever.
 """
 from __future__ import annotations
 

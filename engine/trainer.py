@@ -399,9 +399,9 @@ class Trainer:
         epoch = self.epochs.current + 1
         if self.selector is not None:
             self.plan = self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks)
-        check_epoch_length(self.config, self._active_samples(), epoch)
-        self.epochs.begin(self.step, self._active_samples() // self.config.data.batch_size)
-
+        active = self._active_samples()
+        check_epoch_length(self.config, active, epoch)
+        self.epochs.begin(self.step, active // self.config.data.batch_size)
         self.stream_position = full_batches_position(self.setup.layout(epoch), 0, self.micro_batch)
 
     def _active_samples(self) -> int:

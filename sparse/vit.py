@@ -184,9 +184,10 @@ def _create_timm(name: str, **kwargs: Any) -> nn.Module:
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; any plain ViT name works, e.g. 'deit_tiny_patch16_224'")
     architecture, tag = split_model_name_tag(name)
-    if tag and f"{architecture}.{tag}" not in timm.list_pretrained(f"{architecture}.*"):
+    tagged = timm.list_pretrained(f"{architecture}.*") if tag else []
+    if tag and f"{architecture}.{tag}" not in tagged:
         raise ValueError(f"timm has no pretrained tag {tag!r} for {architecture!r}; its tags: "
-                         f"{', '.join(timm.list_pretrained(f'{architecture}.*')) or 'none'}")
+                         f"{', '.join(tagged) or 'none'}")
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as error:
