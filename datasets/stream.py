@@ -20,25 +20,20 @@ warning and counted, and the counts travel with the next :class:`Batch`.
 """
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import logging
-import multiprocessing
-import os
 import random
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.synchronize import Event
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 log = logging.getLogger(__name__)
@@ -365,93 +360,3 @@ class EvalStream(IterableDataset):
             return iter(())
         samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=bad.shard))
         return decoded_batches(iter(samples), lambda s: self.decode(s, 0), self.batch_size, True, bad)
-
-
-class ShardLoader(DataLoader):
-    """A ``DataLoader`` whose workers leave SIGTERM to the training process until it is done with them.
-
-    Schedulers and launchers signal a job's whole process group on pre-emption; a worker that
-    died of it would fail the step the trainer is finishing before it writes its checkpoint, so
-    workers ignore SIGTERM. Iterate through :meth:`batches`: on every exit from it (the end, an
-    exception, Ctrl-C) the workers are released and shut down there and then, so neither an
-    error's traceback (which keeps the iterator alive) nor the next loader's fork finds them.
-    A worker that ignored SIGTERM for good would make the process hang at exit.
-    """
-
-    def __init__(self, dataset: IterableDataset, **kwargs: Any):
-        self.released = multiprocessing.get_context().Event()
-        super().__init__(dataset, batch_size=None, worker_init_fn=functools.partial(_worker_signals, self.released),
-                         **kwargs)
-
-    @contextmanager
-    def batches(self) -> Iterator[Iterator[Batch]]:
-        iterator = iter(self)
-        try:
-            yield iterator
-        finally:
-            self.released.set()
-            shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
-            if shutdown is not None:
-                shutdown()
-
-
-def _worker_signals(released: Event, worker_id: int) -> None:
-    """In a loader worker: ignore SIGTERM until the loader is released, then exit on it."""
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if released.is_set():
-            os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def check_enough_shards(layout: StreamLayout) -> None:
-    """Every (slot, worker) stream needs a shard of its own, or it would yield nothing and the ranks would hang."""
-    needed = layout.num_slots * layout.num_streams
-    if not layout.resampled and len(layout.urls) < needed:
-        raise ValueError(
-            f"{len(layout.urls)} training shards for {layout.num_slots} data-parallel slots (ranks x gradient "
-            f"accumulation steps) x {layout.num_streams} workers: every worker needs at least one shard, or it "
-            f"would yield nothing and the ranks would hang. Use data.num_workers <= "
-            f"{max(1, len(layout.urls) // layout.num_slots)}, data.resampled=true "
-            "(each worker draws shards with replacement), or write more, smaller shards."
-        )
-
-
-def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
-                 active: np.ndarray | None = None, id_offsets: dict[str, int] | None = None,
-                 pin_memory: bool = False) -> ShardLoader:
-    """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
-
-    ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
-    ``position`` is the raw samples consumed before ``start``; the default assumes every sample
-    before it was readable (:func:`full_batches_position`), the trainer passes the exact one.
-    ``active`` (a boolean array over sample ids) drops every other sample before decoding;
-    ``id_offsets`` (per shard URL) moves joined sources' ids into one space; ``pin_memory`` when
-    training on CUDA.
-
-    Workers are started for each epoch rather than kept (``persistent_workers``): an epoch's
-    streams depend on what is decided when it begins (the shard permutation, the example
-    level's active set), and a stream's shuffle buffer drains at the end of every pass by
-    design, so a kept worker would carry nothing over. Starting them costs about a second per
-    epoch.
-    """
-    if num_workers and layout.num_streams != num_workers:
-        raise ValueError(f"layout has {layout.num_streams} streams but the loader {num_workers} workers")
-    check_enough_shards(layout)
-    dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
-                          position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer,
-                          active=active, id_offsets=id_offsets)
-    return ShardLoader(dataset, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
-                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
-
-
-def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int,
-                num_workers: int, pin_memory: bool = False) -> ShardLoader:
-    """Loader over every sample of this rank's share of ``urls``.
-
-    Its own generator keeps the global RNG untouched, so evaluating never changes training.
-    """
-    dataset = EvalStream(urls, decode, batch_size=batch_size, rank=rank, world_size=world_size)
-    return ShardLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
-                       generator=torch.Generator().manual_seed(0))

@@ -146,6 +146,55 @@ def agreed_resume(pick: Callable[[], Found | None], is_main: bool) -> Found | No
     return picked
 
 
+def pick_checkpoint(resume: str, checkpoints: CheckpointManager) -> Found | None:
+    """The checkpoint ``resume`` asks for ('auto', 'never' or a folder) in ``checkpoints``; None: start afresh."""
+    if resume == "never":
+        if checkpoints.saved():
+            raise ValueError(f"resume=never but {checkpoints.folder} already holds checkpoints; "
+                             "use a new run_dir, or resume=auto to continue that run")
+        return None
+    if resume == "auto":
+        return checkpoints.load_latest()
+    path = checkpoint_folder(resume)
+    if not (path / TRAINER_FILE).is_file():
+        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (a step_XXXXXXXX folder holding "
+                                "trainer.pt); use 'auto', 'never' or a checkpoint folder")
+    state = load_trainer_state(path)
+    check_no_later_checkpoints(checkpoints, path, state["step"])
+    return state, path
+
+
+def check_no_later_checkpoints(checkpoints: CheckpointManager, path: Path, step: int) -> None:
+    """Branching from an earlier checkpoint into a run_dir that holds later ones would mix two runs
+    (metrics, ``resume=auto``) and the keep-last rule could delete the branch's own checkpoints."""
+    later = [folder.name for saved_step, folder in checkpoints.saved() if saved_step > step]
+    if later:
+        raise ValueError(f"resume={str(path)!r} is at step {step}, but {checkpoints.folder} already holds later "
+                         f"checkpoints ({', '.join(later)}); continuing here would mix two runs. Branch into a "
+                         f"new run_dir (run_dir=NEW resume={path}), or resume=auto to continue from {later[-1]}")
+
+
+def check_compatible(state: dict[str, Any], source: Path, model_name: str, backend: str,
+                     data_settings: dict[str, Any]) -> None:
+    """A checkpoint can continue this run: the same model, backend, world size and data position settings."""
+    if state["model_name"] != model_name:
+        raise ValueError(f"checkpoint {source} is of model {state['model_name']!r}, this run builds "
+                         f"{model_name!r}; use a new run_dir or resume=never")
+    changed = {k: (state["data"][k], v) for k, v in data_settings.items() if state["data"][k] != v}
+    if "world_size" in changed:
+        old, new = changed["world_size"]
+        raise ValueError(f"checkpoint {source} was written by {old} processes, this run has {new}; relaunch "
+                         f"with {old} processes to resume it, or start a new run_dir")
+    if state["backend"] != backend:
+        raise ValueError(f"checkpoint {source} was written by backend {state['backend']!r}, this run uses "
+                         f"{backend!r}; set engine.backend={state['backend']}, or start a new run "
+                         f"from its weights (trivit export {source})")
+    if changed:
+        detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+        raise ValueError(f"checkpoint {source} was written with other data settings ({detail}); the data "
+                         "position cannot be carried over: restore those values or start a new run_dir")
+
+
 def _attempt(action: Callable[[], None]) -> Exception | None:
     """Run ``action``; the write error it raised, if any."""
     try:

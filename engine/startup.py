@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from trivit.config import ConfigError
 from trivit.datasets.sources import ShardSet, resolve_shards
-from trivit.datasets.stream import StreamLayout, check_enough_shards
+from trivit.datasets.loaders import check_enough_shards
+from trivit.datasets.stream import StreamLayout
 from trivit.engine.backends import resolve_engine
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, world_from_env
@@ -35,6 +37,14 @@ class RunSetup:
     """Images per rank per micro-batch."""
     shards: ShardSet
     num_classes: int
+
+    def data_settings(self) -> dict[str, Any]:
+        """What the data position depends on: a checkpoint must match it to resume."""
+        config = self.config
+        return {"train_samples": self.shards.train_samples, "num_workers": config.data.num_workers,
+                "batch_size": config.data.batch_size, "seed": config.seed,
+                "examples_policy": config.sparsity.examples.policy, "world_size": self.world.world_size,
+                "grad_accum_steps": config.engine.grad_accum_steps}
 
     def layout(self, epoch: int) -> StreamLayout:
         """How ``epoch``'s batches are laid out over this rank's slots and loader workers."""

@@ -25,13 +25,15 @@ from torch import nn
 from tqdm import tqdm
 
 from trivit.config import ConfigError, to_dict
-from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, eval_loader, full_batches_position, train_loader
+from trivit.datasets.loaders import train_loader
+from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend
-from trivit.engine.checkpoint import CheckpointManager, agreed_resume, checkpoint_folder, load_trainer_state
+from trivit.engine.checkpoint import CheckpointManager, agreed_resume, check_compatible, pick_checkpoint
 from trivit.engine.config import TrainConfig
-from trivit.engine.distributed import gather_objects, init_process_group, sum_tensor
+from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
+from trivit.engine.evaluation import Evaluator
 from trivit.engine.epochs import EpochTracker
 from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
@@ -40,6 +42,7 @@ from trivit.engine.optim import build_optimizer, build_scheduler
 from trivit.engine.run_lock import lock_run_dir
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.engine.startup import check_epoch_length, resolve_run
+from trivit.engine.step_guard import StepGuard
 from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.examples import EpochPlan, ExampleSelector, sum_across_ranks
 from trivit.sparse.flops import dense_fraction
@@ -77,7 +80,8 @@ class Trainer:
         self.mixer = batch_mixer(data, self.num_classes)
         mode = image_mode(config.model.in_chans)
         self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode)
-        self.eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
+        eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
+        self.evaluator = Evaluator(setup, self.backend, eval_decoder)
 
         examples = config.sparsity.examples
         num_ids = self.shards.num_ids
@@ -89,15 +93,11 @@ class Trainer:
         self.epochs = EpochTracker()
         self.stream_position: StreamPosition = []
         """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
-        self.nonfinite_steps = 0
-        self.stop_requested = False
-        """SIGTERM seen by this rank; ``preempted`` once every rank knows (the step's all-reduce)."""
-        self.preempted = False
-        self.data_counts = {"seen": 0, "skipped": 0, "bad_shards": 0}
-        """Training samples read, unreadable samples skipped, unreadable shards (cumulative, all ranks)."""
         self.step = 0
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep,
                                              self.world.is_main, self.device)
+        self.guard = StepGuard(config, self.shards.train_samples, self.world.world_size, self.device,
+                               self.checkpoints.saved)
 
     @property
     def dense_epoch_steps(self) -> int:
@@ -125,42 +125,15 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
             "ranks": rank_states,
-            "data": self._data_settings(),
+            "data": self.setup.data_settings(),
             "epochs": self.epochs.state_dict(),
-            "data_counts": dict(self.data_counts),
-            "nonfinite_steps": self.nonfinite_steps,
+            **self.guard.state_dict(),
             "plan": {"active": self.plan.active, "weights": self.plan.weights},
             "examples": self.selector.state_dict() if self.selector else None,
         }
 
-    def _data_settings(self) -> dict[str, Any]:
-        """What the data position depends on: a checkpoint must match it to resume."""
-        return {"train_samples": self.shards.train_samples, "num_workers": self.config.data.num_workers,
-                "batch_size": self.config.data.batch_size, "seed": self.config.seed,
-                "examples_policy": self.config.sparsity.examples.policy, "world_size": self.world.world_size,
-                "grad_accum_steps": self.config.engine.grad_accum_steps}
-
-    def _check_compatible(self, state: dict[str, Any], source: Path) -> None:
-        if state["model_name"] != self.config.model.name:
-            raise ValueError(f"checkpoint {source} is of model {state['model_name']!r}, this run builds "
-                             f"{self.config.model.name!r}; use a new run_dir or resume=never")
-        expected = self._data_settings()
-        changed = {k: (state["data"][k], v) for k, v in expected.items() if state["data"][k] != v}
-        if "world_size" in changed:
-            old, new = changed["world_size"]
-            raise ValueError(f"checkpoint {source} was written by {old} processes, this run has {new}; relaunch "
-                             f"with {old} processes to resume it, or start a new run_dir")
-        if state["backend"] != self.backend.name:
-            raise ValueError(f"checkpoint {source} was written by backend {state['backend']!r}, this run uses "
-                             f"{self.backend.name!r}; set engine.backend={state['backend']}, or start a new run "
-                             f"from its weights (trivit export {source})")
-        if changed:
-            detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
-            raise ValueError(f"checkpoint {source} was written with other data settings ({detail}); the data "
-                             "position cannot be carried over: restore those values or start a new run_dir")
-
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        self._check_compatible(state, source)
+        check_compatible(state, source, self.config.model.name, self.backend.name, self.setup.data_settings())
         try:
             self.backend.load(source, state)
         except RuntimeError as error:
@@ -174,8 +147,7 @@ class Trainer:
         rank_state = state["ranks"][self.world.rank]
         set_rng_state(rank_state["rng"])
         self.epochs.load_state_dict(state["epochs"])
-        self.data_counts = dict(state["data_counts"])
-        self.nonfinite_steps = state["nonfinite_steps"]
+        self.guard.load_state_dict(state)
         self.plan = EpochPlan(active=state["plan"]["active"], weights=state["plan"]["weights"])
         if self.selector is not None:
             self.selector.load_state_dict(state["examples"])
@@ -184,38 +156,10 @@ class Trainer:
             self.setup.layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
 
     def _resume(self) -> None:
-        found = agreed_resume(self._pick_checkpoint, self.world.is_main)
+        found = agreed_resume(lambda: pick_checkpoint(self.config.resume, self.checkpoints), self.world.is_main)
         if found is not None:
             self.load_state_dict(*found)
             log.info("resumed from %s at step %d", found[1], self.step)
-
-    def _pick_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
-        """On the main rank: the checkpoint ``resume`` asks for (None: start afresh)."""
-        resume = self.config.resume
-        if resume == "never":
-            if self.checkpoints.saved():
-                raise ValueError(f"resume=never but {self.checkpoints.folder} already holds checkpoints; "
-                                 "use a new run_dir, or resume=auto to continue that run")
-            return None
-        if resume == "auto":
-            return self.checkpoints.load_latest()
-        path = checkpoint_folder(resume)
-        if not (path / "trainer.pt").is_file():
-            raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (a step_XXXXXXXX folder holding "
-                                    "trainer.pt); use 'auto', 'never' or a checkpoint folder")
-        state = load_trainer_state(path)
-        self._check_no_later_checkpoints(path, state["step"])
-        return state, path
-
-    def _check_no_later_checkpoints(self, path: Path, step: int) -> None:
-        """Branching from an earlier checkpoint into a run_dir that holds later ones would mix two runs
-        (metrics, ``resume=auto``) and the keep-last rule could delete the branch's own checkpoints."""
-        later = [folder.name for saved_step, folder in self.checkpoints.saved() if saved_step > step]
-        if later:
-            raise ValueError(f"resume={str(path)!r} is at step {step}, but {self.checkpoints.folder} already holds "
-                             f"later checkpoints ({', '.join(later)}); continuing here would mix two runs. Branch "
-                             f"into a new run_dir (run_dir=NEW resume={path}), or resume=auto to continue from "
-                             f"{later[-1]}")
 
     # -- loop --------------------------------------------------------------------------------
 
@@ -233,39 +177,15 @@ class Trainer:
         active = self._active_samples()
         flops = dense_fraction(self.model)
         return {"step": self.step, "epoch": self.epochs.progress(self.step),
-                "loss": loss_value if math.isfinite(loss_value) else None, "nonfinite_steps": self.nonfinite_steps,
+                "loss": loss_value if math.isfinite(loss_value) else None, "nonfinite_steps": self.guard.nonfinite_steps,
                 "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
                 "keep_rate_tokens": blocks.token_keep_rate, "keep_rate_attention": blocks.attention_keep_rate,
                 "tokens_per_block": list(blocks.tokens_per_block),
                 "attention_density": {str(block): d.item() for block, d in blocks.attention_density.items()},
                 "active_samples": active,
                 "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples,
-                "data/skipped": self.data_counts["skipped"], "data/bad_shards": self.data_counts["bad_shards"]}
-
-    def _count_data(self, counts: torch.Tensor) -> None:
-        """Add a step's sample and bad-data counts (summed over ranks); too much bad data stops training."""
-        seen, skipped, bad_shards = (int(c) for c in counts.tolist())
-        total = self.data_counts
-        total["seen"] += seen
-        total["skipped"] += skipped
-        total["bad_shards"] += bad_shards
-        read = total["seen"] + total["skipped"]
-        limit = self.config.data.max_bad_fraction
-        if read >= min(1000, self.shards.train_samples) and total["skipped"] > limit * read:
-            raise ValueError(f"{total['skipped']} of the {read} training samples read so far are unreadable, more "
-                             f"than data.max_bad_fraction={limit}; the warnings above name their shards and keys. "
-                             "Repair the shards (trivit shards checks every image) or raise data.max_bad_fraction")
-
-    def _share(self, loss: torch.Tensor, batch: Batch | None) -> torch.Tensor:
-        """One all-reduce per micro-batch: [loss, stop requested, seen, skipped, bad shards], summed over ranks.
-
-        Every rank thus takes the same decisions (skip a non-finite step, stop on SIGTERM or on
-        too much bad data) at the same step.
-        """
-        counts = [len(batch.ids), batch.skipped, batch.bad_shards] if batch is not None else [0, 0, 0]
-        local = torch.tensor([0.0, float(self.stop_requested), *counts], dtype=torch.float64, device=self.device)
-        local[0] = loss.detach().double()
-        return sum_tensor(local)
+                "data/skipped": self.guard.data_counts["skipped"],
+                "data/bad_shards": self.guard.data_counts["bad_shards"]}
 
     def _train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's batch, micro-batch by micro-batch; returns the global mean loss."""
@@ -278,14 +198,11 @@ class Trainer:
         parts = zip(batch.images.chunk(accum), batch.labels.chunk(accum), batch.ids.chunk(accum))
         for index, (images, labels, ids) in enumerate(parts):
             loss, logits, losses, labels = self._micro_batch_loss(images, labels, ids, rank_batch)
-            shared = self._share(loss, batch if index == 0 else None)
-            if index == 0:
-                self._count_data(shared[2:])
-            self.preempted = self.preempted or shared[1].item() > 0
-            step_loss = shared[0] / self.world.world_size
+            counts = (len(batch.ids), batch.skipped, batch.bad_shards) if index == 0 else None
+            step_loss = self.guard.share(loss, counts)
             if not torch.isfinite(step_loss):
                 backend.zero_grad()
-                self._nonfinite(step_loss)
+                self.guard.nonfinite(step_loss, self.step + 1)
                 total = step_loss  # logged as null; the update is skipped
                 break
             backend.backward(loss, last_micro_batch=index == accum - 1)
@@ -313,87 +230,6 @@ class Trainer:
         loss = (losses * self.plan.weights[ids].to(self.device)).sum() / rank_batch
         return loss, logits, losses, labels
 
-    def _nonfinite(self, loss: torch.Tensor) -> None:
-        """Stop on a NaN/inf loss, or skip the update and count it (``engine.nonfinite_loss``)."""
-        engine = self.config.engine
-        saved = self.checkpoints.saved()
-        kept = (f"the last checkpoint {saved[-1][1]} is intact" if saved
-                else "no checkpoint was written yet")
-        where = f"loss is {loss.item()} (mean over all ranks) at step {self.step + 1}; {kept}"
-        if engine.nonfinite_loss == "stop":
-            raise FloatingPointError(f"{where} (engine.nonfinite_loss=skip skips such steps instead)")
-        self.nonfinite_steps += 1
-        log.warning("%s; update skipped (%d so far)", where, self.nonfinite_steps)
-        if self.nonfinite_steps > engine.max_nonfinite_steps:
-            raise FloatingPointError(f"{where}; {self.nonfinite_steps} steps had non-finite losses, more than "
-                                     f"engine.max_nonfinite_steps={engine.max_nonfinite_steps}: lower the learning "
-                                     "rate or check the data")
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Top-1 accuracy (%) and mean cross-entropy over the whole validation split, each rank
-        reading its share of the shards.
-
-        Ranks step through their shares together: one that has run out forwards a placeholder
-        image while the others still have batches, so the collectives inside a sharded model
-        (FSDP, ZeRO-3) always have every rank.
-        """
-        data = self.config.data
-        loader = eval_loader(self.shards.val_urls, self.eval_decoder, batch_size=data.eval_batch_size,
-                             rank=self.world.rank, world_size=self.world.world_size,
-                             num_workers=min(data.num_workers, len(self.shards.val_urls)),
-                             pin_memory=self.device.type == "cuda")
-        was_training = model.training
-        model.eval()
-        locations = sorted(self.model.blocks.locations)
-        sums = torch.zeros(4 + len(locations), dtype=torch.float64, device=self.device)
-        """correct, samples, summed loss, skipped samples, then per location the attention density x samples"""
-        placeholder = torch.zeros(1, self.config.model.in_chans, self.config.model.img_size, self.config.model.img_size)
-        dtype = next(model.parameters()).dtype  # the fp32 EMA beside a bf16 DeepSpeed module takes fp32 images
-        with loader.batches() as batches:
-            while True:
-                batch = next(batches, None)
-                if sum_tensor(torch.tensor([float(batch is not None)], device=self.device)).item() == 0:
-                    break  # no rank has a batch left
-                if batch is not None:
-                    sums[3] += batch.skipped
-                if batch is None or not len(batch.ids):
-                    if self.world.distributed:
-                        model(self.backend.prepare_inputs(placeholder).to(dtype))
-                    continue
-                labels = batch.labels.to(self.device)
-                with self.backend.autocast():
-                    logits = model(self.backend.prepare_inputs(batch.images).to(dtype)).float()
-                sums[0] += (logits.argmax(-1) == labels).sum()
-                sums[1] += labels.numel()
-                sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
-                for slot, block in enumerate(locations, start=4):
-                    if block in model.blocks.attention_density:
-                        sums[slot] += model.blocks.attention_density[block] * labels.numel()
-        model.train(was_training)
-        correct, total, loss_sum, skipped, *density = sum_tensor(sums).tolist()
-        if total == 0:
-            log.warning("the validation shards yielded no readable samples (%d skipped); no evaluation this time. "
-                        "Check data.val_urls", int(skipped))
-            return {"eval_samples": 0, "eval_skipped": int(skipped)}
-        record = {"eval_samples": int(total), "eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total,
-                  "eval_skipped": int(skipped)}
-        if model.blocks.attention_keep_rate < 1:
-            record["eval_attention_density"] = {str(block): d / total for block, d in zip(locations, density)}
-        return record
-
-    def _evaluate_all(self) -> dict[str, float]:
-        """Evaluate the model (and its EMA) at the final keep rates of the schedule."""
-        sparsity = self.config.sparsity
-        models = {"": self.model, **({"_ema": self.ema.module} if self.ema is not None else {})}
-        metrics = {}
-        for suffix, model in models.items():
-            current = (model.blocks.token_keep_rate, model.blocks.attention_keep_rate)
-            set_keep_rates(model, sparsity.tokens.keep_rate, sparsity.attention.keep_rate)
-            metrics.update({f"{k}{suffix}": v for k, v in self.evaluate(model).items()})
-            set_keep_rates(model, *current)
-        return metrics
-
     def _begin_epoch(self) -> None:
         """Plan the next epoch (its active set, hence its length) and record where it starts."""
         epoch = self.epochs.current + 1
@@ -417,7 +253,7 @@ class Trainer:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         """Pre-emption: finish the current step, write a checkpoint, stop (see the training loop)."""
         log.warning("SIGTERM received: stopping after this step with a checkpoint")
-        self.stop_requested = True
+        self.guard.stop_requested = True
 
     def finished(self) -> bool:
         """All epochs done, or ``schedule.max_steps`` reached."""
@@ -493,21 +329,22 @@ class Trainer:
         self._advance_stream(batch)
         self.step += 1
         throughput.add(len(batch.ids) * self.world.world_size)
-        if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.preempted:
+        if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.guard.preempted:
             saved = self._save()  # before evaluating: an evaluation that fails loses nothing
             if self.finished() and self.world.is_main:
                 log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
         record = None
-        evaluate = self._is_eval_step() and bool(self.shards.val_urls) and not self.preempted
-        if evaluate or self.preempted or self.step % config.logging.every_steps == 0:
+        evaluate = self._is_eval_step() and bool(self.shards.val_urls) and not self.guard.preempted
+        if evaluate or self.guard.preempted or self.step % config.logging.every_steps == 0:
             record = self._step_record(loss, throughput.take())
             if evaluate:
-                record.update(self._evaluate_all())
+                record.update(self.evaluator.evaluate_all(
+                    {"": self.model, **({"_ema": self.ema.module} if self.ema is not None else {})}))
             if metrics is not None:
                 metrics.log(record)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{record['img_per_s']:.0f}",
                             **({"top1": f"{record['eval_top1']:.2f}"} if "eval_top1" in record else {}))
-        if self.preempted:
+        if self.guard.preempted:
             raise Preempted(f"SIGTERM: checkpoint written at step {self.step} in {self.checkpoints.folder}; "
                             "run the same command (resume=auto) to continue")
         bar.update(1)

@@ -7,7 +7,8 @@ from tests.conftest import synthetic_samples, tiny_overrides
 from trivit.config import load
 from trivit.datasets.config import DataConfig
 from trivit.datasets.shards import write_index, write_shard
-from trivit.datasets.stream import SampleDecoder, eval_loader, expand_urls
+from trivit.datasets.loaders import eval_loader
+from trivit.datasets.stream import SampleDecoder, expand_urls
 from trivit.datasets.transforms import eval_transform
 from trivit.engine.config import TrainConfig
 from trivit.engine.metrics import read_metrics
@@ -60,7 +61,7 @@ def test_training_goes_on_and_logs_the_skipped_count(bad_shards, tmp_path):
     assert trainer.step == 12
     records = read_metrics(tmp_path / "run")
     assert records[-1]["data/skipped"] >= 3 and records[-1]["data/bad_shards"] >= 1
-    assert trainer.data_counts["skipped"] == records[-1]["data/skipped"]
+    assert trainer.guard.data_counts["skipped"] == records[-1]["data/skipped"]
 
 
 def test_too_much_bad_data_stops_with_a_clear_error(bad_shards, tmp_path):

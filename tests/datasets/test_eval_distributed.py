@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trivit.datasets.config import DataConfig
-from trivit.datasets.stream import SampleDecoder, eval_loader, expand_urls
+from trivit.datasets.loaders import eval_loader
+from trivit.datasets.stream import SampleDecoder, expand_urls
 from trivit.datasets.transforms import eval_transform
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from trivit.datasets.config import DataConfig
 from trivit.datasets.imagefolder import write_imagefolder
 from trivit.datasets.shards import read_index
-from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls, train_loader
+from trivit.datasets.loaders import train_loader
+from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls
 from trivit.datasets.transforms import eval_transform
 
 CLASSES = ["cat", "dog", "fox"]

@@ -10,7 +10,8 @@ from PIL import Image
 from trivit.cli import main
 from trivit.datasets.config import DataConfig
 from trivit.datasets.shards import read_index
-from trivit.datasets.stream import SampleDecoder, eval_loader, expand_urls
+from trivit.datasets.loaders import eval_loader
+from trivit.datasets.stream import SampleDecoder, expand_urls
 from trivit.datasets.transforms import eval_transform
 
 

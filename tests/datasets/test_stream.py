@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from trivit.datasets.config import DataConfig
-from trivit.datasets.stream import (SampleDecoder, StreamLayout, eval_loader, expand_urls, seeded_rng,
-                                    train_loader)
+from trivit.datasets.loaders import eval_loader, train_loader
+from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls, seeded_rng
 from trivit.datasets.transforms import eval_transform, train_transform
 
 CONFIG = DataConfig(mean=[0.3], std=[0.3], auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, scale=[0.5, 1.0])

@@ -1,0 +1,90 @@
+"""Evaluation over the validation shards: top-1, loss and the attention level's density, every
+rank reading its share and all ranks stepping together."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from trivit.datasets.loaders import eval_loader
+from trivit.datasets.stream import SampleDecoder
+from trivit.engine.backends.base import Backend
+from trivit.engine.distributed import sum_tensor
+from trivit.engine.startup import RunSetup
+from trivit.sparse import set_keep_rates
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Evaluates models of one run (the trained model, its EMA) on the run's validation shards."""
+
+    def __init__(self, setup: RunSetup, backend: Backend, decoder: SampleDecoder):
+        self.setup, self.backend, self.decoder = setup, backend, decoder
+
+    def evaluate_all(self, models: dict[str, nn.Module]) -> dict[str, Any]:
+        """Each model at the schedule's final keep rates; a model's metrics carry its suffix (``eval_top1_ema``)."""
+        sparsity = self.setup.config.sparsity
+        metrics = {}
+        for suffix, model in models.items():
+            current = (model.blocks.token_keep_rate, model.blocks.attention_keep_rate)
+            set_keep_rates(model, sparsity.tokens.keep_rate, sparsity.attention.keep_rate)
+            metrics.update({f"{k}{suffix}": v for k, v in self.evaluate(model).items()})
+            set_keep_rates(model, *current)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Top-1 accuracy (%) and mean cross-entropy over the whole validation split, each rank
+        reading its share of the shards.
+
+        Ranks step through their shares together: one that has run out forwards a placeholder
+        image while the others still have batches, so the collectives inside a sharded model
+        (FSDP, ZeRO-3) always have every rank.
+        """
+        setup, backend = self.setup, self.backend
+        data, model_config, device = setup.config.data, setup.config.model, setup.device
+        val_urls = setup.shards.val_urls
+        loader = eval_loader(val_urls, self.decoder, batch_size=data.eval_batch_size, rank=setup.world.rank,
+                             world_size=setup.world.world_size, num_workers=min(data.num_workers, len(val_urls)),
+                             pin_memory=device.type == "cuda")
+        was_training = model.training
+        model.eval()
+        locations = sorted(model.blocks.locations)
+        sums = torch.zeros(4 + len(locations), dtype=torch.float64, device=device)
+        """correct, samples, summed loss, skipped samples, then per location the attention density x samples"""
+        placeholder = torch.zeros(1, model_config.in_chans, model_config.img_size, model_config.img_size)
+        dtype = next(model.parameters()).dtype  # the fp32 EMA beside a bf16 DeepSpeed module takes fp32 images
+        with loader.batches() as batches:
+            while True:
+                batch = next(batches, None)
+                if sum_tensor(torch.tensor([float(batch is not None)], device=device)).item() == 0:
+                    break  # no rank has a batch left
+                if batch is not None:
+                    sums[3] += batch.skipped
+                if batch is None or not len(batch.ids):
+                    if setup.world.distributed:
+                        model(backend.prepare_inputs(placeholder).to(dtype))
+                    continue
+                labels = batch.labels.to(device)
+                with backend.autocast():
+                    logits = model(backend.prepare_inputs(batch.images).to(dtype)).float()
+                sums[0] += (logits.argmax(-1) == labels).sum()
+                sums[1] += labels.numel()
+                sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+                for slot, block in enumerate(locations, start=4):
+                    if block in model.blocks.attention_density:
+                        sums[slot] += model.blocks.attention_density[block] * labels.numel()
+        model.train(was_training)
+        correct, total, loss_sum, skipped, *density = sum_tensor(sums).tolist()
+        if total == 0:
+            log.warning("the validation shards yielded no readable samples (%d skipped); no evaluation this time. "
+                        "Check data.val_urls", int(skipped))
+            return {"eval_samples": 0, "eval_skipped": int(skipped)}
+        record = {"eval_samples": int(total), "eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total,
+                  "eval_skipped": int(skipped)}
+        if model.blocks.attention_keep_rate < 1:
+            record["eval_attention_density"] = {str(block): d / total for block, d in zip(locations, density)}
+        return record
