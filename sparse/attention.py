@@ -17,6 +17,7 @@ is deterministic on every device (no dependence on the order ``topk`` returns ti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -30,6 +31,11 @@ class AttentionConfig:
 
     keep_rate: float = 1.0
     """Fraction of the kept patches that each query patch attends to; 1.0 = level off."""
+    kernel: Literal["auto", "sdpa", "flex"] = "auto"
+    """How the blocks after a location apply its mask: 'sdpa' (scaled_dot_product_attention with the
+    mask; on CUDA an additive mask, which its memory-efficient kernel takes), 'flex' (flex_attention
+    with a block mask of the kept links; CUDA with engine.compile: flex has no backward on the CPU
+    and runs unfused uncompiled), 'auto' (flex on CUDA when compiled and attention dropout is 0, else sdpa)."""
 
     def __post_init__(self) -> None:
         check(0 < self.keep_rate <= 1, "keep_rate", self.keep_rate, "a fraction in (0, 1]")

@@ -1,14 +1,16 @@
 """A timm VisionTransformer whose blocks carry trivit's token routing and attention masks.
 
-The model *is* timm's ``VisionTransformer``: timm builds it from the model name with
+The model is timm's ``VisionTransformer``: timm builds it from the model name with
 :class:`TriLevelBlock` as its ``block_fn`` (a subclass of timm's ``Block`` with the same
-parameters), and :class:`RoutedBlocks` replaces the ``nn.Sequential`` of blocks so that
-routing state flows from block to block. Parameter names and shapes are timm's, so a timm
-checkpoint loads strictly in either direction.
+parameters), :class:`RoutedBlocks` replaces the ``nn.Sequential`` of blocks so that routing
+state flows from block to block, and the instance becomes a :class:`TriLevelViT`, a subclass
+that adds no state and keeps timm's paths that iterate the blocks from bypassing the routing.
+Parameter names and shapes are timm's, so a timm checkpoint loads strictly in either direction.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import timm
@@ -17,51 +19,13 @@ from timm.layers import Attention
 from timm.models import split_model_name_tag
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trivit.config import ConfigError, from_dict
 from trivit.sparse.attention import build_attention_mask, patch_link_density
+from trivit.sparse.blocks import Links, TriLevelBlock, build_links
 from trivit.sparse.config import SparsityConfig
 from trivit.sparse.tokens import select_tokens
-
-
-Router = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
-
-
-class TriLevelBlock(Block):
-    """timm's pre-norm ViT block, plus a routed forward for the pruning locations.
-
-    ``forward`` is timm's, unchanged: attention through ``scaled_dot_product_attention``,
-    with the boolean mask of the attention level when one is active. ``forward_routed``
-    computes the attention weights explicitly, once, so that the same softmax yields the
-    block output and the [CLS] / patch attention that the router ranks tokens and links by.
-    """
-
-    def attention_with_weights(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """timm ``Attention`` on normalised input ``x``, also returning its head-averaged softmax (B, N, N)."""
-        attn = self.attn
-        batch, length, _ = x.shape
-        gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-        qkv = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(batch, length, attn.attn_dim)
-        out = attn.norm(out)
-        if gate is not None:
-            out = out * gate
-        return attn.proj_drop(attn.proj(out)), probs.mean(dim=1)
-
-    def forward_routed(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                       route: Router) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block with ``route(x, attention)`` between attention and MLP; returns the new mask too."""
-        attn_out, attention = self.attention_with_weights(self.norm1(x), attn_mask)
-        x = x + self.drop_path1(self.ls1(attn_out))
-        x, attn_mask = route(x, attention)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, attn_mask
 
 
 class RoutedBlocks(nn.Sequential):
@@ -87,13 +51,15 @@ class RoutedBlocks(nn.Sequential):
         self.record_cls_attention = False
         """Keep the last block's head-averaged [CLS] -> patch attention of each forward (the example level reads it)."""
         self.last_cls_attention: torch.Tensor | None = None
+        self.grad_checkpointing = False
+        """Recompute every block in backward instead of keeping its activations (routing included)."""
 
     @property
     def active(self) -> bool:
         return self.token_keep_rate < 1 or self.attention_keep_rate < 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn_mask = None
+        links = None
         self.tokens_per_block = []
         self.attention_density = {}
         last = len(self) - 1
@@ -101,21 +67,34 @@ class RoutedBlocks(nn.Sequential):
             prune = self.active and index in self.locations
             record = self.record_cls_attention and index == last
             if prune or record:
-                x, attn_mask = block.forward_routed(x, attn_mask, self._router(index, attn_mask, prune, record))
+                ranking = "full" if prune and self.attention_keep_rate < 1 else "cls"
+                route = self.route if prune else partial(_unchanged, links=links)
+                x, links, cls_row = self._call(block.forward_routed, x, links, route, ranking)
+                if record:
+                    self.last_cls_attention = cls_row[:, self.num_prefix_tokens:]
+                if prune and links is not None:
+                    self.attention_density[index] = links.density
             else:
-                x = block(x, attn_mask=attn_mask)
+                x = self._call(block, x, links)
             self.tokens_per_block.append(x.shape[1])
         return x
 
-    def _router(self, index: int, attn_mask: torch.Tensor | None, prune: bool, record: bool) -> Router:
-        def route(x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            if record:
-                self.last_cls_attention = attention[:, 0, self.num_prefix_tokens:].detach()
-            return self.route(x, attention, index) if prune else (x, attn_mask)
-        return route
+    def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)``, recomputed in backward instead of kept when checkpointing is on.
 
-    def route(self, x: torch.Tensor, attention: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token selection, then the attention mask over the kept tokens (block ``index`` prunes)."""
+        Non-reentrant ``torch.utils.checkpoint`` restores the RNG (dropout, drop-path, the random
+        selector) and autocast state, so the recomputation is the forward pass again, bit for bit.
+        """
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    def route(self, x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, Links | None]:
+        """Token selection, then the attention mask over the kept tokens (at a pruning block).
+
+        ``attention`` is the head-averaged softmax: its [CLS] row (B, 1, L), or every row (B, L, L)
+        when the attention level ranks links here.
+        """
         prefix = self.num_prefix_tokens
         tokens = self.sparsity.tokens
         if self.token_keep_rate < 1:
@@ -128,8 +107,39 @@ class RoutedBlocks(nn.Sequential):
             return x, None
         suffix = x.shape[1] - prefix - kept.shape[1]
         mask = build_attention_mask(attention, kept, self.attention_keep_rate, prefix, suffix)
-        self.attention_density[index] = patch_link_density(mask, prefix, suffix)
-        return x, mask
+        return x, build_links(mask, self.sparsity.attention.kernel, patch_link_density(mask, prefix, suffix))
+
+
+def _unchanged(x: torch.Tensor, attention: torch.Tensor, links: Links | None) -> tuple[torch.Tensor, Links | None]:
+    """The router of a block that only records its [CLS] attention."""
+    return x, links
+
+
+class TriLevelViT(VisionTransformer):
+    """timm's ``VisionTransformer`` whose blocks always run through :class:`RoutedBlocks`.
+
+    timm's own activation checkpointing (``checkpoint_seq``) and its per-block loops would run the
+    blocks one by one, dense, skipping the routing: here ``set_grad_checkpointing`` turns on the
+    routed blocks' own checkpointing, and the paths that cannot keep the routing raise.
+    """
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.blocks.grad_checkpointing = enable
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("a trivit ViT builds its attention masks itself (the attention level); "
+                             "forward_features takes no attn_mask or is_causal")
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return self.norm(self.blocks(x))
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        if self.blocks.active or self.blocks.record_cls_attention:
+            raise RuntimeError("forward_intermediates runs the blocks one by one, which would skip the token and "
+                               "attention levels; call set_keep_rates(model, 1.0, 1.0) first for dense features")
+        return super().forward_intermediates(*args, **kwargs)
 
 
 def set_keep_rates(model: nn.Module, tokens: float, attention: float) -> None:
@@ -146,7 +156,7 @@ def set_keep_rates(model: nn.Module, tokens: float, attention: float) -> None:
     blocks.token_keep_rate, blocks.attention_keep_rate = float(tokens), float(attention)
 
 
-def create_vit(name: str, sparsity: SparsityConfig | Mapping[str, Any] | None = None, **timm_kwargs: Any) -> VisionTransformer:
+def create_vit(name: str, sparsity: SparsityConfig | Mapping[str, Any] | None = None, **timm_kwargs: Any) -> TriLevelViT:
     """Build timm ViT ``name`` (with timm's overrides) whose blocks carry the sparsity levels.
 
     ``sparsity`` is a :class:`SparsityConfig` or the same as a plain nested dict; None means dense.
@@ -156,6 +166,7 @@ def create_vit(name: str, sparsity: SparsityConfig | Mapping[str, Any] | None = 
     model = _create_timm(name, block_fn=TriLevelBlock, **timm_kwargs)
     _check_sparsity_fits(model, config)
     model.blocks = RoutedBlocks(model.blocks, config, model.num_prefix_tokens)
+    model.__class__ = TriLevelViT
     return model
 
 

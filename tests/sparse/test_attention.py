@@ -83,17 +83,6 @@ def test_levels_switched_off_at_run_time_give_exactly_the_dense_model():
     assert torch.equal(sparse(images), dense(images))
 
 
-def test_routed_block_at_rate_one_equals_the_timm_block():
-    """The explicit attention of a pruning block is the same computation as timm's fused one."""
-    torch.manual_seed(0)
-    model = create_vit("deit_tiny_patch16_224").eval()
-    block = model.blocks[3]
-    x = torch.randn(2, 197, 192)
-    routed, mask = block.forward_routed(x, None, lambda tokens, attention: (tokens, None))
-    assert mask is None
-    torch.testing.assert_close(routed, block(x), rtol=0, atol=1e-5)
-
-
 @torch.no_grad()
 def reference_forward(model, images):
     """The whole sparse forward in float64 with per-head eager softmax, following method.md."""

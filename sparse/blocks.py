@@ -1,0 +1,119 @@
+"""trivit's ViT block: timm's ``Block`` whose attention also yields the attention the router ranks by.
+
+The parameters, their names and the block's arithmetic are timm's. What the block adds:
+
+- the attention output always comes from a fused kernel (``scaled_dot_product_attention``, or
+  ``flex_attention`` for the attention level's links when chosen), never from a B x H x N x N
+  matrix in memory, except where the attention level ranks links (below);
+- a pruning block ranks tokens by the [CLS] row of its attention only: that one row's softmax is
+  computed separately, O(N) per head, next to the fused kernel;
+- where the attention level builds its mask, it needs the patch-to-patch attention: there the
+  block computes the softmax explicitly, once, and the same probabilities give the output and
+  the ranking.
+
+Every ranking (the [CLS] row, the link scores) is computed in fp32 from the block's q and k,
+whatever the training precision, so bf16 rounding does not reorder tokens or links.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+Ranking = Literal["none", "cls", "full"]
+"""What attention a block returns beside its output: none, the [CLS] row (B, 1, L), or all rows (B, L, L)."""
+
+
+class Links(NamedTuple):
+    """The attention level's mask as the following blocks apply it."""
+
+    mask: torch.Tensor
+    """(B, 1, L, L) bool, True = attend; what the next pruning location ranks under."""
+    density: torch.Tensor | None = None
+    """Fraction of the kept patch-to-patch links the mask lets through, over the batch (for the logs)."""
+    block_mask: BlockMask | None = None
+    """The same links for ``flex_attention`` (kernel 'flex'); None runs SDPA with ``mask``."""
+
+
+def build_links(mask: torch.Tensor, kernel: str, density: torch.Tensor | None = None) -> Links:
+    """:class:`Links` for ``mask`` (B, 1, L, L) and the kernel 'sdpa' or 'flex'."""
+    if kernel != "flex":
+        return Links(mask, density)
+    batch, _, length, _ = mask.shape
+
+    def kept_link(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return mask[b, 0, q, kv]
+
+    return Links(mask, density, create_block_mask(kept_link, batch, None, length, length, device=mask.device))
+
+
+Router = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, "Links | None"]]
+
+
+class TriLevelBlock(Block):
+    """timm's pre-norm ViT block; ``forward_routed`` puts a router between attention and MLP."""
+
+    def forward(self, x: torch.Tensor, links: Links | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attend(self.norm1(x), links, "none")[0]))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward_routed(self, x: torch.Tensor, links: Links | None, route: Router,
+                       ranking: Ranking) -> tuple[torch.Tensor, Links | None, torch.Tensor]:
+        """The block with ``route(x, attention)`` between attention and MLP.
+
+        Returns the output, the links ``route`` returned and the head-averaged [CLS] attention row
+        (B, L) before routing, detached. ``route`` must not change state outside: under activation
+        checkpointing it runs again in backward, and a compiled graph cannot replay such changes.
+        """
+        attn_out, attention = self.attend(self.norm1(x), links, ranking)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x, links = route(x, attention)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, links, attention[:, 0].detach()
+
+    def attend(self, x: torch.Tensor, links: Links | None,
+               ranking: Ranking) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """timm ``Attention`` on normalised ``x``, and the head-averaged fp32 softmax rows ``ranking`` asks for."""
+        attn = self.attn
+        batch, length, _ = x.shape
+        gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+        qkv = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if ranking == "full":
+            probs = _softmax_rows(q, k, attn.scale, links)
+            out = attn.attn_drop(probs).to(v.dtype) @ v
+            attention = probs.mean(dim=1)
+        else:
+            out = _fused_attention(q, k, v, links, attn.attn_drop.p if self.training else 0.0)
+            attention = _softmax_rows(q[:, :, :1], k, attn.scale, links).mean(dim=1) if ranking == "cls" else None
+        out = attn.norm(out.transpose(1, 2).reshape(batch, length, attn.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return attn.proj_drop(attn.proj(out)), attention
+
+
+def _softmax_rows(q: torch.Tensor, k: torch.Tensor, scale: float, links: Links | None) -> torch.Tensor:
+    """Softmax attention (B, H, rows, L) of the query rows ``q`` in fp32 (or wider), under the links' mask."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.to(dtype) * scale) @ k.to(dtype).transpose(-2, -1)
+        if links is not None:
+            scores = scores.masked_fill(~links.mask[:, :, :q.shape[2]], float("-inf"))
+        return scores.softmax(dim=-1)
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, links: Links | None,
+                     dropout_p: float) -> torch.Tensor:
+    if links is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if links.block_mask is not None:
+        return flex_attention(q, k, v, block_mask=links.block_mask)
+    mask = links.mask
+    if q.is_cuda:  # an additive mask in the query's dtype keeps CUDA's memory-efficient kernel
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
