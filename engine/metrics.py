@@ -40,9 +40,18 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl, in the order written."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a run's metrics.jsonl in the order written, each evaluation's line (``step`` and
+    ``eval_*``) merged into its step's training record written just before it."""
+    records: list[dict[str, Any]] = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if records and "loss" not in record and records[-1]["step"] == record["step"]:
+            records[-1] = {**records[-1], **record}
+        else:
+            records.append(record)
+    return records
 
 
 class Throughput:

@@ -7,6 +7,7 @@ environment all meet the same errors at the same point.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -19,10 +20,14 @@ from trivit.datasets.sources import ShardSet, resolve_shards
 from trivit.datasets.loaders import check_enough_shards
 from trivit.datasets.stream import StreamLayout
 from trivit.engine.backends import resolve_engine
+from trivit.engine.compile import check_backend
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, world_from_env
 
 log = logging.getLogger(__name__)
+
+COMPILED_RAMP_LEVELS = 4
+"""Keep rates below 1.0 on the ramp of a compiled run that leaves sparsity.schedule.levels null."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ def resolve_run(config: TrainConfig, world: World | None = None) -> RunSetup:
     world = world or world_from_env()
     config = resolve_engine(config, world)
     device, amp_dtype = resolve_device(config, world)
+    config = resolve_compiled_path(config, device)
     data = config.data
     micro_batch = micro_batch_size(config, world)
     shards = resolve_shards(data)
@@ -96,6 +102,35 @@ def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, tor
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("engine.precision", "got 'fp16' on the CPU; use 'fp32' or 'bf16' there")
     return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_compiled_path(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """``config`` with the attention kernel chosen and, for a compiled model, the keep-rate ramp quantised."""
+    sparsity, engine = config.sparsity, config.engine
+    schedule, attention = sparsity.schedule, sparsity.attention
+    if engine.compile:
+        check_backend(engine.compile_backend)
+    if engine.compile and schedule.levels is None:
+        schedule = dataclasses.replace(schedule, levels=COMPILED_RAMP_LEVELS)
+        log.info("engine.compile: the keep-rate ramp takes %d rates below 1.0 (sparsity.schedule.levels), each "
+                 "compiled once", COMPILED_RAMP_LEVELS)
+    attn_drop = config.model.timm_kwargs.get("attn_drop_rate", 0.0)
+    kernel = attention.kernel
+    if kernel == "auto":
+        kernel = "flex" if device.type == "cuda" and engine.compile and not attn_drop else "sdpa"
+    if kernel == "flex":
+        if device.type != "cuda":
+            raise ConfigError("sparsity.attention.kernel", "got 'flex', but flex_attention has no backward on the "
+                                                           "CPU; use 'sdpa' or 'auto'")
+        if attn_drop:
+            raise ConfigError("sparsity.attention.kernel", f"got 'flex', which has no attention dropout, with "
+                                                           f"model.timm_kwargs.attn_drop_rate={attn_drop}; set it "
+                                                           "to 0 or use 'sdpa'")
+        if not engine.compile:
+            log.warning("sparsity.attention.kernel=flex without engine.compile runs flex_attention unfused (slow)")
+    sparsity = dataclasses.replace(sparsity, schedule=schedule,
+                                   attention=dataclasses.replace(attention, kernel=kernel))
+    return dataclasses.replace(config, sparsity=sparsity)
 
 
 def micro_batch_size(config: TrainConfig, world: World) -> int:

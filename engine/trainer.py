@@ -30,6 +30,7 @@ from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_ba
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend
 from trivit.engine.checkpoint import CheckpointManager, agreed_resume, check_compatible, pick_checkpoint
+from trivit.engine.compile import allow_recompiles, compiled_graphs
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
@@ -67,6 +68,8 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         data = config.data
         init_process_group(self.world, self.device, config.engine.timeout_s)
+        if config.engine.compile:
+            allow_recompiles(config.sparsity.schedule.levels, len(config.sparsity.tokens.resolved_locations(1)))
 
         seed_everything(config.seed)  # the same initial weights on every rank
         self.backend = build_backend(config, self.world, self.device, self.amp_dtype)
@@ -108,6 +111,8 @@ class Trainer:
         model_cfg = self.config.model
         args = dict(model_cfg.timm_arguments(), num_classes=num_classes)
         model = create_vit(model_cfg.name, self.config.sparsity, **args)
+        if self.config.engine.activation_checkpointing:
+            model.set_grad_checkpointing()
         patch = model.patch_embed.patch_size[0]
         if model_cfg.img_size % patch:
             raise ConfigError("model.img_size", f"got {model_cfg.img_size}; allowed: a multiple of the "
@@ -166,9 +171,9 @@ class Trainer:
     def keep_rates(self, epoch: float) -> tuple[float, float]:
         """(token, attention) keep rates of the sparsity schedule at fractional ``epoch``."""
         sparsity = self.config.sparsity
-        start, span = sparsity.schedule.start_epochs, sparsity.schedule.span_epochs
-        return (scheduled_keep_rate(epoch, sparsity.tokens.keep_rate, start, span),
-                scheduled_keep_rate(epoch, sparsity.attention.keep_rate, start, span))
+        schedule = sparsity.schedule
+        return tuple(scheduled_keep_rate(epoch, target, schedule.start_epochs, schedule.span_epochs, schedule.levels)
+                     for target in (sparsity.tokens.keep_rate, sparsity.attention.keep_rate))
 
     def _step_record(self, loss: torch.Tensor, img_per_s: float) -> dict[str, Any]:
         """The metrics of the step just taken (a skipped non-finite loss is logged as null)."""
@@ -185,7 +190,8 @@ class Trainer:
                 "active_samples": active,
                 "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples,
                 "data/skipped": self.guard.data_counts["skipped"],
-                "data/bad_shards": self.guard.data_counts["bad_shards"]}
+                "data/bad_shards": self.guard.data_counts["bad_shards"],
+                **({"compiled_graphs": compiled_graphs()} if self.config.engine.compile else {})}
 
     def _train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's batch, micro-batch by micro-batch; returns the global mean loss."""
@@ -322,26 +328,34 @@ class Trainer:
 
     def _run_step(self, batch: Batch, throughput: Throughput, metrics: MetricsLogger | None,
                   bar: tqdm) -> dict[str, Any] | None:
-        """One training step, then what is due after it: log, evaluate, checkpoint, stop on SIGTERM.
-        Returns the step's metrics record when one was written."""
+        """One training step, then what is due after it: log, checkpoint, evaluate, stop on SIGTERM.
+
+        The step's metrics line is written before the checkpoint that commits the step, so a run
+        killed after the checkpoint still has it; an evaluation writes a line of its own after the
+        checkpoint (an evaluation that fails loses nothing). Returns the step's record (with the
+        evaluation's metrics) when one was written."""
         config = self.config
         loss = self._train_step(batch)
         self._advance_stream(batch)
         self.step += 1
         throughput.add(len(batch.ids) * self.world.world_size)
-        if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.guard.preempted:
-            saved = self._save()  # before evaluating: an evaluation that fails loses nothing
-            if self.finished() and self.world.is_main:
-                log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
         record = None
         evaluate = self._is_eval_step() and bool(self.shards.val_urls) and not self.guard.preempted
         if evaluate or self.guard.preempted or self.step % config.logging.every_steps == 0:
             record = self._step_record(loss, throughput.take())
-            if evaluate:
-                record.update(self.evaluator.evaluate_all(
-                    {"": self.model, **({"_ema": self.ema.module} if self.ema is not None else {})}))
             if metrics is not None:
                 metrics.log(record)
+        if self.step % config.checkpoint.every_steps == 0 or self.finished() or self.guard.preempted:
+            saved = self._save()
+            if self.finished() and self.world.is_main:
+                log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
+        if evaluate:
+            results = self.evaluator.evaluate_all(
+                {"": self.model, **({"_ema": self.ema.module} if self.ema is not None else {})})
+            if metrics is not None:
+                metrics.log({"step": self.step, **results})
+            record.update(results)
+        if record is not None:
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{record['img_per_s']:.0f}",
                             **({"top1": f"{record['eval_top1']:.2f}"} if "eval_top1" in record else {}))
         if self.guard.preempted:

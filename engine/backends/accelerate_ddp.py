@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from trivit.engine.backends.base import Backend, OptimizerFactory
+from trivit.engine.compile import compile_model
 
 MIXED_PRECISION = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -20,6 +21,8 @@ class AccelerateBackend(Backend):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision=MIXED_PRECISION[self.amp_dtype],
                                        step_scheduler_with_optimizer=False)
+        if self.config.engine.compile:
+            compile_model(model, self.config.engine.compile_backend)
         self.optimizer = make_optimizer(model)
         self.model, self.wrapped_optimizer = self.accelerator.prepare(model, self.optimizer)
         self.module = self.accelerator.unwrap_model(self.model)

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 
 from trivit.engine.backends.base import Backend, OptimizerFactory
+from trivit.engine.compile import compile_blocks
 
 SHARDS = "sharded"
 
@@ -30,6 +31,8 @@ class FSDPBackend(Backend):
         policy = MixedPrecisionPolicy()
         if self.amp_dtype is not None:
             policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
+        if self.config.engine.compile:
+            compile_blocks(model, self.config.engine.compile_backend)
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
             register_fsdp_forward_method(block, "forward_routed")  # the pruning blocks' entry point

@@ -107,6 +107,8 @@ class DeepSpeedBackend(Backend):
         self.optimizer = make_optimizer(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     config=deepspeed_config(self.config, self.world))
+        if self.config.engine.compile:
+            self.engine.compile(backend=self.config.engine.compile_backend)  # the module, in place
         self.model = self.engine
         self.module = self.engine.module
 

@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from trivit.config import load
 from trivit.engine.checkpoint import CheckpointManager
 from trivit.engine.config import TrainConfig
+from trivit.engine.evaluation import Evaluator
 from trivit.engine.metrics import read_metrics
 from trivit.engine.trainer import Trainer
 from tests.conftest import tiny_overrides
@@ -134,3 +135,24 @@ def test_an_ema_switched_on_at_resume_starts_from_the_resumed_weights(tiny_shard
     resumed, ema = trainer.model.state_dict(), trainer.ema.module.state_dict()
     assert all(torch.equal(ema[k], resumed[k]) for k in resumed)
     assert not torch.equal(initial["head.weight"], ema["head.weight"]), "not the random initial weights"
+
+
+def test_a_step_its_checkpoint_commits_is_already_logged(tiny_shards, tmp_path, monkeypatch):
+    """The metrics line precedes the checkpoint: a run that dies right after (here: its evaluation
+    fails) has logged the step, and the resumed run logs every step once."""
+    common = {"schedule.max_steps": "8", "checkpoint.every_steps": "4", "schedule.eval_every_steps": "4"}
+
+    def failing(self, models):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(Evaluator, "evaluate_all", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(tiny_shards, tmp_path / "run", **common)
+    assert [step for step, _ in CheckpointManager(tmp_path / "run" / "checkpoints", 2).saved()] == [4]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    monkeypatch.undo()
+    train(tiny_shards, tmp_path / "run", **common)
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 9)), "each step logged once, the failed evaluation never"
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 9))
+    assert "eval_top1" in {r["step"]: r for r in records}[8]

@@ -1,0 +1,59 @@
+"""torch.compile on each backend, and the count of graphs a compiled run has compiled.
+
+The whole model is compiled in place (``nn.Module.compile``), so every wrapper around it (DDP,
+a DeepSpeed engine) and the evaluation call the compiled forward; FSDP2 compiles each block
+before sharding, as torchtitan does, so that the per-block all-gathers stay outside the graphs.
+
+A compiled model specialises on the keep rates (they fix the kept-token counts, hence the
+shapes): one graph per distinct rate in training, one for evaluation at the targets, one for the
+evaluation's odd batch sizes. With the ramp quantised to ``levels`` rates below 1.0 the whole
+run compiles at most ``graph_bound(levels)`` graphs of the model's forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.utils import counters
+
+from trivit.config import ConfigError
+
+
+def graph_bound(levels: int) -> int:
+    """Graphs of the whole-model forward over a run: train at 1.0 and each level, evaluate at the
+    targets at the full and at a dynamic batch size."""
+    return levels + 1 + 2
+
+
+def allow_recompiles(levels: int, locations: int) -> None:
+    """Raise dynamo's per-function recompile limit to the run's bound, so no rate falls back to eager.
+
+    Under FSDP2 the pruning blocks share one compiled ``forward_routed``: each of the ``locations``
+    specialises on its own sequence length, hence the product.
+    """
+    needed = graph_bound(levels) * max(1, locations)
+    if torch._dynamo.config.recompile_limit < needed:
+        torch._dynamo.config.recompile_limit = needed
+
+
+def check_backend(name: str) -> None:
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError("engine.compile_backend", f"got {name!r}; torch.compile knows "
+                                                    f"{', '.join(torch._dynamo.list_backends())} (and 'aot_eager')")
+
+
+def compile_model(model: nn.Module, backend: str) -> None:
+    """Compile ``model``'s forward in place (single, DDP, evaluation)."""
+    model.compile(backend=backend)
+
+
+def compile_blocks(model: nn.Module, backend: str) -> None:
+    """Compile each block's forward, and the pruning entry ``forward_routed``, in place (FSDP2)."""
+    for block in model.blocks:
+        block.compile(backend=backend)
+        block.forward_routed = torch.compile(block.forward_routed, backend=backend)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (every recompilation adds one)."""
+    return counters["stats"]["unique_graphs"]
