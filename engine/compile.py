@@ -5,7 +5,8 @@ a DeepSpeed engine) and the evaluation call the compiled forward; FSDP2 compiles
 before sharding, as torchtitan does, so that the per-block all-gathers stay outside the graphs.
 
 A compiled model specialises on the keep rates (they fix the kept-token counts, hence the
-shapes): one graph per distinct rate in training, one for evaluation at the targets, one for the
+shapes; ``dynamic=False`` keeps dynamo from tracing them as symbols, which would give slower
+kernels and cannot pass through activation checkpointing): one graph per distinct rate in training, one for evaluation at the targets, one for the
 evaluation's odd batch sizes. With the ramp quantised to ``levels`` rates below 1.0 the whole
 run compiles at most ``graph_bound(levels)`` graphs of the model's forward.
 """
@@ -28,10 +29,10 @@ def graph_bound(levels: int) -> int:
 def allow_recompiles(levels: int, locations: int) -> None:
     """Raise dynamo's per-function recompile limit to the run's bound, so no rate falls back to eager.
 
-    Under FSDP2 the pruning blocks share one compiled ``forward_routed``: each of the ``locations``
-    specialises on its own sequence length, hence the product.
+    Under FSDP2 the blocks share one compiled ``forward`` and one ``forward_routed``, specialised
+    on each sequence length (one before and one after each of the ``locations``), hence the product.
     """
-    needed = graph_bound(levels) * max(1, locations)
+    needed = graph_bound(levels) * (locations + 1)
     if torch._dynamo.config.recompile_limit < needed:
         torch._dynamo.config.recompile_limit = needed
 
@@ -44,14 +45,14 @@ def check_backend(name: str) -> None:
 
 def compile_model(model: nn.Module, backend: str) -> None:
     """Compile ``model``'s forward in place (single, DDP, evaluation)."""
-    model.compile(backend=backend)
+    model.compile(backend=backend, dynamic=False)
 
 
 def compile_blocks(model: nn.Module, backend: str) -> None:
     """Compile each block's forward, and the pruning entry ``forward_routed``, in place (FSDP2)."""
     for block in model.blocks:
-        block.compile(backend=backend)
-        block.forward_routed = torch.compile(block.forward_routed, backend=backend)
+        block.compile(backend=backend, dynamic=False)
+        block.forward_routed = torch.compile(block.forward_routed, backend=backend, dynamic=False)
 
 
 def compiled_graphs() -> int:

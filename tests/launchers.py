@@ -19,10 +19,11 @@ DISTRIBUTED = {
     "model.drop_path_rate": "0", "optim.ema_decay": "null", "optim.lr": "3e-3", "schedule.warmup_epochs": "0",
     "sparsity.tokens.keep_rate": "0.5", "sparsity.tokens.locations": "[0, 1]", "sparsity.tokens.fuse": "true",
     "sparsity.attention.keep_rate": "0.5", "sparsity.schedule.start_epochs": "0.1",
-    "sparsity.schedule.span_epochs": "0.3", "sparsity.examples.policy": "forgetting",
+    "sparsity.schedule.span_epochs": "0.3", "sparsity.schedule.levels": "4", "sparsity.examples.policy": "forgetting",
     "sparsity.examples.refresh_every_epochs": "1", "sparsity.examples.remove_fraction": "0.125",
 }
-"""No randomness that differs by rank (mixup, drop-path, erasing), so 2 ranks can equal 1 process."""
+"""No randomness that differs by rank (mixup, drop-path, erasing), so 2 ranks can equal 1 process; a
+quantised ramp, so that compiled runs (which quantise it by default) train at the same rates."""
 
 
 def free_port() -> int:

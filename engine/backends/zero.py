@@ -108,7 +108,7 @@ class DeepSpeedBackend(Backend):
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     config=deepspeed_config(self.config, self.world))
         if self.config.engine.compile:
-            self.engine.compile(backend=self.config.engine.compile_backend)  # the module, in place
+            self.engine.compile(backend=self.config.engine.compile_backend, compile_kwargs={"dynamic": False})
         self.model = self.engine
         self.module = self.engine.module
 

@@ -1,7 +1,8 @@
 """Every backend for real: 2 CPU processes on gloo under a real launcher, through the real CLI.
 
 Each run trains the tiny ViT with all three sparsity levels for 4 steps, stops, and is launched
-again to resume to step 8. The losses must be finite, fall, and (the same mathematics) equal a
+again to resume to step 8; DDP, FSDP2 and ZeRO-2 compiled and with activation checkpointing,
+ZeRO-3 with activation checkpointing. The losses must be finite, fall, and (the same mathematics) equal a
 single process that accumulates the same two micro-batches per step; the checkpoint must be in
 the backend's own format and the exported weights must load into timm strictly.
 """
@@ -22,13 +23,18 @@ from trivit.engine.trainer import Trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+COMPILED = {"engine.compile": "true", "engine.compile_backend": "aot_eager", "engine.activation_checkpointing": "true"}
+"""The large-model path; aot_eager traces the graphs inductor would compile, without its minutes of code generation."""
+CHECKPOINTED = {"engine.activation_checkpointing": "true"}
+
 VARIANTS = {
     # name: (launcher, trivit overrides, checkpoint entry the backend writes, equals the reference)
-    "ddp": ("accelerate", {"engine.backend": "ddp"}, "trainer.pt", True),
-    "fsdp": ("fsdp.yaml", {"engine.precision": "fp32"}, "sharded", True),
+    "ddp_compiled": ("accelerate", {"engine.backend": "ddp", **COMPILED}, "trainer.pt", True),
+    "fsdp_compiled": ("fsdp.yaml", {"engine.precision": "fp32", **COMPILED}, "sharded", True),
     "zero1": ("deepspeed", {"engine.backend": "deepspeed", "engine.zero_stage": "1"}, "deepspeed", True),
-    "zero2": ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "2"}, "deepspeed", True),
-    "zero3_bf16": ("deepspeed_zero3.yaml", {}, "deepspeed", False),
+    "zero2_compiled": ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "2", **COMPILED}, "deepspeed",
+                       True),
+    "zero3_bf16_checkpointed": ("deepspeed_zero3.yaml", CHECKPOINTED, "deepspeed", False),
 }
 
 
@@ -61,7 +67,10 @@ def test_two_processes_train_checkpoint_resume_and_export(variant, tiny_shards, 
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 4" in second.stderr
 
-    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path)}
+    records = read_metrics(tmp_path)
+    losses = {r["step"]: r["loss"] for r in records}
+    if overrides.get("engine.compile") == "true":
+        assert all(r["compiled_graphs"] > 0 for r in records), "the compiled model's graphs are counted"
     assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
     assert losses[7] + losses[8] < losses[1] + losses[2], f"loss does not fall: {losses}"
     if same_math:
