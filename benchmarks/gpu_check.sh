@@ -1,20 +1,51 @@
 #!/bin/bash
-# The checks only a GPU machine can run, as one short script (a few minutes on 2 GPUs):
-#   bash benchmarks/gpu_check.sh [OUT_DIR]
-# 1. FSDP2 and DeepSpeed ZeRO-3 with 2 GPU processes (NCCL, bf16): each trains a small ViT with all three
-#    sparsity levels for 6 steps, is stopped, and resumes to 12; the log of each run goes to OUT_DIR.
-# Each check prints PASS or FAIL on one line; the script exits non-zero if any failed.
+# The checks only a GPU machine can run, as one script that fits in 10 minutes, writing one report:
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          (default OUT_DIR: gpu-check; report: OUT_DIR/REPORT.md)
+# Set-up: PYTHON=/path/to/python uses that environment as it is; otherwise the README's set-up
+# (make .venv/.installed, with TORCH= for the CUDA build, see the Makefile) runs if .venv is missing.
+# 1. trivit bench speed, bf16, eager and compiled side by side: deit_small, deit_base, vit_large,
+#    timm dense vs tokens 0.7 vs tokens 0.7 + attention 0.2 vs all three, with peak CUDA memory.
+# 2. Training with all three levels for 6 steps, stopped, resumed to 12: DDP over 2 GPUs on NCCL
+#    (on a 1-GPU machine: one process, and the 2-GPU checks say SKIP), FSDP2 and ZeRO-3 in bf16.
+# Each step has its own time limit; the report says what ran, what passed and what was skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu-check}}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+REPORT="$OUT/REPORT.md"
+if [ -z "${PYTHON:-}" ]; then
+    [ -x .venv/bin/python ] || make .venv/.installed ${TORCH:+TORCH="$TORCH"} || { echo "set-up failed"; exit 1; }
+    PYTHON=.venv/bin/python
+fi
 export OMP_NUM_THREADS=4 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpus.csv"
-$PY -c "import torch, timm, deepspeed; print('torch', torch.__version__, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)" | tee "$OUT/versions.txt"
+GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+{
+    echo "# trivit GPU check, $(date -u +%Y-%m-%d)"
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    $PYTHON -c "import torch, timm, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)"
+    echo '```'
+} > "$REPORT"
+FAILED=0
 
+# 1. Speed: one bench per model, each under its own limit, so a slow compile costs only its model.
+echo -e "\n## trivit bench speed (bf16; eager and compiled)\n" >> "$REPORT"
+for spec in deit_small_patch16_224:64:120 deit_base_patch16_224:64:150 vit_large_patch16_224:32:190; do
+    IFS=: read -r model batch limit <<< "$spec"
+    timeout "$limit" $PYTHON -m trivit bench speed --models "$model" --batch "$batch" --precision bf16 --compile both \
+        --variants tokens0.7 tokens0.7+attention0.2 all3 --repeats 3 --steps 3 --warmup 2 \
+        --out "$OUT/bench-$model" --overwrite > "$OUT/bench-$model.log" 2>&1
+    if [ -f "$OUT/bench-$model/speed.md" ]; then
+        cat "$OUT/bench-$model/speed.md" >> "$REPORT"
+    else
+        echo "- $model: not finished within ${limit} s (see bench-$model.log)" >> "$REPORT"
+    fi
+done
+
+# 2. Training, stopped and resumed.
 SHARDS="$OUT/shards"
-$PY - "$SHARDS" <<'PYEOF'
+$PYTHON - "$SHARDS" <<'PYEOF'
 import sys
 from pathlib import Path
 from tests.conftest import NUM_CLASSES, synthetic_samples
@@ -24,7 +55,6 @@ splits = {"train": write_split(synthetic_samples(512, size=32), folder, "train",
           "val": write_split(synthetic_samples(128, size=32, seed=1), folder, "val", 32)}
 write_index(folder, splits, [f"class{i}" for i in range(NUM_CLASSES)])
 PYEOF
-
 COMMON=(data.train_urls="$SHARDS" data.val_urls="$SHARDS" data.batch_size=32 data.eval_batch_size=64
         data.num_workers=2 data.mean=[0.3] data.std=[0.3] data.auto_augment=null model.img_size=32
         model.patch_size=4 model.in_chans=1 "model.timm_kwargs={embed_dim: 192, depth: 4, num_heads: 3}"
@@ -32,20 +62,33 @@ COMMON=(data.train_urls="$SHARDS" data.val_urls="$SHARDS" data.batch_size=32 dat
         logging.every_steps=1 logging.progress_bar=false sparsity.tokens.keep_rate=0.7
         sparsity.attention.keep_rate=0.2 sparsity.schedule.start_epochs=0 sparsity.schedule.span_epochs=0.5
         sparsity.examples.policy=forgetting sparsity.examples.refresh_every_epochs=1)
-FAILED=0
-run_check() {  # name, trivit overrides...
-    local name=$1; shift
+echo -e "\n## Training with all three levels: 6 steps, stopped, resumed to 12\n" >> "$REPORT"
+run_check() {  # name, processes, trivit overrides...
+    local name=$1 procs=$2; shift 2
     local run="$OUT/$name"
+    if [ "$procs" -gt "$GPUS" ]; then
+        echo "- SKIP $name: needs $procs GPUs (NCCL takes one per rank), this machine has $GPUS" >> "$REPORT"; return
+    fi
     for steps in 6 12; do
-        torchrun --nproc-per-node 2 -m trivit train run_dir="$run" "${COMMON[@]}" "$@" schedule.max_steps=$steps \
-            >> "$OUT/$name.log" 2>&1 || { echo "FAIL $name (steps $steps): see $OUT/$name.log"; FAILED=1; return; }
+        timeout 150 $PYTHON -m torch.distributed.run --nproc-per-node "$procs" -m trivit train run_dir="$run" \
+            "${COMMON[@]}" "$@" schedule.max_steps=$steps >> "$OUT/$name.log" 2>&1 \
+            || { echo "- FAIL $name (steps $steps): see $name.log" >> "$REPORT"; FAILED=1; return; }
     done
     if grep -q "resumed from .*step_00000006" "$OUT/$name.log" && [ -f "$run/model.safetensors" ]; then
-        echo "PASS $name: 2 GPUs, stopped at 6, resumed to 12; losses: $($PY -c "import json,sys; print([round(json.loads(l)['loss'], 4) for l in open(sys.argv[1])])" "$run/metrics.jsonl")"
+        echo "- PASS $name: $procs process(es), stopped at 6, resumed to 12; losses: $($PYTHON -c "
+import sys
+from trivit.engine.metrics import read_metrics
+print([round(r['loss'], 4) for r in read_metrics(sys.argv[1])])" "$run")" >> "$REPORT"
     else
-        echo "FAIL $name: no resume from step 6 or no model.safetensors; see $OUT/$name.log"; FAILED=1
+        echo "- FAIL $name: no resume from step 6 or no model.safetensors; see $name.log" >> "$REPORT"; FAILED=1
     fi
 }
-run_check fsdp_bf16 engine.backend=fsdp engine.precision=bf16
-run_check zero3_bf16 engine.backend=deepspeed engine.zero_stage=3 engine.precision=bf16
+if [ "$GPUS" -ge 2 ]; then
+    run_check ddp_nccl_bf16 2 engine.backend=ddp engine.precision=bf16
+else
+    run_check single_gpu_bf16_compiled 1 engine.precision=bf16 engine.compile=true
+fi
+run_check fsdp_bf16 2 engine.backend=fsdp engine.precision=bf16
+run_check zero3_bf16 2 engine.backend=deepspeed engine.zero_stage=3 engine.precision=bf16
+cat "$REPORT"
 exit $FAILED

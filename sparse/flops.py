@@ -2,9 +2,11 @@
 
 Counts the matrix products, as multiply-adds x 2: per block, QKV and output projections
 (4 N d^2), the attention products QK^T and AV (2 N^2 d, dense even where the attention level
-masks links: SDPA with a mask still computes them), and the MLP (2 N d h). The patch
-embedding and the head are counted once. Pruning blocks run attention on the incoming
-sequence and the MLP on the selected one.
+masks links: SDPA with a mask still computes them), and the MLP (2 N d h). A pruning block
+also computes the [CLS] row of its attention scores to rank tokens by (N d) when the fused
+kernel gives the output; where the attention level ranks links it computes the scores
+explicitly, once, and nothing is added. The patch embedding and the head are counted once.
+Pruning blocks run attention on the incoming sequence and the MLP on the selected one.
 """
 from __future__ import annotations
 
@@ -14,23 +16,25 @@ from trivit.sparse.tokens import kept_count
 
 
 def token_counts(num_patches: int, num_prefix_tokens: int, depth: int, locations: frozenset[int] | set[int],
-                 keep_rate: float, fuse: bool) -> list[tuple[int, int]]:
-    """(attention length, MLP length) of every block at token ``keep_rate``."""
+                 keep_rate: float, fuse: bool) -> list[tuple[int, int, int]]:
+    """(attention length, MLP length, [CLS] ranking rows) of every block at token ``keep_rate``."""
     counts = []
     patches = num_patches
     for index in range(depth):
         attention_length = num_prefix_tokens + patches
-        if index in locations and keep_rate < 1:
+        ranks = index in locations and keep_rate < 1
+        if ranks:
             kept = kept_count(patches, keep_rate)
             patches = kept + (1 if fuse and kept < patches else 0)
-        counts.append((attention_length, num_prefix_tokens + patches))
+        counts.append((attention_length, num_prefix_tokens + patches, int(ranks)))
     return counts
 
 
-def vit_flops(counts: list[tuple[int, int]], dim: int, mlp_hidden: int, num_patches: int, patch_pixels: int,
+def vit_flops(counts: list[tuple[int, int, int]], dim: int, mlp_hidden: int, num_patches: int, patch_pixels: int,
               num_classes: int) -> float:
     """FLOPs per image of a ViT whose blocks run on ``counts`` tokens."""
-    blocks = sum(2 * (4 * n * dim * dim + 2 * n * n * dim) + 2 * (2 * m * dim * mlp_hidden) for n, m in counts)
+    blocks = sum(2 * (4 * n * dim * dim + 2 * n * n * dim + rows * n * dim) + 2 * (2 * m * dim * mlp_hidden)
+                 for n, m, rows in counts)
     embed = 2 * num_patches * patch_pixels * dim
     head = 2 * dim * num_classes
     return float(blocks + embed + head)
@@ -43,6 +47,8 @@ def model_flops(model: nn.Module, token_keep_rate: float | None = None) -> float
     num_patches = model.patch_embed.num_patches
     counts = token_counts(num_patches, blocks.num_prefix_tokens, len(blocks), blocks.locations, rate,
                           blocks.sparsity.tokens.fuse)
+    if blocks.attention_keep_rate < 1:  # the explicit scores give the [CLS] row too
+        counts = [(n, m, 0) for n, m, _ in counts]
     patch_pixels = model.patch_embed.proj.in_channels * model.patch_embed.proj.kernel_size[0] * model.patch_embed.proj.kernel_size[1]
     return vit_flops(counts, model.embed_dim, blocks[0].mlp.fc1.out_features, num_patches, patch_pixels,
                      model.num_classes)

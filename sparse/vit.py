@@ -53,6 +53,9 @@ class RoutedBlocks(nn.Sequential):
         self.last_cls_attention: torch.Tensor | None = None
         self.grad_checkpointing = False
         """Recompute every block in backward instead of keeping its activations (routing included)."""
+        self.explicit_attention = False
+        """Compute every ranking block's attention as an explicit softmax (B x H x N x N), as before the
+        fused path; the same numbers, kept to measure what the fused path saves (``trivit bench speed``)."""
 
     @property
     def active(self) -> bool:
@@ -67,7 +70,8 @@ class RoutedBlocks(nn.Sequential):
             prune = self.active and index in self.locations
             record = self.record_cls_attention and index == last
             if prune or record:
-                ranking = "full" if prune and self.attention_keep_rate < 1 else "cls"
+                full = self.explicit_attention or (prune and self.attention_keep_rate < 1)
+                ranking = "full" if full else "cls"
                 route = self.route if prune else partial(_unchanged, links=links)
                 x, links, cls_row = self._call(block.forward_routed, x, links, route, ranking)
                 if record:

@@ -93,8 +93,9 @@ def bench(args: argparse.Namespace) -> int:
     import time
 
     import timm
+    import torch
 
-    from trivit.engine.benchmark import bench_speed
+    from trivit.engine.benchmark import bench_speed, resolve_modes, select_variants
 
     unknown = [name for name in args.models if not timm.is_model(name)]
     if unknown:
@@ -103,7 +104,10 @@ def bench(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("bench-results") / time.strftime("speed-%Y%m%d-%H%M%S")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already holds results; pass --overwrite to replace them, or another --out")
-    bench_speed(args.models, batch=args.batch, repeats=args.repeats, steps=args.steps, warmup=args.warmup, out=out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    modes = resolve_modes(args.compile, args.checkpointing, args.precision, device, args.attention)
+    bench_speed(args.models, batch=args.batch, repeats=args.repeats, steps=args.steps, warmup=args.warmup, out=out,
+                variants=select_variants(args.variants), modes=modes)
     return 0
 
 
@@ -132,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds over the variants")
     speed.add_argument("--steps", type=positive_int, default=2, help="training steps per variant per round")
     speed.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per variant first")
+    speed.add_argument("--variants", nargs="+", metavar="KEY",
+                       help="the variants to time beside timm dense (default: all): dense tokens0.9 tokens0.8 "
+                            "tokens0.7 tokens0.5 attention0.2 examples20 tokens0.7+attention0.2 all3")
+    speed.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                       help="time the variants torch.compile'd (on), eager (off) or both side by side")
+    speed.add_argument("--checkpointing", choices=["off", "on", "both"], default="off",
+                       help="activation checkpointing of every block: off, on, or both side by side")
+    speed.add_argument("--precision", nargs="+", choices=["auto", "fp32", "bf16", "fp16"], default=["auto"],
+                       help="autocast precision(s), side by side (auto: bf16 on a GPU that has it, else fp32)")
+    speed.add_argument("--attention", choices=["fused", "explicit", "both"], default="fused",
+                       help="ranking blocks' attention: fused kernel + one [CLS] softmax row (trivit's), the "
+                            "explicit B x H x N x N softmax (the path before it), or both side by side")
     speed.add_argument("--out", help="folder for speed.md, speed.json, speed.png (default: a new folder "
                                      "bench-results/speed-<date>-<time> in the current directory)")
     speed.add_argument("--overwrite", action="store_true", help="write into --out even if it holds results")

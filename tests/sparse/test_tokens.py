@@ -66,4 +66,5 @@ def test_tokens_per_block_compound(fuse, expected):
     patches = [n - 1 for n in model.blocks.tokens_per_block]
     assert patches == [196] * 3 + [expected[0]] * 3 + [expected[1]] * 3 + [expected[2]] * 3
     counts = token_counts(196, 1, 12, {3, 6, 9}, 0.7, fuse)
-    assert [m - 1 for _, m in counts] == patches
+    assert [m - 1 for _, m, _ in counts] == patches
+    assert [rows for _, _, rows in counts] == [1 if block in (3, 6, 9) else 0 for block in range(12)]
