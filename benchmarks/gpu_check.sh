@@ -1,12 +1,13 @@
 #!/bin/bash
 # The checks only a GPU machine can run, as one script that fits in 10 minutes, writing one report:
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          (default OUT_DIR: gpu-check; report: OUT_DIR/REPORT.md)
-# Set-up: PYTHON=/path/to/python uses that environment as it is; otherwise the README's set-up
-# (make .venv/.installed, with TORCH= for the CUDA build, see the Makefile) runs if .venv is missing.
+# Set-up: PYTHON=/path/to/python uses that environment as it is (trivit installed in it, e.g. pip install
+# -e .); otherwise the README's set-up (make .venv/.installed, with TORCH= for the CUDA build, see the
+# Makefile) runs if .venv is missing. BENCH_MODELS="model:batch:seconds ..." changes the benchmarked models.
 # 1. trivit bench speed, bf16, eager and compiled side by side: deit_small, deit_base, vit_large,
 #    timm dense vs tokens 0.7 vs tokens 0.7 + attention 0.2 vs all three, with peak CUDA memory.
 # 2. Training with all three levels for 6 steps, stopped, resumed to 12: DDP over 2 GPUs on NCCL
-#    (on a 1-GPU machine: one process, and the 2-GPU checks say SKIP), FSDP2 and ZeRO-3 in bf16.
+#    (on a 1-GPU machine: one process; the 2-GPU checks say SKIP), FSDP2 and ZeRO-3 in bf16.
 # Each step has its own time limit; the report says what ran, what passed and what was skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,21 +18,24 @@ if [ -z "${PYTHON:-}" ]; then
     [ -x .venv/bin/python ] || make .venv/.installed ${TORCH:+TORCH="$TORCH"} || { echo "set-up failed"; exit 1; }
     PYTHON=.venv/bin/python
 fi
-export OMP_NUM_THREADS=4 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export OMP_NUM_THREADS=4 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 {
     echo "# trivit GPU check, $(date -u +%Y-%m-%d)"
     echo
     echo '```'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    $PYTHON -c "import torch, timm, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'deepspeed', deepspeed.__version__)"
+    $PYTHON -c "
+import importlib.util, torch, timm
+deepspeed = importlib.import_module('deepspeed').__version__ if importlib.util.find_spec('deepspeed') else 'not installed'
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'deepspeed', deepspeed)"
     echo '```'
 } > "$REPORT"
 FAILED=0
 
 # 1. Speed: one bench per model, each under its own limit, so a slow compile costs only its model.
 echo -e "\n## trivit bench speed (bf16; eager and compiled)\n" >> "$REPORT"
-for spec in deit_small_patch16_224:64:120 deit_base_patch16_224:64:150 vit_large_patch16_224:32:190; do
+for spec in ${BENCH_MODELS:-deit_small_patch16_224:64:110 deit_base_patch16_224:64:120 vit_large_patch16_224:32:170}; do
     IFS=: read -r model batch limit <<< "$spec"
     timeout "$limit" $PYTHON -m trivit bench speed --models "$model" --batch "$batch" --precision bf16 --compile both \
         --variants tokens0.7 tokens0.7+attention0.2 all3 --repeats 3 --steps 3 --warmup 2 \
@@ -69,6 +73,9 @@ run_check() {  # name, processes, trivit overrides...
     if [ "$procs" -gt "$GPUS" ]; then
         echo "- SKIP $name: needs $procs GPUs (NCCL takes one per rank), this machine has $GPUS" >> "$REPORT"; return
     fi
+    if [ "$name" = zero3_bf16 ] && ! $PYTHON -c "import deepspeed" 2>/dev/null; then
+        echo "- SKIP $name: deepspeed is not installed" >> "$REPORT"; return
+    fi
     for steps in 6 12; do
         timeout 150 $PYTHON -m torch.distributed.run --nproc-per-node "$procs" -m trivit train run_dir="$run" \
             "${COMMON[@]}" "$@" schedule.max_steps=$steps >> "$OUT/$name.log" 2>&1 \
@@ -86,7 +93,7 @@ print([round(r['loss'], 4) for r in read_metrics(sys.argv[1])])" "$run")" >> "$R
 if [ "$GPUS" -ge 2 ]; then
     run_check ddp_nccl_bf16 2 engine.backend=ddp engine.precision=bf16
 else
-    run_check single_gpu_bf16_compiled 1 engine.precision=bf16 engine.compile=true
+    run_check one_gpu_bf16 1 engine.precision=bf16
 fi
 run_check fsdp_bf16 2 engine.backend=fsdp engine.precision=bf16
 run_check zero3_bf16 2 engine.backend=deepspeed engine.zero_stage=3 engine.precision=bf16
