@@ -19,6 +19,7 @@ bytes of activations saved for backward (what token pruning shrinks).
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,8 @@ from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
 from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.examples import ExampleStats
 from trivit.sparse.flops import model_flops
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -234,11 +237,14 @@ def measure_model(model_name: str, variants: tuple[Variant, ...], batch: int, re
     runners = [Runner(variant, trainables, batch, device, mode) for mode, variant in pairs]
     results = [Measured(variant, mode) for mode, variant in pairs]
     for runner, result in zip(runners, results):
+        start = time.perf_counter()
         result.flops_analytic, result.flops_counted = runner.flops_per_image()
         result.saved_activation_bytes = runner.saved_activation_bytes()
         result.peak_cuda_bytes = runner.peak_cuda_bytes()
         if warmup:
             runner.timed(warmup)
+        log.info("%s, %s, %s: ready in %.0f s (compiling, if compiled, and %d warm-up steps)", model_name,
+                 runner.mode.name, runner.variant.name, time.perf_counter() - start, warmup)
     for _ in range(repeats):
         for runner, result in zip(runners, results):
             result.step_seconds.append(runner.timed(steps))
