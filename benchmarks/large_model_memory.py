@@ -43,7 +43,7 @@ def samples(count: int):
 def run_mode(shards: Path, run_dir: Path, batch: int, steps: int, checkpointed: bool) -> dict:
     """One training run in a child process; its peak RSS comes from this (fresh) parent's rusage."""
     command = [sys.executable, "-m", "trivit", "train", f"run_dir={run_dir}", "model.name=vit_large_patch16_224",
-               f"data.train_urls={shards}", "data.val_urls=[]", f"data.batch_size={batch}", "data.num_workers=1",
+               f"data.train_urls={shards}", "data.val_urls=", f"data.batch_size={batch}", "data.num_workers=1",
                "model.num_classes=10", f"schedule.max_steps={steps}", "logging.every_steps=1",
                "logging.progress_bar=false", "optim.ema_decay=null", "engine.precision=fp32", "resume=never",
                f"engine.activation_checkpointing={str(checkpointed).lower()}", *LEVELS]

@@ -94,8 +94,8 @@ def test_activation_checkpointing_trains_to_the_same_losses(tiny_shards, tmp_pat
 
 
 def test_bf16_on_the_cpu_follows_fp32(tiny_shards, tmp_path):
-    """Autocast bf16 on the CPU: the same run's losses within 2e-2 of fp32's over 8 steps. (In its own
-    process: Accelerate fixes one mixed precision per process.)"""
+    """Autocast bf16 on the CPU: the same run's losses within 5e-3 of fp32's over 8 steps (measured:
+    4e-4). In its own process: Accelerate fixes one mixed precision per process."""
     extra = {"schedule.max_steps": "8", "data.mixup": "0", "data.cutmix": "0", "model.drop_path_rate": "0"}
     _, fp32 = run(tiny_shards, tmp_path / "fp32", **extra, **{"engine.precision": "fp32"})
     args = tiny_overrides(tiny_shards, tmp_path / "bf16", **dict(RAMP, **extra, **{"engine.precision": "bf16"}))
@@ -103,7 +103,7 @@ def test_bf16_on_the_cpu_follows_fp32(tiny_shards, tmp_path):
                    cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     bf16 = read_metrics(tmp_path / "bf16")
     differences = [abs(a["loss"] - b["loss"]) for a, b in zip(bf16, fp32)]
-    assert len(differences) == 8 and max(differences) < 2e-2 and 0 < sum(differences), differences
+    assert len(differences) == 8 and max(differences) < 5e-3 and 0 < sum(differences), differences
 
 
 def test_quantised_ramp_holds_each_rate_until_the_cosine_passes_it():
