@@ -63,6 +63,26 @@ for spec in $MODELS; do
     bench compiled "$model" "$batch" 200 --compile on --variants tokens0.7 all3
 done
 
+# 1b. sparsity.attention.kernel=flex on CUDA (compiled) against sdpa: one training step's loss and gradients.
+echo -e "\n## flex_attention on CUDA against SDPA\n" >> "$REPORT"
+timeout 150 $PYTHON - >> "$REPORT" 2> "$OUT/flex.log" <<'PYEOF' || echo "- FAIL flex: see flex.log" >> "$REPORT"
+import torch
+from trivit.sparse import create_vit
+results = {}
+for kernel in ("sdpa", "flex"):
+    torch.manual_seed(0)
+    sparsity = {"tokens": {"keep_rate": 0.7, "locations": [1, 2]}, "attention": {"keep_rate": 0.2, "kernel": kernel}}
+    model = create_vit("deit_small_patch16_224", sparsity, depth=4, num_classes=10, drop_path_rate=0.0).cuda()
+    images, labels = torch.randn(8, 3, 224, 224, device="cuda"), torch.arange(8, device="cuda")
+    loss = torch.nn.functional.cross_entropy(torch.compile(model, dynamic=False)(images), labels)
+    loss.backward()
+    results[kernel] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+(sdpa_loss, sdpa_grad), (flex_loss, flex_grad) = results["sdpa"], results["flex"]
+error = ((flex_grad - sdpa_grad).norm() / sdpa_grad.norm()).item()
+verdict = "PASS" if abs(flex_loss - sdpa_loss) < 1e-4 and error < 1e-3 else "FAIL"
+print(f"- {verdict} flex: compiled fp32 step, loss {flex_loss:.6f} vs sdpa {sdpa_loss:.6f}, gradient relative error {error:.1e}")
+PYEOF
+
 # 2. Training, stopped and resumed.
 SHARDS="$OUT/shards"
 $PYTHON - "$SHARDS" <<'PYEOF'

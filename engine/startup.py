@@ -115,9 +115,7 @@ def resolve_compiled_path(config: TrainConfig, device: torch.device) -> TrainCon
         log.info("engine.compile: the keep-rate ramp takes %d rates below 1.0 (sparsity.schedule.levels), each "
                  "compiled once", COMPILED_RAMP_LEVELS)
     attn_drop = config.model.timm_kwargs.get("attn_drop_rate", 0.0)
-    kernel = attention.kernel
-    if kernel == "auto":
-        kernel = "flex" if device.type == "cuda" and engine.compile and not attn_drop else "sdpa"
+    kernel = "sdpa" if attention.kernel == "auto" else attention.kernel
     if kernel == "flex":
         if device.type != "cuda":
             raise ConfigError("sparsity.attention.kernel", "got 'flex', but flex_attention has no backward on the "

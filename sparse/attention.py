@@ -35,7 +35,7 @@ class AttentionConfig:
     """How the blocks after a location apply its mask: 'sdpa' (scaled_dot_product_attention with the
     mask; on CUDA an additive mask, which its memory-efficient kernel takes), 'flex' (flex_attention
     with a block mask of the kept links; CUDA with engine.compile: flex has no backward on the CPU
-    and runs unfused uncompiled), 'auto' (flex on CUDA when compiled and attention dropout is 0, else sdpa)."""
+    and runs unfused uncompiled), 'auto' (sdpa: flex is opt-in until benchmarks/gpu_check.sh has measured it)."""
 
     def __post_init__(self) -> None:
         check(0 < self.keep_rate <= 1, "keep_rate", self.keep_rate, "a fraction in (0, 1]")
