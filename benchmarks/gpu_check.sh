@@ -37,10 +37,10 @@ FAILED=0
 # 1. Speed: eager bf16 for every model first (quick), then compiled, each bench under its own limit and
 #    all within the script's budget, so that a slow compile costs only its own table.
 START=$(date +%s)
-BUDGET=${BUDGET_S:-540}   # seconds for the whole script; 90 of them are kept for the training checks
+BUDGET=${BUDGET_S:-540}   # seconds for the whole script; 200 of them are kept for the flex and training checks
 bench() {  # title, model, batch, limit, bench options...
     local title=$1 model=$2 batch=$3 limit=$4; shift 4
-    local left=$(( BUDGET - 90 - ($(date +%s) - START) ))
+    local left=$(( BUDGET - 200 - ($(date +%s) - START) ))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 20 ]; then echo "- $model, $title: skipped, the time budget is spent" >> "$REPORT"; return; fi
     local name="bench-$title-$model"
