@@ -24,6 +24,11 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further ``timm.create_model`` arguments (embed_dim, depth, num_heads, ...)."""
+    init_from: str | None = None
+    """Start from these weights (a start, not a resume: step 0, this run's schedules and checkpoints):
+    a timm-format file (.safetensors, .pth, .pt, .bin), a trivit run_dir or checkpoint folder, or
+    'timm' (timm's pretrained weights for ``name``, from the local cache). Another img_size, patch
+    grid, in_chans or num_classes is adapted as timm does; null = random initialisation."""
 
     def __post_init__(self) -> None:
         check(self.img_size > 0, "img_size", self.img_size, "a positive integer")
@@ -61,6 +66,9 @@ class OptimConfig:
     """Clip the global gradient norm to this value; null = no clipping."""
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights with this decay (e.g. 0.99996); null = off."""
+    layer_decay: float | None = None
+    """Layer-wise learning-rate decay for fine-tuning (BEiT/MAE): block i's LR is scaled by
+    layer_decay ** (depth + 1 - i), the head's by 1 (timm's parameter groups); null = off."""
 
     def __post_init__(self) -> None:
         check(self.lr is None or (self.lr > 0 and finite(self.lr)), "lr", self.lr, "a positive finite number or null")
@@ -73,6 +81,8 @@ class OptimConfig:
         check(self.clip_grad is None or (self.clip_grad > 0 and finite(self.clip_grad)), "clip_grad", self.clip_grad,
               "a positive norm or null")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a decay in (0, 1) or null")
+        check(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", self.layer_decay,
+              "a factor in (0, 1] (e.g. 0.65 for ViT-B fine-tuning) or null")
 
     def peak_lr(self, global_batch: int) -> float:
         return self.lr if self.lr is not None else self.base_lr * global_batch / 512

@@ -39,7 +39,8 @@ from trivit.engine.epochs import EpochTracker
 from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.metrics import MetricsLogger, Throughput
-from trivit.engine.optim import build_optimizer, build_scheduler
+from trivit.engine.optim import build_optimizer, build_scheduler, peak_group_lr
+from trivit.engine.pretrained import init_from
 from trivit.engine.run_lock import lock_run_dir
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.engine.startup import check_epoch_length, resolve_run
@@ -71,6 +72,8 @@ class Trainer:
         if config.engine.compile:
             allow_recompiles(config.sparsity.schedule.levels, len(config.sparsity.tokens.resolved_locations(1)))
 
+        self.init_record: dict[str, Any] = {}
+        """What ``model.init_from`` loaded from where (logged as the run's step-0 line)."""
         seed_everything(config.seed)  # the same initial weights on every rank
         self.backend = build_backend(config, self.world, self.device, self.amp_dtype)
         self.backend.setup(self._build_model(self.num_classes).to(self.device),
@@ -113,6 +116,8 @@ class Trainer:
         model = create_vit(model_cfg.name, self.config.sparsity, **args)
         if self.config.engine.activation_checkpointing:
             model.set_grad_checkpointing()
+        if model_cfg.init_from:
+            self.init_record = init_from(model, model_cfg.init_from, model_cfg.name, model_cfg.timm_kwargs)
         patch = model.patch_embed.patch_size[0]
         if model_cfg.img_size % patch:
             raise ConfigError("model.img_size", f"got {model_cfg.img_size}; allowed: a multiple of the "
@@ -165,6 +170,8 @@ class Trainer:
         if found is not None:
             self.load_state_dict(*found)
             log.info("resumed from %s at step %d", found[1], self.step)
+            if self.config.model.init_from:
+                log.info("model.init_from is not used: the resumed checkpoint's weights replace it")
 
     # -- loop --------------------------------------------------------------------------------
 
@@ -183,7 +190,7 @@ class Trainer:
         flops = dense_fraction(self.model)
         return {"step": self.step, "epoch": self.epochs.progress(self.step),
                 "loss": loss_value if math.isfinite(loss_value) else None, "nonfinite_steps": self.guard.nonfinite_steps,
-                "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s,
+                "lr": peak_group_lr(self.optimizer), "img_per_s": img_per_s,
                 "keep_rate_tokens": blocks.token_keep_rate, "keep_rate_attention": blocks.attention_keep_rate,
                 "tokens_per_block": list(blocks.tokens_per_block),
                 "attention_density": {str(block): d.item() for block, d in blocks.attention_density.items()},
@@ -306,6 +313,8 @@ class Trainer:
         self._write_config()
         config = self.config
         metrics = MetricsLogger(self.run_dir, config.logging.tensorboard) if self.world.is_main else None
+        if metrics is not None and self.step == 0 and self.init_record:
+            metrics.log({"step": 0, **self.init_record})
         bar = tqdm(total=config.schedule.max_steps or config.schedule.epochs * self.dense_epoch_steps,
                    initial=self.step, disable=not (config.logging.progress_bar and self.world.is_main),
                    dynamic_ncols=True, desc="train")
