@@ -87,8 +87,7 @@ def resolve_shards(data: DataConfig) -> ShardSet:
         if source.classes != sources[0].classes:
             raise ValueError(f"training source {pattern!r} has other classes than {patterns[0]!r} ({source.classes[:5]} "
                              f"vs {sources[0].classes[:5]}): joined sources must share one class list")
-    val_urls = [url for part in val.split("::") for url in source_urls(expand_home(part), VAL_SPLITS)] if val else []
-    check_shards_exist(val_urls, "data.val_urls", val)
+    val_urls = resolve_val_urls(val)
     offsets, base = {}, 0
     for source in sources:
         offsets.update({url: base + offset for url, offset in source.id_offsets.items()})
@@ -96,6 +95,13 @@ def resolve_shards(data: DataConfig) -> ShardSet:
     return ShardSet(train_urls=[url for source in sources for url in source.urls], val_urls=val_urls,
                     train_samples=sum(source.samples for source in sources), classes=sources[0].classes,
                     num_ids=base, id_offsets={url: o for url, o in offsets.items() if o})
+
+
+def resolve_val_urls(val: str, key: str = "data.val_urls") -> list[str]:
+    """Validation shards: brace-expanded paths or folders (their index's 'val', else 'test' split), '::'-joined."""
+    urls = [url for part in val.split("::") for url in source_urls(expand_home(part), VAL_SPLITS)] if val else []
+    check_shards_exist(urls, key, val)
+    return urls
 
 
 def resolve_source(pattern: str, index_path: str) -> Source:

@@ -1,32 +1,55 @@
-"""Evaluation over the validation shards: top-1, loss and the attention level's density, every
-rank reading its share and all ranks stepping together."""
+"""Evaluation over the validation shards: top-1/top-5, loss and the attention level's density, every
+rank reading its share and all ranks stepping together; used by training and by ``trivit eval``."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from trivit.datasets.loaders import eval_loader
 from trivit.datasets.stream import SampleDecoder
-from trivit.engine.backends.base import Backend
-from trivit.engine.distributed import sum_tensor
-from trivit.engine.startup import RunSetup
+from trivit.engine.config import TrainConfig
+from trivit.engine.distributed import World, sum_tensor
 from trivit.sparse import set_keep_rates
 
 log = logging.getLogger(__name__)
 
 
-class Evaluator:
-    """Evaluates models of one run (the trained model, its EMA) on the run's validation shards."""
+class InputPath(Protocol):
+    """How images reach the model: a training backend, or :class:`PlainInputs`."""
 
-    def __init__(self, setup: RunSetup, backend: Backend, decoder: SampleDecoder):
-        self.setup, self.backend, self.decoder = setup, backend, decoder
+    def autocast(self) -> AbstractContextManager: ...
+
+    def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class PlainInputs:
+    """Images to ``device``, the forward pass under autocast in ``amp_dtype`` (None = fp32)."""
+
+    def __init__(self, device: torch.device, amp_dtype: torch.dtype | None):
+        self.device, self.amp_dtype = device, amp_dtype
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True)
+
+
+class Evaluator:
+    """Evaluates models (a run's trained model, its EMA) on validation shards ``val_urls``."""
+
+    def __init__(self, config: TrainConfig, world: World, device: torch.device, val_urls: list[str],
+                 inputs: InputPath, decoder: SampleDecoder):
+        self.config, self.world, self.device, self.val_urls = config, world, device, val_urls
+        self.inputs, self.decoder = inputs, decoder
 
     def evaluate_all(self, models: dict[str, nn.Module]) -> dict[str, Any]:
         """Each model at the schedule's final keep rates; a model's metrics carry its suffix (``eval_top1_ema``)."""
-        sparsity = self.setup.config.sparsity
+        sparsity = self.config.sparsity
         metrics = {}
         for suffix, model in models.items():
             current = (model.blocks.token_keep_rate, model.blocks.attention_keep_rate)
@@ -37,24 +60,24 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """Top-1 accuracy (%) and mean cross-entropy over the whole validation split, each rank
-        reading its share of the shards.
+        """Top-1 and top-5 accuracy (%) and mean cross-entropy over the whole validation split, each
+        rank reading its share of the shards.
 
         Ranks step through their shares together: one that has run out forwards a placeholder
         image while the others still have batches, so the collectives inside a sharded model
         (FSDP, ZeRO-3) always have every rank.
         """
-        setup, backend = self.setup, self.backend
-        data, model_config, device = setup.config.data, setup.config.model, setup.device
-        val_urls = setup.shards.val_urls
-        loader = eval_loader(val_urls, self.decoder, batch_size=data.eval_batch_size, rank=setup.world.rank,
-                             world_size=setup.world.world_size, num_workers=min(data.num_workers, len(val_urls)),
+        inputs, world, device, val_urls = self.inputs, self.world, self.device, self.val_urls
+        data, model_config = self.config.data, self.config.model
+        loader = eval_loader(val_urls, self.decoder, batch_size=data.eval_batch_size, rank=world.rank,
+                             world_size=world.world_size, num_workers=min(data.num_workers, len(val_urls)),
                              pin_memory=device.type == "cuda")
         was_training = model.training
         model.eval()
         locations = sorted(model.blocks.locations)
-        sums = torch.zeros(4 + len(locations), dtype=torch.float64, device=device)
-        """correct, samples, summed loss, skipped samples, then per location the attention density x samples"""
+        sums = torch.zeros(5 + len(locations), dtype=torch.float64, device=device)
+        """correct, samples, summed loss, skipped samples, correct in the top 5, then per location the
+        attention density x samples"""
         placeholder = torch.zeros(1, model_config.in_chans, model_config.img_size, model_config.img_size)
         dtype = next(model.parameters()).dtype  # the fp32 EMA beside a bf16 DeepSpeed module takes fp32 images
         with loader.batches() as batches:
@@ -65,26 +88,28 @@ class Evaluator:
                 if batch is not None:
                     sums[3] += batch.skipped
                 if batch is None or not len(batch.ids):
-                    if setup.world.distributed:
-                        model(backend.prepare_inputs(placeholder).to(dtype))
+                    if world.distributed:
+                        model(inputs.prepare_inputs(placeholder).to(dtype))
                     continue
                 labels = batch.labels.to(device)
-                with backend.autocast():
-                    logits = model(backend.prepare_inputs(batch.images).to(dtype)).float()
+                with inputs.autocast():
+                    logits = model(inputs.prepare_inputs(batch.images).to(dtype)).float()
                 sums[0] += (logits.argmax(-1) == labels).sum()
                 sums[1] += labels.numel()
                 sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
-                for slot, block in enumerate(locations, start=4):
+                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                sums[4] += (top5 == labels.unsqueeze(-1)).any(dim=-1).sum()
+                for slot, block in enumerate(locations, start=5):
                     if block in model.blocks.attention_density:
                         sums[slot] += model.blocks.attention_density[block] * labels.numel()
         model.train(was_training)
-        correct, total, loss_sum, skipped, *density = sum_tensor(sums).tolist()
+        correct, total, loss_sum, skipped, correct5, *density = sum_tensor(sums).tolist()
         if total == 0:
             log.warning("the validation shards yielded no readable samples (%d skipped); no evaluation this time. "
                         "Check data.val_urls", int(skipped))
             return {"eval_samples": 0, "eval_skipped": int(skipped)}
-        record = {"eval_samples": int(total), "eval_top1": 100.0 * correct / total, "eval_loss": loss_sum / total,
-                  "eval_skipped": int(skipped)}
+        record = {"eval_samples": int(total), "eval_top1": 100.0 * correct / total,
+                  "eval_top5": 100.0 * correct5 / total, "eval_loss": loss_sum / total, "eval_skipped": int(skipped)}
         if model.blocks.attention_keep_rate < 1:
             record["eval_attention_density"] = {str(block): d / total for block, d in zip(locations, density)}
         return record

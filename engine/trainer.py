@@ -87,7 +87,7 @@ class Trainer:
         mode = image_mode(config.model.in_chans)
         self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode)
         eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
-        self.evaluator = Evaluator(setup, self.backend, eval_decoder)
+        self.evaluator = Evaluator(config, self.world, self.device, self.shards.val_urls, self.backend, eval_decoder)
 
         examples = config.sparsity.examples
         num_ids = self.shards.num_ids

@@ -111,6 +111,35 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trivit.engine.distributed import destroy_process_group, world_from_env
+    from trivit.engine.keep_rate_eval import EvalRequest, evaluate_keep_rates, markdown, write_outputs
+
+    request = EvalRequest(args.source, keep_rates=tuple(args.keep_rates), attention_keep_rates=tuple(args.attention),
+                          data=args.data, model=args.model, overrides=tuple(args.overrides), batch=args.batch,
+                          repeats=args.repeats)
+    world = world_from_env()
+    try:
+        rows, header = evaluate_keep_rates(request, world)
+    finally:
+        destroy_process_group()
+    if world.is_main:
+        print(markdown(rows, header))
+        if args.out:
+            write_outputs(rows, header, Path(args.out))
+    return 0
+
+
+def keep_rate(text: str) -> float:
+    """An argparse type: a keep rate in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a keep rate in (0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trivit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--overwrite", action="store_true", help="write into --out even if it holds results")
     speed.set_defaults(run=bench)
 
+    eval_parser = commands.add_parser("eval", help="top-1/top-5 and inference img/s of a trained model at several "
+                                                   "keep rates (the off-the-shelf table)")
+    eval_parser.add_argument("source", help="a run_dir, a checkpoint folder, or a weights file (with --model)")
+    eval_parser.add_argument("--keep-rates", nargs="+", type=keep_rate, default=[1.0, 0.9, 0.7, 0.5],
+                             help="token keep rates to evaluate at (at the run's sparsity.tokens.locations)")
+    eval_parser.add_argument("--attention", nargs="+", type=keep_rate, default=[1.0],
+                             help="attention keep rates; every token rate is evaluated at each")
+    eval_parser.add_argument("--data", help="validation shards or a 'trivit shards' folder (default: the run's "
+                                            "data.val_urls)")
+    eval_parser.add_argument("--model", help="timm architecture of a bare weights file, e.g. deit_small_patch16_224")
+    eval_parser.add_argument("--batch", type=positive_int, help="images per forward (default: data.eval_batch_size)")
+    eval_parser.add_argument("--repeats", type=positive_int, default=5, help="timed forward passes per keep rate")
+    eval_parser.add_argument("--out", help="write the rows as JSON here, and a plot beside it (.png)")
+    eval_parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    eval_parser.set_defaults(run=evaluate)
+
     shards_parser = commands.add_parser("shards", help="write WebDataset shards from an ImageFolder tree or a built-in source")
     shards_parser.add_argument("src", help="ImageFolder root (class folders, optionally under train/ val/) or 'fashion-mnist'")
     shards_parser.add_argument("dest", help="output folder for <split>-NNNNNN.tar and index.json")
@@ -168,11 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    """The command line; ``key=value`` overrides of ``trivit train`` may also follow its options."""
+    """The command line; ``key=value`` overrides of ``trivit train`` and ``eval`` may also follow their options."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]
-    if args.command == "train":
+    if args.command in ("train", "eval"):
         args.overrides += overrides
         extra = [item for item in extra if item not in overrides]
     if extra:

@@ -1,0 +1,165 @@
+"""``trivit eval``: accuracy and inference throughput of a trained model at several keep rates.
+
+EViT's and ToMe's "off-the-shelf" table: token pruning (and attention masking) applied at
+evaluation to any model, trained sparse or dense. The architecture comes from the run's
+``config.yaml`` (a run_dir or a checkpoint folder inside one) or, for a bare weights file, from
+``--model`` and config overrides; the number of classes from the weights' head. Accuracy is the
+training runs' own evaluation (``engine/evaluation.py``), split over ranks under a launcher.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trivit.config import ConfigError, load
+from trivit.datasets.sources import resolve_val_urls
+from trivit.datasets.stream import SampleDecoder
+from trivit.datasets.transforms import eval_transform, image_mode
+from trivit.engine.config import TrainConfig
+from trivit.engine.distributed import World, init_process_group
+from trivit.engine.evaluation import Evaluator, PlainInputs
+from trivit.engine.pretrained import adapt_weights, check_fits, read_weights
+from trivit.engine.startup import resolve_device
+from trivit.sparse import create_vit, set_keep_rates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    source: str
+    """A run_dir, a checkpoint folder or a weights file."""
+    keep_rates: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5)
+    attention_keep_rates: tuple[float, ...] = (1.0,)
+    data: str | None = None
+    """Validation shards; None: the run's data.val_urls."""
+    model: str | None = None
+    """timm model name, for a bare weights file."""
+    overrides: tuple[str, ...] = ()
+    batch: int | None = None
+    """Images per forward pass; None: the run's data.eval_batch_size."""
+    repeats: int = 5
+
+
+def run_config(request: EvalRequest) -> TrainConfig:
+    """The run's config (with ``request.overrides``), or one built from ``--model`` for a bare file."""
+    source = Path(request.source).expanduser()
+    # a run_dir, a checkpoint folder inside its checkpoints/, or a run's model.safetensors
+    folders = (source, source.parent.parent) if source.is_dir() else (source.parent,)
+    for folder in folders:
+        if (folder / "config.yaml").is_file():
+            config = load(TrainConfig, folder / "config.yaml", list(request.overrides))
+            return replace(config, model=replace(config.model, init_from=None))
+    if request.model is None:
+        raise ConfigError("--model", f"{request.source} is not a trivit run (no config.yaml beside it); name its timm "
+                                     "architecture with --model (e.g. deit_small_patch16_224) and its settings as "
+                                     "overrides (model.img_size=..., model.timm_kwargs=...)")
+    return load(TrainConfig, None, [f"model.name={request.model}", *request.overrides])
+
+
+def build_model(config: TrainConfig, source: str) -> tuple[nn.Module, str]:
+    """The run's model with the source's weights (the number of classes from their head)."""
+    model_cfg = config.model
+    state, described = read_weights(source, model_cfg.name, model_cfg.timm_kwargs)
+    if "head.weight" not in state:
+        raise ValueError(f"{source} holds no classifier head ('head.weight'): nothing to evaluate top-1 with")
+    args = dict(model_cfg.timm_arguments(), num_classes=state["head.weight"].shape[0], drop_path_rate=0.0)
+    model = create_vit(model_cfg.name, config.sparsity, **args)
+    state, changes = adapt_weights(state, model)
+    check_fits(state, model)
+    model.load_state_dict(state)
+    for change in changes:
+        log.info("trivit eval: %s", change)
+    return model.eval(), described
+
+
+def inference_img_per_s(model: nn.Module, inputs: PlainInputs, images: torch.Tensor, repeats: int) -> float:
+    """Images per second of the forward pass alone, the median of ``repeats`` timed passes after two."""
+    seconds = []
+    with torch.no_grad():
+        for index in range(repeats + 2):
+            start = time.perf_counter()
+            with inputs.autocast():
+                model(images)
+            if images.is_cuda:
+                torch.cuda.synchronize(images.device)
+            if index >= 2:
+                seconds.append(time.perf_counter() - start)
+    return images.shape[0] / statistics.median(seconds)
+
+
+def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[str, Any]], str]:
+    """One row per (attention, token) keep rate: top-1, top-5, loss, img/s and the speed-up over 1.0 / 1.0."""
+    config = run_config(request)
+    device, amp_dtype = resolve_device(config, world)
+    init_process_group(world, device, config.engine.timeout_s)
+    val_urls = resolve_val_urls(request.data if request.data is not None else config.data.val_urls, key="--data")
+    if not val_urls:
+        raise ConfigError("--data", "no validation shards: the run has no data.val_urls; pass --data with shards "
+                                    "or a folder written by 'trivit shards'")
+    config = replace(config, data=replace(config.data, eval_batch_size=request.batch or config.data.eval_batch_size))
+    model, described = build_model(config, request.source)
+    model.to(device)
+    inputs = PlainInputs(device, amp_dtype)
+    size, channels = config.model.img_size, config.model.in_chans
+    decoder = SampleDecoder(eval_transform(config.data, size), image_mode(channels))
+    evaluator = Evaluator(config, world, device, val_urls, inputs, decoder)
+    images = torch.randn(config.data.eval_batch_size, channels, size, size, generator=torch.Generator().manual_seed(0))
+    images = images.to(device)
+    rows = []
+    for attention in request.attention_keep_rates:
+        for tokens in request.keep_rates:
+            set_keep_rates(model, tokens, attention)
+            metrics = evaluator.evaluate(model)
+            rows.append({"keep_rate": tokens, "attention_keep_rate": attention, "top1": metrics.get("eval_top1"),
+                         "top5": metrics.get("eval_top5"), "loss": metrics.get("eval_loss"),
+                         "samples": metrics["eval_samples"],
+                         "img_per_s": inference_img_per_s(model, inputs, images, request.repeats)})
+    dense = next((r["img_per_s"] for r in rows if r["keep_rate"] == r["attention_keep_rate"] == 1.0), None)
+    for row in rows:
+        row["speedup"] = row["img_per_s"] / dense if dense else None
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    header = (f"{config.model.name} from {described}; {rows[0]['samples'] if rows else 0} validation images; "
+              f"throughput: batch {config.data.eval_batch_size}, {precision}, {device}, median of {request.repeats}")
+    return rows, header
+
+
+def markdown(rows: list[dict[str, Any]], header: str) -> str:
+    lines = [header, "", "| tokens keep rate | attention keep rate | top-1 (%) | top-5 (%) | loss | img/s | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        lines.append(f"| {r['keep_rate']} | {r['attention_keep_rate']} | {r['top1']:.2f} | {r['top5']:.2f} | "
+                     f"{r['loss']:.4f} | {r['img_per_s']:.1f} | {speedup} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict[str, Any]], header: str, out: Path) -> None:
+    """``out`` (JSON: a list of rows) and beside it a plot of top-1 against throughput (``.png``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for attention in dict.fromkeys(r["attention_keep_rate"] for r in rows):
+        mine = [r for r in rows if r["attention_keep_rate"] == attention]
+        axis.plot([r["img_per_s"] for r in mine], [r["top1"] for r in mine], marker="o",
+                  label=f"attention keep {attention}")
+        for r in mine:
+            axis.annotate(f"{r['keep_rate']}", (r["img_per_s"], r["top1"]), textcoords="offset points", xytext=(4, 4))
+    axis.set_xlabel("inference img/s")
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title(header.split(";")[0], fontsize=9)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out.with_suffix(".png"), dpi=120)
