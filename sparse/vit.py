@@ -234,7 +234,7 @@ def _check_plain_vit(name: str, timm_kwargs: Mapping[str, Any]) -> None:
 
 def _is_plain_vit(model: nn.Module) -> bool:
     blocks = getattr(model, "blocks", None)
-    return (isinstance(model, VisionTransformer) and blocks is not None
+    return (type(model) is VisionTransformer and blocks is not None
             and all(type(b) is Block and type(b.attn) is Attention for b in blocks))
 
 

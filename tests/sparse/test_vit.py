@@ -81,6 +81,7 @@ def test_model_names_with_a_pretrained_tag_are_accepted():
 @pytest.mark.parametrize("name, message", [
     ("resnet50", "not a plain ViT"),
     ("vit_small_patch16_18x2_224", "not a plain ViT"),
+    ("deit_tiny_distilled_patch16_224", "not a plain ViT"),  # a distillation token: another forward
     ("deit_tiny_patch16", "unknown timm model"),
     ("vit_base_patch16_224.no_such_tag", "timm has no pretrained tag 'no_such_tag' for 'vit_base_patch16_224'; its "
                                          "tags: vit_base_patch16_224.augreg2_in21k_ft_in1k"),
