@@ -178,6 +178,38 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class DistillConfig:
+    """A teacher and the loss that distils it into the student."""
+
+    loss: Literal["none", "soft", "hard", "nkd"] = "none"
+    """'soft': DeiT's KL at temperature tau; 'hard': cross-entropy to the teacher's argmax (DeiT);
+    'nkd': normalized knowledge distillation (gamma, lambda_)."""
+    teacher: str | None = None
+    """A trivit run_dir or checkpoint folder (its config.yaml gives the architecture), or a timm model
+    name whose weights ``teacher_weights`` gives."""
+    teacher_weights: str | None = None
+    """For a timm-named teacher: a weights file, a trivit run, or 'timm' (timm's cached pretrained weights)."""
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    """For a timm-named teacher: ``timm.create_model`` arguments (img_size, in_chans, num_classes, ...)."""
+    alpha: float = 0.5
+    """Weight of the distillation term; the label loss gets 1 - alpha (DeiT: 0.5 hard, 0.1 soft)."""
+    tau: float = 1.0
+    """Soft distillation's temperature (DeiT: 3.0)."""
+    gamma: float = 1.0
+    """NKD's weight of the non-target term."""
+    lambda_: float = 1.0
+    """NKD's temperature of the non-target softmaxes."""
+
+    def __post_init__(self) -> None:
+        check(self.loss == "none" or self.teacher, "teacher", self.teacher,
+              f"a trivit run_dir or a timm model name (distill.loss={self.loss!r} needs a teacher)")
+        check(0 <= self.alpha <= 1, "alpha", self.alpha, "a weight in [0, 1]")
+        check(self.tau > 0, "tau", self.tau, "a positive temperature")
+        check(self.gamma >= 0, "gamma", self.gamma, "a weight >= 0")
+        check(self.lambda_ > 0, "lambda_", self.lambda_, "a positive temperature")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Everything a training run needs; written to ``<run_dir>/config.yaml``."""
 
@@ -189,6 +221,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

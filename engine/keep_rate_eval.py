@@ -26,7 +26,7 @@ from trivit.datasets.transforms import eval_transform, image_mode
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, init_process_group
 from trivit.engine.evaluation import Evaluator, PlainInputs
-from trivit.engine.pretrained import adapt_weights, check_fits, read_weights
+from trivit.engine.pretrained import adapt_weights, check_fits, find_run_config, read_weights
 from trivit.engine.startup import resolve_device
 from trivit.sparse import create_vit, set_keep_rates
 
@@ -51,13 +51,11 @@ class EvalRequest:
 
 def run_config(request: EvalRequest) -> TrainConfig:
     """The run's config (with ``request.overrides``), or one built from ``--model`` for a bare file."""
-    source = Path(request.source).expanduser()
-    # a run_dir, a checkpoint folder inside its checkpoints/, or a run's model.safetensors
-    folders = (source, source.parent.parent) if source.is_dir() else (source.parent,)
-    for folder in folders:
-        if (folder / "config.yaml").is_file():
-            config = load(TrainConfig, folder / "config.yaml", list(request.overrides))
-            return replace(config, model=replace(config.model, init_from=None))
+    found = find_run_config(Path(request.source).expanduser())
+    if found is not None:
+        config = load(TrainConfig, found, list(request.overrides))
+        return replace(config, model=replace(config.model, init_from=None),
+                       distill=replace(config.distill, loss="none", teacher=None))
     if request.model is None:
         raise ConfigError("--model", f"{request.source} is not a trivit run (no config.yaml beside it); name its timm "
                                      "architecture with --model (e.g. deit_small_patch16_224) and its settings as "

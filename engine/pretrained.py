@@ -35,6 +35,13 @@ HEAD_KEYS = ("head.weight", "head.bias")
 PATCH_KEY = "patch_embed.proj.weight"
 
 
+def find_run_config(path: Path) -> Path | None:
+    """The config.yaml of the trivit run ``path`` belongs to: a run_dir, a checkpoint folder in its
+    checkpoints/, or a file in the run_dir (its model.safetensors); None when there is none."""
+    folders = (path, path.parent.parent) if path.is_dir() else (path.parent,)
+    return next((folder / "config.yaml" for folder in folders if (folder / "config.yaml").is_file()), None)
+
+
 def read_weights(source: str, model_name: str, timm_kwargs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict named by ``source`` and a description of where it came from."""
     if source == "timm":

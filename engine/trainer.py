@@ -32,6 +32,7 @@ from trivit.engine.backends import build_backend
 from trivit.engine.checkpoint import CheckpointManager, agreed_resume, check_compatible, pick_checkpoint
 from trivit.engine.compile import allow_recompiles, compiled_graphs
 from trivit.engine.config import TrainConfig
+from trivit.engine.distill import build_distiller
 from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
 from trivit.engine.evaluation import Evaluator
@@ -82,6 +83,7 @@ class Trainer:
         self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.ema = build_ema(self.model, config.optim.ema_decay) if config.optim.ema_decay else None
+        self.distiller = build_distiller(config.distill, self.num_classes, self.device, self.amp_dtype)
         seed_everything(config.seed + self.world.rank)  # each rank its own dropout, drop-path and mixup draws
         self.mixer = batch_mixer(data, self.num_classes)
         mode = image_mode(config.model.in_chans)
@@ -239,8 +241,9 @@ class Trainer:
             targets = smoothed_targets(labels, self.num_classes, self.config.data.label_smoothing)
         with self.backend.autocast():
             logits = self.backend.model(images)
-        losses = per_sample_cross_entropy(logits, targets)
-        loss = (losses * self.plan.weights[ids].to(self.device)).sum() / rank_batch
+        losses = per_sample_cross_entropy(logits, targets)  # the student's own: what the example level scores
+        objective = self.distiller.objective(losses, logits, images, targets) if self.distiller else losses
+        loss = (objective * self.plan.weights[ids].to(self.device)).sum() / rank_batch
         return loss, logits, losses, labels
 
     def _begin_epoch(self) -> None:
