@@ -105,3 +105,37 @@ def test_uneven_shards_give_every_rank_the_same_steps(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     records = read_metrics(tmp_path / "run")
     assert records[-1]["step"] == 2 * (160 // 16), "two whole epochs of 10 steps each"
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                              num_heads=2, num_classes=4)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def distill_overrides(teacher_file) -> dict[str, str]:
+    return {"distill.loss": "nkd", "distill.teacher": "deit_tiny_patch16_224", "distill.teacher_weights": str(teacher_file),
+            "distill.teacher_kwargs": "{img_size: 16, patch_size: 4, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2}",
+            "schedule.max_steps": "4"}
+
+
+@pytest.mark.parametrize("kind, backend", [("torchrun", {"engine.backend": "ddp"}),
+                                           ("fsdp.yaml", {"engine.precision": "fp32"})])
+def test_distillation_on_two_processes_equals_one(kind, backend, tiny_shards, tmp_path, teacher_file):
+    """The replicated teacher sees each rank's images: 2 ranks give the 1-process losses (2 micro-batches a step)."""
+    overrides = distill_overrides(teacher_file)
+    reference_dir = tmp_path / "one"
+    Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, reference_dir, **dict(
+        DISTRIBUTED, **overrides, **{"engine.grad_accum_steps": "2"})))).train()
+    run = train_cli(kind, tiny_shards, tmp_path / "two", **backend, **overrides)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = {r["step"]: r["loss"] for r in read_metrics(reference_dir)}
+    two = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "two")}
+    assert sorted(two) == [1, 2, 3, 4] and max(abs(two[s] - one[s]) for s in one) < TOLERANCE, (one, two)
