@@ -67,3 +67,22 @@ def fault_step(low: int, high: int) -> int:
     step = random.Random(seed).randint(low, high)
     print(f"fault_step drew {step} (replay with TRIVIT_TEST_FAULT_SEED={seed})")
     return step
+
+
+TINY_TEACHER_KWARGS = "{img_size: 16, patch_size: 4, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2}"
+"""distill.teacher_kwargs of ``tiny_teacher_file``: the tiny test architecture."""
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_file(tmp_path_factory) -> Path:
+    """A timm model of the tiny test architecture (4 classes), saved as timm saves weights."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                              num_heads=2, num_classes=4)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path

@@ -14,7 +14,7 @@ import pytest
 import timm
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_overrides
+from tests.conftest import TINY_TEACHER_KWARGS, tiny_overrides
 from tests.launchers import DISTRIBUTED, TOLERANCE, train_cli
 from trivit.config import load
 from trivit.engine.config import TrainConfig
@@ -107,30 +107,17 @@ def test_uneven_shards_give_every_rank_the_same_steps(tmp_path):
     assert records[-1]["step"] == 2 * (160 // 16), "two whole epochs of 10 steps each"
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(3)
-    model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-                              num_heads=2, num_classes=4)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
-
-
 def distill_overrides(teacher_file) -> dict[str, str]:
     return {"distill.loss": "nkd", "distill.teacher": "deit_tiny_patch16_224", "distill.teacher_weights": str(teacher_file),
-            "distill.teacher_kwargs": "{img_size: 16, patch_size: 4, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2}",
+            "distill.teacher_kwargs": TINY_TEACHER_KWARGS,
             "schedule.max_steps": "4"}
 
 
 @pytest.mark.parametrize("kind, backend", [("torchrun", {"engine.backend": "ddp"}),
                                            ("fsdp.yaml", {"engine.precision": "fp32"})])
-def test_distillation_on_two_processes_equals_one(kind, backend, tiny_shards, tmp_path, teacher_file):
+def test_distillation_on_two_processes_equals_one(kind, backend, tiny_shards, tmp_path, tiny_teacher_file):
     """The replicated teacher sees each rank's images: 2 ranks give the 1-process losses (2 micro-batches a step)."""
-    overrides = distill_overrides(teacher_file)
+    overrides = distill_overrides(tiny_teacher_file)
     reference_dir = tmp_path / "one"
     Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, reference_dir, **dict(
         DISTRIBUTED, **overrides, **{"engine.grad_accum_steps": "2"})))).train()

@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
 
-from tests.conftest import tiny_overrides
+from tests.conftest import TINY_TEACHER_KWARGS, tiny_overrides
 from trivit.config import ConfigError, load
 from trivit.engine.config import DistillConfig, TrainConfig
 from trivit.engine.distill import Distiller, hard_distillation, nkd_loss, soft_distillation
@@ -94,27 +92,13 @@ def test_a_loss_without_teacher_is_refused():
         load(TrainConfig, None, ["distill.loss=nkd"])
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """A timm model of the tiny test architecture, saved as timm saves weights."""
-    torch.manual_seed(3)
-    model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-                              num_heads=2, num_classes=4)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
-
-
-TEACHER_KWARGS = "{img_size: 16, patch_size: 4, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2}"
-
-
-def test_a_teacher_trains_the_student_and_stays_out_of_its_state(tiny_shards, tmp_path, teacher_file):
+def test_a_teacher_trains_the_student_and_stays_out_of_its_state(tiny_shards, tmp_path, tiny_teacher_file):
     common = {"schedule.max_steps": "4", "optim.ema_decay": "null"}
     plain = Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path / "plain", **common)))
     plain.train()
     taught = Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path / "nkd", **common, **{
-        "distill.loss": "nkd", "distill.teacher": "deit_tiny_patch16_224", "distill.teacher_weights": str(teacher_file),
-        "distill.teacher_kwargs": TEACHER_KWARGS})))
+        "distill.loss": "nkd", "distill.teacher": "deit_tiny_patch16_224", "distill.teacher_weights": str(tiny_teacher_file),
+        "distill.teacher_kwargs": TINY_TEACHER_KWARGS})))
     teacher = taught.distiller.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     taught.train()
@@ -127,8 +111,8 @@ def test_a_teacher_trains_the_student_and_stays_out_of_its_state(tiny_shards, tm
     assert len(losses) == 4 and losses != baseline and all(math.isfinite(v) for v in losses)
 
 
-def test_a_teacher_of_other_classes_is_refused(tiny_shards, tmp_path, teacher_file):
+def test_a_teacher_of_other_classes_is_refused(tiny_shards, tmp_path, tiny_teacher_file):
     with pytest.raises(ValueError, match="classifies 4 classes, the student 7"):
         Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
             "model.num_classes": "7", "distill.loss": "soft", "distill.teacher": "deit_tiny_patch16_224",
-            "distill.teacher_weights": str(teacher_file), "distill.teacher_kwargs": TEACHER_KWARGS})))
+            "distill.teacher_weights": str(tiny_teacher_file), "distill.teacher_kwargs": TINY_TEACHER_KWARGS})))
