@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from trivit.config import ConfigError, load
-from trivit.datasets.sources import resolve_val_urls
+from trivit.datasets.sources import prepare_source, resolve_val_urls
 from trivit.datasets.stream import SampleDecoder
 from trivit.datasets.transforms import eval_transform, image_mode
 from trivit.engine.config import TrainConfig
@@ -99,7 +99,10 @@ def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[s
     config = run_config(request)
     device, amp_dtype = resolve_device(config, world)
     init_process_group(world, device, config.engine.timeout_s)
-    val_urls = resolve_val_urls(request.data if request.data is not None else config.data.val_urls, key="--data")
+    val = request.data if request.data is not None else config.data.val_urls
+    if not val and not config.data.train_urls:  # a built-in source (data.source): its prepared folder
+        val = str(prepare_source(config.data.source, config.data.cache_dir))
+    val_urls = resolve_val_urls(val, key="--data")
     if not val_urls:
         raise ConfigError("--data", "no validation shards: the run has no data.val_urls; pass --data with shards "
                                     "or a folder written by 'trivit shards'")
