@@ -32,7 +32,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from trivit.engine.compile import raise_recompile_limit
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
+from trivit.engine.startup import PRECISION_DTYPES, precision_name
 from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.examples import ExampleStats
 from trivit.sparse.flops import model_flops
@@ -64,7 +66,6 @@ VARIANTS = (
     Variant("tokens 0.7 + attention 0.2", "tokens0.7+attention0.2", tokens=0.7, attention=0.2),
     Variant("all three (0.7 / 0.2 / 20%)", "all3", tokens=0.7, attention=0.2, removed=0.2),
 )
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,7 @@ class Mode:
 
     @property
     def name(self) -> str:
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        return " ".join([("compiled" if self.compiled else "eager"), precision]
+        return " ".join([("compiled" if self.compiled else "eager"), precision_name(self.amp_dtype)]
                         + (["checkpointed"] if self.checkpointing else [])
                         + (["explicit attention"] if self.explicit_attention else []))
 
@@ -232,7 +232,7 @@ def measure_model(model_name: str, variants: tuple[Variant, ...], batch: int, re
     """Every variant in every mode, on two shared models; the rounds interleave all of them."""
     trainables = build_trainables(model_name, device)
     if any(mode.compiled for mode in modes):  # one graph per variant and mode, none falling back to eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(variants) * len(modes))
+        raise_recompile_limit(4 * len(variants) * len(modes))
     pairs = [(mode, variant) for mode in modes for variant in variants]
     runners = [Runner(variant, trainables, batch, device, mode) for mode, variant in pairs]
     results = [Measured(variant, mode) for mode, variant in pairs]
@@ -336,7 +336,8 @@ def resolve_modes(compile: str, checkpointing: str, precisions: list[str], devic
     before checkpointed, fused before explicit."""
     choices = {"off": [False], "on": [True], "both": [False, True]}
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtypes = [PRECISIONS["bf16" if cuda_bf16 else "fp32"] if p == "auto" else PRECISIONS[p] for p in precisions]
+    dtypes = [PRECISION_DTYPES["bf16" if cuda_bf16 else "fp32"] if p == "auto" else PRECISION_DTYPES[p]
+              for p in precisions]
     if torch.float16 in dtypes and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     paths = {"fused": [False], "explicit": [True], "both": [False, True]}[attention]

@@ -32,7 +32,11 @@ def allow_recompiles(levels: int, locations: int) -> None:
     Under FSDP2 the blocks share one compiled ``forward`` and one ``forward_routed``, specialised
     on each sequence length (one before and one after each of the ``locations``), hence the product.
     """
-    needed = graph_bound(levels) * (locations + 1)
+    raise_recompile_limit(graph_bound(levels) * (locations + 1))
+
+
+def raise_recompile_limit(needed: int) -> None:
+    """Let dynamo compile a function ``needed`` times before it falls back to eager (never lowers it)."""
     if torch._dynamo.config.recompile_limit < needed:
         torch._dynamo.config.recompile_limit = needed
 

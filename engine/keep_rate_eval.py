@@ -26,8 +26,8 @@ from trivit.datasets.transforms import eval_transform, image_mode
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, init_process_group
 from trivit.engine.evaluation import Evaluator, PlainInputs
-from trivit.engine.pretrained import adapt_weights, check_fits, find_run_config, read_weights
-from trivit.engine.startup import resolve_device
+from trivit.engine.pretrained import find_run_config, load_adapted, read_weights
+from trivit.engine.startup import precision_name, resolve_device
 from trivit.sparse import create_vit, set_keep_rates
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,7 @@ def build_model(config: TrainConfig, source: str) -> tuple[nn.Module, str]:
         raise ValueError(f"{source} holds no classifier head ('head.weight'): nothing to evaluate top-1 with")
     args = dict(model_cfg.timm_arguments(), num_classes=state["head.weight"].shape[0], drop_path_rate=0.0)
     model = create_vit(model_cfg.name, config.sparsity, **args)
-    state, changes = adapt_weights(state, model)
-    check_fits(state, model)
-    model.load_state_dict(state)
-    for change in changes:
+    for change in load_adapted(model, state):
         log.info("trivit eval: %s", change)
     return model.eval(), described
 
@@ -127,9 +124,9 @@ def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[s
     dense = next((r["img_per_s"] for r in rows if r["keep_rate"] == r["attention_keep_rate"] == 1.0), None)
     for row in rows:
         row["speedup"] = row["img_per_s"] / dense if dense else None
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     header = (f"{config.model.name} from {described}; {rows[0]['samples'] if rows else 0} validation images; "
-              f"throughput: batch {config.data.eval_batch_size}, {precision}, {device}, median of {request.repeats}")
+              f"throughput: batch {config.data.eval_batch_size}, {precision_name(amp_dtype)}, {device}, "
+              f"median of {request.repeats}")
     return rows, header
 
 

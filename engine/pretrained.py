@@ -126,12 +126,19 @@ def check_fits(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
                          f"this model has not; they are not this architecture (model.name, model.timm_kwargs)")
 
 
+def load_adapted(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state`` into ``model``, adapted and checked; returns what was adapted."""
+    state, notes = adapt_weights(state, model)
+    check_fits(state, model)
+    reinitialised_head = "head.weight" not in state
+    model.load_state_dict(state, strict=not reinitialised_head)  # check_fits has checked every other key
+    return notes
+
+
 def init_from(model: nn.Module, source: str, model_name: str, timm_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Load ``source`` into ``model`` (adapted); returns what was loaded from where, for the run's log."""
     state, described = read_weights(source, model_name, timm_kwargs)
-    state, notes = adapt_weights(state, model)
-    check_fits(state, model)
-    model.load_state_dict(state, strict=False)
+    notes = load_adapted(model, state)
     for line in [f"initial weights from {described}", *notes]:
         log.info("model.init_from: %s", line)
     return {"init_from": described, "init_changes": notes}

@@ -26,6 +26,9 @@ from trivit.engine.distributed import World, world_from_env
 
 log = logging.getLogger(__name__)
 
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each ``engine.precision`` (None: no autocast)."""
+
 COMPILED_RAMP_LEVELS = 4
 """Keep rates below 1.0 on the ramp of a compiled run that leaves sparsity.schedule.levels null."""
 
@@ -101,7 +104,12 @@ def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, tor
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("engine.precision", "got 'fp16' on the CPU; use 'fp32' or 'bf16' there")
-    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return device, PRECISION_DTYPES[precision]
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """The ``engine.precision`` name of an autocast dtype."""
+    return next(name for name, dtype in PRECISION_DTYPES.items() if dtype == amp_dtype)
 
 
 def resolve_compiled_path(config: TrainConfig, device: torch.device) -> TrainConfig:

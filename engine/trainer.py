@@ -70,8 +70,6 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         data = config.data
         init_process_group(self.world, self.device, config.engine.timeout_s)
-        if config.engine.compile:
-            allow_recompiles(config.sparsity.schedule.levels, len(config.sparsity.tokens.resolved_locations(1)))
 
         self.init_record: dict[str, Any] = {}
         """What ``model.init_from`` loaded from where (logged as the run's step-0 line)."""
@@ -80,6 +78,8 @@ class Trainer:
         self.backend.setup(self._build_model(self.num_classes).to(self.device),
                            lambda module: build_optimizer(module, config.optim, data.batch_size))
         self.model = self.backend.module
+        if config.engine.compile:  # before the first (compiling) forward
+            allow_recompiles(config.sparsity.schedule.levels, len(self.model.blocks.locations))
         self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.ema = build_ema(self.model, config.optim.ema_decay) if config.optim.ema_decay else None
