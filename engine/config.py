@@ -178,12 +178,36 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
-class DistillConfig:
-    """A teacher and the loss that distils it into the student."""
+class USKDConfig:
+    """USKD's weights and its ranking of the non-target classes (``distill.loss: uskd``)."""
 
-    loss: Literal["none", "soft", "hard", "nkd"] = "none"
+    alpha: float = 1.0
+    """Weight of the target term."""
+    beta: float = 0.1
+    """Weight of the non-target (Zipf) term."""
+    mu: float = 0.005
+    """Weight of the weak classifier's cross-entropy."""
+    ranking: Literal["paper", "code"] = "paper"
+    """'paper': the weak classifier's and the student's normalised non-target probabilities, ranked among
+    the non-target classes; 'code': the authors' code, which adds the student's log-probabilities instead
+    and ranks over every class (its ranking is almost exactly the final logits')."""
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "mu"):
+            check(getattr(self, name) >= 0, name, getattr(self, name), "a weight >= 0")
+
+
+TEACHER_LOSSES = ("soft", "hard", "nkd")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    """A teacher and the loss that distils it into the student, or USKD (the student is its own teacher)."""
+
+    loss: Literal["none", "soft", "hard", "nkd", "uskd"] = "none"
     """'soft': DeiT's KL at temperature tau; 'hard': cross-entropy to the teacher's argmax (DeiT);
-    'nkd': normalized knowledge distillation (gamma, lambda_)."""
+    'nkd': normalized knowledge distillation (gamma, lambda_); 'uskd': universal self-knowledge
+    distillation, no teacher (``uskd``)."""
     teacher: str | None = None
     """A trivit run_dir or checkpoint folder (its config.yaml gives the architecture), or a timm model
     name whose weights ``teacher_weights`` gives."""
@@ -191,19 +215,28 @@ class DistillConfig:
     """For a timm-named teacher: a weights file, a trivit run, or 'timm' (timm's cached pretrained weights)."""
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     """For a timm-named teacher: ``timm.create_model`` arguments (img_size, in_chans, num_classes, ...)."""
-    alpha: float = 0.5
-    """Weight of the distillation term; the label loss gets 1 - alpha (DeiT: 0.5 hard, 0.1 soft)."""
+    alpha: float | None = None
+    """Weight of a teacher's term; the label loss gets 1 - alpha (DeiT: 0.5 hard, 0.1 soft). Default 0.5."""
     tau: float = 1.0
     """Soft distillation's temperature (DeiT: 3.0)."""
     gamma: float = 1.0
     """NKD's weight of the non-target term."""
     lambda_: float = 1.0
     """NKD's temperature of the non-target softmaxes."""
+    uskd: USKDConfig = field(default_factory=USKDConfig)
 
     def __post_init__(self) -> None:
-        check(self.loss == "none" or self.teacher, "teacher", self.teacher,
-              f"a trivit run_dir or a timm model name (distill.loss={self.loss!r} needs a teacher)")
-        check(0 <= self.alpha <= 1, "alpha", self.alpha, "a weight in [0, 1]")
+        if self.loss in TEACHER_LOSSES:
+            check(bool(self.teacher), "teacher", self.teacher,
+                  f"a trivit run_dir or a timm model name (distill.loss={self.loss!r} needs a teacher)")
+            self.alpha = 0.5 if self.alpha is None else self.alpha
+            check(0 <= self.alpha <= 1, "alpha", self.alpha, "a weight in [0, 1]")
+        else:
+            check(self.teacher is None, "teacher", self.teacher,
+                  f"null with distill.loss={self.loss!r} (a teacher needs loss soft, hard or nkd)")
+            check(self.alpha is None, "alpha", self.alpha,
+                  "null: it weighs a teacher's term" + ("; USKD's weights are distill.uskd.alpha, beta and mu"
+                                                        if self.loss == "uskd" else ""))
         check(self.tau > 0, "tau", self.tau, "a positive temperature")
         check(self.gamma >= 0, "gamma", self.gamma, "a weight >= 0")
         check(self.lambda_ > 0, "lambda_", self.lambda_, "a positive temperature")

@@ -32,7 +32,7 @@ from trivit.engine.backends import build_backend
 from trivit.engine.checkpoint import CheckpointManager, agreed_resume, check_compatible, pick_checkpoint
 from trivit.engine.compile import allow_recompiles, compiled_graphs
 from trivit.engine.config import TrainConfig
-from trivit.engine.distill import build_distiller
+from trivit.engine.distill import build_objective
 from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
 from trivit.engine.evaluation import Evaluator
@@ -83,7 +83,7 @@ class Trainer:
         self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.ema = build_ema(self.model, config.optim.ema_decay) if config.optim.ema_decay else None
-        self.distiller = build_distiller(config.distill, self.num_classes, self.device, self.amp_dtype)
+        self.objective = build_objective(config, self.model, self.num_classes, self.device, self.amp_dtype)
         seed_everything(config.seed + self.world.rank)  # each rank its own dropout, drop-path and mixup draws
         self.mixer = batch_mixer(data, self.num_classes)
         mode = image_mode(config.model.in_chans)
@@ -142,6 +142,7 @@ class Trainer:
             **self.guard.state_dict(),
             "plan": {"active": self.plan.active, "weights": self.plan.weights},
             "examples": self.selector.state_dict() if self.selector else None,
+            "objective": self.objective.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
@@ -163,6 +164,7 @@ class Trainer:
         self.plan = EpochPlan(active=state["plan"]["active"], weights=state["plan"]["weights"])
         if self.selector is not None:
             self.selector.load_state_dict(state["examples"])
+        self.objective.load_state_dict(state.get("objective"))
         self.step = state["step"]
         self.stream_position = rank_state.get("stream_position") or full_batches_position(
             self.setup.layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
@@ -217,16 +219,19 @@ class Trainer:
             step_loss = self.guard.share(loss, counts)
             if not torch.isfinite(step_loss):
                 backend.zero_grad()
+                self.objective.zero_grad()
                 self.guard.nonfinite(step_loss, self.step + 1)
                 total = step_loss  # logged as null; the update is skipped
                 break
             backend.backward(loss, last_micro_batch=index == accum - 1)
+            self.objective.backward()
             if self.selector is not None:
                 self.selector.stats.update(ids.to(self.device), logits.detach(), labels,
                                            self.model.blocks.last_cls_attention, losses.detach())
             total += step_loss
         else:
             backend.step()
+            self.objective.step(peak_group_lr(self.optimizer))
             if self.ema is not None:
                 self.ema.update(self.model, step=self.step + 1)
         self.scheduler.step(self.epochs.progress(self.step + 1))
@@ -242,8 +247,8 @@ class Trainer:
         with self.backend.autocast():
             logits = self.backend.model(images)
         losses = per_sample_cross_entropy(logits, targets)  # the student's own: what the example level scores
-        objective = self.distiller.objective(losses, logits, images, targets) if self.distiller else losses
-        loss = (objective * self.plan.weights[ids].to(self.device)).sum() / rank_batch
+        weights = self.plan.weights[ids].to(self.device) / rank_batch
+        loss = self.objective.loss(losses, logits, images, targets, weights)
         return loss, logits, losses, labels
 
     def _begin_epoch(self) -> None:

@@ -51,6 +51,9 @@ class RoutedBlocks(nn.Sequential):
         self.record_cls_attention = False
         """Keep the last block's head-averaged [CLS] -> patch attention of each forward (the example level reads it)."""
         self.last_cls_attention: torch.Tensor | None = None
+        self.tap_cls_at: int | None = None
+        """Keep the [CLS] output of this block in ``tapped_cls`` on each forward (USKD's weak classifier reads it)."""
+        self.tapped_cls: torch.Tensor | None = None
         self.grad_checkpointing = False
         """Recompute every block in backward instead of keeping its activations (routing included)."""
         self.explicit_attention = False
@@ -80,6 +83,8 @@ class RoutedBlocks(nn.Sequential):
                     self.attention_density[index] = links.density
             else:
                 x = self._call(block, x, links)
+            if index == self.tap_cls_at:
+                self.tapped_cls = x[:, 0]
             self.tokens_per_block.append(x.shape[1])
         return x
 

@@ -107,17 +107,29 @@ def test_uneven_shards_give_every_rank_the_same_steps(tmp_path):
     assert records[-1]["step"] == 2 * (160 // 16), "two whole epochs of 10 steps each"
 
 
-def distill_overrides(teacher_file) -> dict[str, str]:
-    return {"distill.loss": "nkd", "distill.teacher": "deit_tiny_patch16_224", "distill.teacher_weights": str(teacher_file),
-            "distill.teacher_kwargs": TINY_TEACHER_KWARGS,
-            "schedule.max_steps": "4"}
+def distill_overrides(loss: str, teacher_file) -> dict[str, str]:
+    teacher = {"distill.teacher": "deit_tiny_patch16_224", "distill.teacher_weights": str(teacher_file),
+               "distill.teacher_kwargs": TINY_TEACHER_KWARGS} if loss == "nkd" else {"distill.uskd.mu": "0.5"}
+    return {"distill.loss": loss, **teacher, "schedule.max_steps": "4"}
 
 
-@pytest.mark.parametrize("kind, backend", [("torchrun", {"engine.backend": "ddp"}),
-                                           ("fsdp.yaml", {"engine.precision": "fp32"})])
-def test_distillation_on_two_processes_equals_one(kind, backend, tiny_shards, tmp_path, tiny_teacher_file):
-    """The replicated teacher sees each rank's images: 2 ranks give the 1-process losses (2 micro-batches a step)."""
-    overrides = distill_overrides(tiny_teacher_file)
+DISTILL_RUNS = {
+    # name: (loss, launcher, overrides)
+    "nkd_ddp": ("nkd", "torchrun", {"engine.backend": "ddp"}),
+    "nkd_fsdp": ("nkd", "fsdp.yaml", {"engine.precision": "fp32"}),
+    "nkd_zero2": ("nkd", "torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "2"}),
+    "uskd_ddp": ("uskd", "torchrun", {"engine.backend": "ddp"}),
+    "uskd_fsdp_compiled": ("uskd", "fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
+    "uskd_zero3": ("uskd", "torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"}),
+}
+
+
+@pytest.mark.parametrize("name", list(DISTILL_RUNS))
+def test_distillation_on_two_processes_equals_one(name, tiny_shards, tmp_path, tiny_teacher_file):
+    """NKD's replicated teacher sees each rank's images, and USKD's weak classifier (outside every backend's
+    wrapper) has its gradients averaged over the ranks: 2 ranks give the 1-process losses (2 micro-batches a step)."""
+    loss, kind, backend = DISTILL_RUNS[name]
+    overrides = distill_overrides(loss, tiny_teacher_file)
     reference_dir = tmp_path / "one"
     Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, reference_dir, **dict(
         DISTRIBUTED, **overrides, **{"engine.grad_accum_steps": "2"})))).train()

@@ -99,7 +99,7 @@ def test_a_teacher_trains_the_student_and_stays_out_of_its_state(tiny_shards, tm
     taught = Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path / "nkd", **common, **{
         "distill.loss": "nkd", "distill.teacher": "deit_tiny_patch16_224", "distill.teacher_weights": str(tiny_teacher_file),
         "distill.teacher_kwargs": TINY_TEACHER_KWARGS})))
-    teacher = taught.distiller.teacher
+    teacher = taught.objective.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     taught.train()
     assert not teacher.training and all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
