@@ -1,4 +1,5 @@
-"""The accuracy study: dense, each sparsity level alone, and all three, on the demo data, one epoch budget.
+"""The accuracy study: dense, each sparsity level alone, and all three, on the demo data, one epoch budget;
+or dense against distillation (NKD from a stronger teacher, USKD from none).
 
 Each variant is one config under configs/study/, trained through the real CLI, one after the
 other, for every seed; the script reports test top-1 (mean and spread over seeds), wall-clock
@@ -7,6 +8,10 @@ accuracy against time (the paper's figure 1). Outputs: a Markdown table on stdou
 ``<out>/accuracy_study.{md,json,png}``.
 
     python benchmarks/accuracy_study.py --seeds 0 1 --out benchmarks/results
+    python benchmarks/accuracy_study.py --seeds 0 1 --variants dense nkd uskd --teacher runs/demo_teacher --name distill_study
+
+The nkd variant distils a trained run (``--teacher``: `trivit train --config configs/demo_teacher.yaml`).
+The seconds per step are the median over the run's logged steps (the first left out).
 """
 from __future__ import annotations
 
@@ -18,21 +23,30 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from trivit.engine.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("dense", "tokens", "attention", "examples", "trilevel")
+LEVELS = ("dense", "tokens", "attention", "examples", "trilevel")
+VARIANTS = (*LEVELS, "nkd", "uskd")
 
 
-def run_variant(variant: str, seed: int, runs: Path) -> dict:
+def run_variant(variant: str, seed: int, runs: Path, teacher: Path | None) -> dict:
     run_dir = runs / f"{variant}_seed{seed}"
     command = [sys.executable, "-m", "trivit", "train", "--config", str(ROOT / "configs" / "study" / f"{variant}.yaml"),
-               f"run_dir={run_dir}", f"seed={seed}", "resume=never", "logging.progress_bar=false"]
+               f"run_dir={run_dir}", f"seed={seed}", "resume=never", "logging.progress_bar=false",
+               *([f"distill.teacher={teacher.resolve()}"] if variant == "nkd" else [])]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{variant} seed {seed} failed:\n{result.stderr[-3000:]}")
     last = json.loads(result.stdout.strip().splitlines()[-1])
+    batch = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["batch_size"]
+    step_seconds = [batch / r["img_per_s"] for r in read_metrics(run_dir)[1:] if r.get("img_per_s")]
     return {"variant": variant, "seed": seed, "top1": last["eval_top1"], "seconds": seconds,
+            "seconds_per_step": statistics.median(step_seconds),
             "active_samples": last["active_samples"], "flops_fraction": last["flops_fraction"],
             "epoch_flops_fraction": last["epoch_flops_fraction"], "run_dir": str(run_dir)}
 
@@ -42,6 +56,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     by_variant = {v: [r for r in rows if r["variant"] == v] for v in VARIANTS if any(r["variant"] == v for r in rows)}
     dense_top1 = statistics.mean(r["top1"] for r in by_variant["dense"])
     dense_time = statistics.mean(r["seconds"] for r in by_variant["dense"])
+    dense_step = statistics.mean(r["seconds_per_step"] for r in by_variant["dense"])
     summary = []
     for variant, runs in by_variant.items():
         top1 = [r["top1"] for r in runs]
@@ -50,6 +65,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "variant": variant, "seeds": len(runs), "top1_mean": statistics.mean(top1),
             "top1_min": min(top1), "top1_max": max(top1), "seconds_mean": statistics.mean(seconds),
             "top1_vs_dense": statistics.mean(top1) - dense_top1,
+            "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in runs),
+            "step_cost_vs_dense": statistics.mean(r["seconds_per_step"] for r in runs) / dense_step,
             "speedup_vs_dense": dense_time / statistics.mean(seconds),
             "epoch_flops_fraction": runs[-1]["epoch_flops_fraction"],
             "flops_ceiling": 1 / runs[-1]["epoch_flops_fraction"],
@@ -59,11 +76,11 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     lines = ["| variant | seeds | test top-1 % (min-max) | vs dense (points) | wall-clock s | speed-up vs dense | "
-             "FLOPs ceiling |", "|---|---|---|---|---|---|---|"]
+             "s/step (vs dense) | FLOPs ceiling |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['variant']} | {s['seeds']} | {s['top1_mean']:.2f} ({s['top1_min']:.2f}-{s['top1_max']:.2f}) | "
                      f"{s['top1_vs_dense']:+.2f} | {s['seconds_mean']:.0f} | {s['speedup_vs_dense']:.2f}x | "
-                     f"{s['flops_ceiling']:.2f}x |")
+                     f"{s['seconds_per_step']:.3f} ({s['step_cost_vs_dense']:.2f}x) | {s['flops_ceiling']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -88,24 +105,28 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(LEVELS), choices=VARIANTS)
+    parser.add_argument("--teacher", type=Path, help="the trained run the nkd variant distils")
+    parser.add_argument("--name", default="accuracy_study", help="stem of the output files")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     args = parser.parse_args()
     if "dense" not in args.variants:
         parser.error("the ratios need the dense variant")
+    if "nkd" in args.variants and args.teacher is None:
+        parser.error("the nkd variant needs --teacher RUN_DIR (train one with configs/demo_teacher.yaml)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:  # seeds outermost: every variant sees the machine's load of the same period
         for variant in args.variants:
-            rows.append(run_variant(variant, seed, args.runs))
+            rows.append(run_variant(variant, seed, args.runs, args.teacher))
             print(json.dumps(rows[-1]), flush=True)
     summary = summarise(rows)
     table = markdown(summary)
     print(table)
-    (args.out / "accuracy_study.md").write_text(table + "\n")
-    (args.out / "accuracy_study.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
-    plot(rows, summary, args.out / "accuracy_study.png")
+    (args.out / f"{args.name}.md").write_text(table + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
+    plot(rows, summary, args.out / f"{args.name}.png")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trivit.config import load
+from trivit.config import ConfigError, load
 from trivit.engine.config import TEACHER_LOSSES, DistillConfig, OptimConfig, TrainConfig, USKDConfig
 from trivit.engine.distributed import sum_tensor
 from trivit.engine.loss import per_sample_cross_entropy
@@ -297,13 +297,33 @@ class SelfDistiller(Objective):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+def split_heads(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits the labels train, the logits the distillation term trains): a ``deit_*_distilled`` model in
+    distilled training gives its [CLS] head and its distillation-token head (DeiT); any other model one head."""
+    return outputs if isinstance(outputs, tuple) else (outputs, outputs)
+
+
+def prediction(class_logits: torch.Tensor, distillation_logits: torch.Tensor) -> torch.Tensor:
+    """What the model predicts: the mean of a distilled model's two heads, as timm's inference takes it."""
+    return class_logits if class_logits is distillation_logits else (class_logits + distillation_logits) / 2
+
+
 def build_objective(config: TrainConfig, model: nn.Module, num_classes: int, device: torch.device,
                     amp_dtype: torch.dtype | None) -> Objective:
-    """The run's objective (``distill.loss``); call it with the initial seed set (every rank the same)."""
+    """The run's objective (``distill.loss``); call it with the initial seed set (every rank the same).
+
+    A ``deit_*_distilled`` student distils through its distillation token's head (DeiT); without a
+    teacher it trains as timm fine-tunes it, the mean of both heads against the labels."""
     distill = config.distill
+    distilled = hasattr(model, "set_distilled_training")
     if distill.loss in TEACHER_LOSSES:
+        if distilled:
+            model.set_distilled_training(True)
         return Distiller(distill, build_teacher(distill, num_classes).to(device), amp_dtype)
     if distill.loss == "uskd":
+        if distilled:
+            raise ConfigError("distill.loss", f"got 'uskd' with {config.model.name}, whose distillation token needs a "
+                                              "teacher; use a model without one (deit_*_patch16_224) or a teacher loss")
         return SelfDistiller(distill.uskd, model, num_classes, config.data.label_smoothing, config.optim,
                              config.data.batch_size, device)
     return Objective()

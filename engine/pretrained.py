@@ -31,7 +31,8 @@ from trivit.engine.export import consolidated_weights, find_checkpoint
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-HEAD_KEYS = ("head.weight", "head.bias")
+HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+"""The classifier (and a distilled DeiT's second one), re-initialised when the classes differ."""
 PATCH_KEY = "patch_embed.proj.weight"
 
 

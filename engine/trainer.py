@@ -32,7 +32,7 @@ from trivit.engine.backends import build_backend
 from trivit.engine.checkpoint import CheckpointManager, agreed_resume, check_compatible, pick_checkpoint
 from trivit.engine.compile import allow_recompiles, compiled_graphs
 from trivit.engine.config import TrainConfig
-from trivit.engine.distill import build_objective
+from trivit.engine.distill import build_objective, prediction, split_heads
 from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
 from trivit.engine.evaluation import Evaluator
@@ -245,11 +245,11 @@ class Trainer:
         else:
             targets = smoothed_targets(labels, self.num_classes, self.config.data.label_smoothing)
         with self.backend.autocast():
-            logits = self.backend.model(images)
-        losses = per_sample_cross_entropy(logits, targets)  # the student's own: what the example level scores
+            class_logits, distillation_logits = split_heads(self.backend.model(images))
+        losses = per_sample_cross_entropy(class_logits, targets)  # the student's own: what the example level scores
         weights = self.plan.weights[ids].to(self.device) / rank_batch
-        loss = self.objective.loss(losses, logits, images, targets, weights)
-        return loss, logits, losses, labels
+        loss = self.objective.loss(losses, distillation_logits, images, targets, weights)
+        return loss, prediction(class_logits, distillation_logits), losses, labels
 
     def _begin_epoch(self) -> None:
         """Plan the next epoch (its active set, hence its length) and record where it starts."""

@@ -17,6 +17,7 @@ import timm
 import torch
 from timm.layers import Attention
 from timm.models import split_model_name_tag
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -151,6 +152,16 @@ class TriLevelViT(VisionTransformer):
         return super().forward_intermediates(*args, **kwargs)
 
 
+class TriLevelViTDistilled(TriLevelViT, VisionTransformerDistilled):
+    """DeiT's ``VisionTransformerDistilled`` (a [CLS] and a distillation token, two heads) with routed blocks.
+
+    The distillation token is a prefix token: always kept, never ranked, never masked."""
+
+
+ROUTED_CLASSES = {VisionTransformer: TriLevelViT, VisionTransformerDistilled: TriLevelViTDistilled}
+"""The timm class of each model trivit routes, and the subclass its instance becomes."""
+
+
 def set_keep_rates(model: nn.Module, tokens: float, attention: float) -> None:
     """Set the current token and attention keep rates of a model built by :func:`create_vit`.
 
@@ -175,7 +186,7 @@ def create_vit(name: str, sparsity: SparsityConfig | Mapping[str, Any] | None = 
     model = _create_timm(name, block_fn=TriLevelBlock, **timm_kwargs)
     _check_sparsity_fits(model, config)
     model.blocks = RoutedBlocks(model.blocks, config, model.num_prefix_tokens)
-    model.__class__ = TriLevelViT
+    model.__class__ = ROUTED_CLASSES[type(model)]
     return model
 
 
@@ -239,10 +250,10 @@ def _check_plain_vit(name: str, timm_kwargs: Mapping[str, Any]) -> None:
 
 def _is_plain_vit(model: nn.Module) -> bool:
     blocks = getattr(model, "blocks", None)
-    return (type(model) is VisionTransformer and blocks is not None
+    return (type(model) in ROUTED_CLASSES and blocks is not None
             and all(type(b) is Block and type(b.attn) is Attention for b in blocks))
 
 
 def _raise_not_plain(name: str) -> None:
     raise ValueError(f"{name!r} is not a plain ViT (timm VisionTransformer with Block/Attention blocks); "
-                     "trivit supports e.g. deit_*_patch16_224 and vit_*_patch16_224") from None
+                     "trivit supports e.g. deit_*_patch16_224, deit_*_distilled_patch16_224 and vit_*_patch16_224") from None

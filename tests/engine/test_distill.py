@@ -116,3 +116,30 @@ def test_a_teacher_of_other_classes_is_refused(tiny_shards, tmp_path, tiny_teach
         Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
             "model.num_classes": "7", "distill.loss": "soft", "distill.teacher": "deit_tiny_patch16_224",
             "distill.teacher_weights": str(tiny_teacher_file), "distill.teacher_kwargs": TINY_TEACHER_KWARGS})))
+
+
+def test_a_distilled_deit_trains_its_distillation_head_on_the_teacher_and_predicts_with_both(
+        tiny_shards, tmp_path, tiny_teacher_file):
+    """DeiT's hard distillation with deit_*_distilled: (1 - alpha) CE(class head, labels) + alpha CE(distillation
+    head, teacher's argmax), and the mean of the two heads as the prediction the example level scores."""
+    trainer = Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
+        "model.name": "deit_tiny_distilled_patch16_224", "data.mixup": "0", "data.cutmix": "0",
+        "model.drop_path_rate": "0", "distill.loss": "hard", "distill.alpha": "0.3",
+        "distill.teacher": "deit_tiny_patch16_224", "distill.teacher_weights": str(tiny_teacher_file),
+        "distill.teacher_kwargs": TINY_TEACHER_KWARGS})))
+    model, teacher = trainer.model, trainer.objective.teacher
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    model.train()
+    loss, predicted, _, _ = trainer._micro_batch_loss(images, labels, torch.arange(6), 6)
+    class_logits, distillation_logits = model(images)
+    smoothed = torch.nn.functional.cross_entropy(class_logits, labels, label_smoothing=0.1, reduction="none")
+    taught = torch.nn.functional.cross_entropy(distillation_logits, teacher(images).argmax(-1), reduction="none")
+    torch.testing.assert_close(loss, (0.7 * smoothed + 0.3 * taught).mean())
+    torch.testing.assert_close(predicted, (class_logits + distillation_logits) / 2)
+
+
+def test_uskd_is_refused_for_a_distilled_deit(tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match="distillation token needs a teacher"):
+        Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
+            "model.name": "deit_tiny_distilled_patch16_224", "distill.loss": "uskd"})))

@@ -60,6 +60,20 @@ def test_another_number_of_classes_reinitialises_the_head_only(tmp_path):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
 
 
+def test_a_distilled_deit_loads_timms_weights_and_reinitialises_both_heads(tmp_path):
+    """deit_*_distilled: the distillation token and its position loaded; both classifiers re-initialised."""
+    torch.manual_seed(1)
+    name = "deit_tiny_distilled_patch16_224"
+    source = timm.create_model(name, **{**SMALL, "num_classes": 4}).eval()
+    save_file(source.state_dict(), str(tmp_path / "distilled.safetensors"))
+    model = create_vit(name, **{**SMALL, "num_classes": 7})
+    heads_before = model.head.weight.clone(), model.head_dist.weight.clone()
+    record = init_from(model, str(tmp_path / "distilled.safetensors"), name, {})
+    assert record["init_changes"] == ["re-initialised the head: 4 classes in the source, 7 here"]
+    assert torch.equal(model.head.weight, heads_before[0]) and torch.equal(model.head_dist.weight, heads_before[1])
+    assert torch.equal(model.dist_token, source.dist_token) and torch.equal(model.pos_embed, source.pos_embed)
+
+
 def test_another_image_size_resamples_the_position_embedding_as_timm_does(tmp_path):
     source, path = timm_source(tmp_path)
     model = trivit_model(img_size=48)

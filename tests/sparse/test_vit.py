@@ -9,7 +9,7 @@ from trivit.config import ConfigError
 from trivit.sparse import TriLevelBlock, create_vit
 
 NAMES = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
-         "vit_base_patch16_224", "vit_large_patch16_224"]
+         "vit_base_patch16_224", "vit_large_patch16_224", "deit_tiny_distilled_patch16_224"]
 
 
 def shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -44,6 +44,27 @@ def test_logits_equal_timm_on_the_same_weights(name, training):
         torch.manual_seed(2)
         other_draw = ours(images)
         assert not torch.allclose(other_draw, got), "drop-path must be active in train mode"
+
+
+def test_a_distilled_deit_gives_timms_two_heads_and_keeps_its_distillation_token():
+    """deit_*_distilled: in distilled training both heads' logits as timm gives them, their mean in eval;
+    with tokens pruned the distillation token stays (2 prefix tokens + the kept patches)."""
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=5, img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2)
+    reference = timm.create_model("deit_tiny_distilled_patch16_224", **kwargs)
+    ours = create_vit("deit_tiny_distilled_patch16_224", **kwargs)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    for model in (reference, ours):
+        model.set_distilled_training(True)
+    for got, expected in zip(ours(images), reference(images)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    ours.eval(), reference.eval()
+    torch.testing.assert_close(ours(images), reference(images), rtol=0, atol=1e-5)
+    pruned = create_vit("deit_tiny_distilled_patch16_224", {"tokens": {"keep_rate": 0.5, "locations": [1]}}, **kwargs)
+    pruned.load_state_dict(reference.state_dict())
+    pruned.eval()(images)
+    assert pruned.blocks.tokens_per_block == [2 + 16, 2 + 8, 2 + 8, 2 + 8]
 
 
 @pytest.mark.parametrize("direction", ["ours_to_timm", "timm_to_ours"])
@@ -81,7 +102,6 @@ def test_model_names_with_a_pretrained_tag_are_accepted():
 @pytest.mark.parametrize("name, message", [
     ("resnet50", "not a plain ViT"),
     ("vit_small_patch16_18x2_224", "not a plain ViT"),
-    ("deit_tiny_distilled_patch16_224", "not a plain ViT"),  # a distillation token: another forward
     ("deit_tiny_patch16", "unknown timm model"),
     ("vit_base_patch16_224.no_such_tag", "timm has no pretrained tag 'no_such_tag' for 'vit_base_patch16_224'; its "
                                          "tags: vit_base_patch16_224.augreg2_in21k_ft_in1k"),
