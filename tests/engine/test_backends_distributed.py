@@ -118,7 +118,7 @@ DISTILL_RUNS = {
     "nkd_ddp": ("nkd", "torchrun", {"engine.backend": "ddp"}),
     "nkd_fsdp": ("nkd", "fsdp.yaml", {"engine.precision": "fp32"}),
     "nkd_zero2": ("nkd", "torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "2"}),
-    "uskd_ddp": ("uskd", "torchrun", {"engine.backend": "ddp"}),
+    "uskd_ddp_compiled": ("uskd", "torchrun", {"engine.backend": "ddp", **COMPILED}),
     "uskd_fsdp_compiled": ("uskd", "fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
     "uskd_zero3": ("uskd", "torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"}),
 }
