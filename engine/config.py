@@ -198,6 +198,8 @@ class USKDConfig:
 
 
 TEACHER_LOSSES = ("soft", "hard", "nkd")
+LEGACY_ALPHA = 0.5
+"""``distill.alpha``'s default before it became null without a teacher: in older runs' config.yaml."""
 
 
 @dataclass(kw_only=True)
@@ -234,6 +236,8 @@ class DistillConfig:
         else:
             check(self.teacher is None, "teacher", self.teacher,
                   f"null with distill.loss={self.loss!r} (a teacher needs loss soft, hard or nkd)")
+            if self.loss == "none" and self.alpha == LEGACY_ALPHA:
+                self.alpha = None  # the default that configs written before trivit had USKD hold
             check(self.alpha is None, "alpha", self.alpha,
                   "null: it weighs a teacher's term" + ("; USKD's weights are distill.uskd.alpha, beta and mu"
                                                         if self.loss == "uskd" else ""))

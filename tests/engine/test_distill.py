@@ -143,3 +143,10 @@ def test_uskd_is_refused_for_a_distilled_deit(tiny_shards, tmp_path):
     with pytest.raises(ConfigError, match="distillation token needs a teacher"):
         Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
             "model.name": "deit_tiny_distilled_patch16_224", "distill.loss": "uskd"})))
+
+
+def test_a_teachers_alpha_without_a_teacher_is_refused_but_older_configs_load():
+    """Configs written before alpha became null without a teacher hold its old default 0.5: they still load."""
+    assert load(TrainConfig, None, ["distill.alpha=0.5"]).distill.alpha is None
+    with pytest.raises(ConfigError, match="distill.alpha.*it weighs a teacher's term"):
+        load(TrainConfig, None, ["distill.alpha=0.3"])
