@@ -8,7 +8,8 @@ accuracy against time (the paper's figure 1). Outputs: a Markdown table on stdou
 ``<out>/accuracy_study.{md,json,png}``.
 
     python benchmarks/accuracy_study.py --seeds 0 1 --out benchmarks/results
-    python benchmarks/accuracy_study.py --seeds 0 1 --variants dense nkd uskd --teacher runs/demo_teacher --name distill_study
+    python benchmarks/accuracy_study.py --seeds 0 1 --variants dense nkd uskd \
+        --teacher runs/demo_teacher --name distill_study
 
 The nkd variant distils a trained run (``--teacher``: `trivit train --config configs/demo_teacher.yaml`).
 The seconds per step are the median over the run's logged steps (the first left out).

@@ -132,8 +132,9 @@ def uskd_terms(logits: torch.Tensor, weak_logits: torch.Tensor, labels: torch.Te
     The target classes t are the two largest label entries with weight V_t > 0 (one class without
     mixup). Target: -sum_t p_t log S_t with p_t = stopgrad(S_t^2 + V_t - the batch mean of S_t^2),
     the mean per label column over the samples where it counts (the code's mean over the whole
-    batch, for its first column; a same-class mix has no second). Non-target: -sum_{i not t} z_i log S~_i, S~ the softmax over the non-target logits and z
-    the Zipf weights of :func:`zipf_weights` (stopgrad). ``weak_logits`` only rank.
+    batch, for its first column; a same-class mix has no second). Non-target: -sum_{i not t} z_i
+    log S~_i, S~ the softmax over the non-target logits and z the Zipf weights of
+    :func:`zipf_weights` (stopgrad). ``weak_logits`` only rank.
     """
     logits = logits.float()
     values, classes = labels.topk(2, dim=-1)
@@ -230,8 +231,8 @@ class SelfDistiller(Objective):
                  global_batch: int, device: torch.device):
         depth = len(model.blocks)
         if weak_block(depth) < 0:
-            raise ValueError(f"distill.loss=uskd reads the [CLS] output of block int(0.5 x depth) - 1, but the model has "
-                             f"{depth} block(s); use a model with at least 2 blocks")
+            raise ValueError(f"distill.loss=uskd reads the [CLS] output of block int(0.5 x depth) - 1, but the model "
+                             f"has {depth} block(s); use a model with at least 2 blocks")
         self.config, self.num_classes, self.smoothing, self.clip = config, num_classes, smoothing, optim.clip_grad
         self.blocks = model.blocks
         self.blocks.tap_cls_at = weak_block(depth)

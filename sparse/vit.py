@@ -256,4 +256,5 @@ def _is_plain_vit(model: nn.Module) -> bool:
 
 def _raise_not_plain(name: str) -> None:
     raise ValueError(f"{name!r} is not a plain ViT (timm VisionTransformer with Block/Attention blocks); "
-                     "trivit supports e.g. deit_*_patch16_224, deit_*_distilled_patch16_224 and vit_*_patch16_224") from None
+                     "trivit supports e.g. deit_*_patch16_224, deit_*_distilled_patch16_224 and vit_*_patch16_224"
+                     ) from None

@@ -53,8 +53,8 @@ def uskd_reference(students, weaks, labels, ranking):
             order = sorted(rest, key=lambda c: -score[c])
         else:  # the authors' code: log-probabilities of the student, every class ranked
             log_p = [math.log(v) for v in p]
-            score = {c: q[c] / (1 - sum(q[t] for t in targets) + 1e-6) + log_p[c] / (1 - sum(log_p[t] for t in targets) + 1e-6)
-                     for c in range(len(s))}
+            q_t, log_p_t = sum(q[t] for t in targets), sum(log_p[t] for t in targets)
+            score = {c: q[c] / (1 - q_t + 1e-6) + log_p[c] / (1 - log_p_t + 1e-6) for c in range(len(s))}
             order = sorted(range(len(s)), key=lambda c: -score[c])
         z = zipf(order, rest)
         s_rest = softmax([s[c] for c in rest])
@@ -87,7 +87,8 @@ def test_label_distribution_undoes_smoothing_and_keeps_the_mix():
     smoothed = smoothed_targets(torch.tensor([2, 0]), 5, 0.1)
     torch.testing.assert_close(label_distribution(smoothed, 0.1), torch.eye(5)[[2, 0]])
     mixed = 0.7 * smoothed[0] + 0.3 * smoothed[1]  # timm's Mixup: the smoothed one-hots mixed by lambda
-    torch.testing.assert_close(label_distribution(mixed[None], 0.1), (0.7 * torch.eye(5)[2] + 0.3 * torch.eye(5)[0])[None])
+    expected = 0.7 * torch.eye(5)[2] + 0.3 * torch.eye(5)[0]
+    torch.testing.assert_close(label_distribution(mixed[None], 0.1), expected[None])
 
 
 def tiny_self_distiller(depth=4, **config) -> tuple[SelfDistiller, torch.nn.Module]:
@@ -164,6 +165,8 @@ def test_uskd_refuses_a_teacher_and_a_teachers_alpha():
         load(TrainConfig, None, ["distill.loss=uskd", "distill.teacher=runs/x"])
     with pytest.raises(ConfigError, match="distill.uskd.alpha"):
         load(TrainConfig, None, ["distill.loss=uskd", "distill.alpha=0.5"])
+    with pytest.raises(ValueError, match="the model has 1 block.*at least 2 blocks"):
+        tiny_self_distiller(depth=1)
 
 
 def test_uskd_trains_a_weak_classifier_outside_the_model_and_resumes_it_exactly(tiny_shards, tmp_path):
