@@ -53,10 +53,12 @@ def compile_model(model: nn.Module, backend: str) -> None:
 
 
 def compile_blocks(model: nn.Module, backend: str) -> None:
-    """Compile each block's forward, and the pruning entry ``forward_routed``, in place (FSDP2)."""
+    """Compile each block's forward, and its entries ``forward_routed`` (pruning) and ``forward_cross`` (semantic
+    tokens), in place (FSDP2)."""
     for block in model.blocks:
         block.compile(backend=backend, dynamic=False)
-        block.forward_routed = torch.compile(block.forward_routed, backend=backend, dynamic=False)
+        for entry in ("forward_routed", "forward_cross"):
+            setattr(block, entry, torch.compile(getattr(block, entry), backend=backend, dynamic=False))
 
 
 def compiled_graphs() -> int:

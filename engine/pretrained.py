@@ -34,6 +34,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 """The classifier (and a distilled DeiT's second one), re-initialised when the classes differ."""
 PATCH_KEY = "patch_embed.proj.weight"
+ADDED_KEYS = ("global_centres",)
+"""Parameters trivit adds to timm's ViT (semantic tokens): a timm checkpoint lacks them; they keep their initialisation."""
 
 
 def find_run_config(path: Path) -> Path | None:
@@ -112,7 +114,7 @@ def check_fits(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
     """Every key of ``model`` but a re-initialised head is in ``state`` with its shape, and nothing else is."""
     target = model.state_dict()
     for key, value in target.items():
-        if key in HEAD_KEYS and key not in state:
+        if key in HEAD_KEYS + ADDED_KEYS and key not in state:
             continue
         if key not in state:
             raise ValueError(f"model.init_from: the weights have no {key!r} (shape {list(value.shape)} here); they are "
@@ -131,8 +133,10 @@ def load_adapted(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Load ``state`` into ``model``, adapted and checked; returns what was adapted."""
     state, notes = adapt_weights(state, model)
     check_fits(state, model)
+    added = [key for key in ADDED_KEYS if key in model.state_dict() and key not in state]
+    notes += [f"{key} is not in the weights (trivit adds it): it keeps its initialisation" for key in added]
     reinitialised_head = "head.weight" not in state
-    model.load_state_dict(state, strict=not reinitialised_head)  # check_fits has checked every other key
+    model.load_state_dict(state, strict=not (reinitialised_head or added))  # check_fits has checked every other key
     return notes
 
 

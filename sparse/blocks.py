@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-Ranking = Literal["none", "cls", "full"]
-"""What attention a block returns beside its output: none, the [CLS] row (B, 1, L), or all rows (B, L, L)."""
+Ranking = Literal["none", "cls", "pooled", "full"]
+"""What attention a block returns beside its output: none, the [CLS] row (B, 1, L), the row of the mean
+query (B, 1, L: the example level's stand-in for [CLS] where semantic tokens drop it), or all rows (B, L, L)."""
 
 
 class Links(NamedTuple):
@@ -75,6 +76,24 @@ class TriLevelBlock(Block):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, links, attention[:, 0].detach()
 
+    def forward_cross(self, x: torch.Tensor, context: torch.Tensor, attend_self: bool = False) -> torch.Tensor:
+        """The block with its attention's queries from ``x`` and its keys and values from ``context``
+        (from ``[x; context]`` with ``attend_self``), both normalised by the block's ``norm1``: the
+        semantic tokens' blocks (sparse/semantic.py). The residual and the MLP are the queries'."""
+        attn = self.attn
+        batch, queries, _ = x.shape
+        both = self.norm1(torch.cat([x, context], dim=1))
+        qkv = attn.qkv(both).reshape(batch, both.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        keys = slice(0, None) if attend_self else slice(queries, None)
+        q, k, v = attn.q_norm(q[:, :, :queries]), attn.k_norm(k[:, :, keys]), v[:, :, keys]
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        out = attn.norm(out.transpose(1, 2).reshape(batch, queries, attn.attn_dim))
+        if attn.gate is not None:
+            out = out * attn.gate(both[:, :queries]).sigmoid()
+        x = x + self.drop_path1(self.ls1(attn.proj_drop(attn.proj(out))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
     def attend(self, x: torch.Tensor, links: Links | None,
                ranking: Ranking) -> tuple[torch.Tensor, torch.Tensor | None]:
         """timm ``Attention`` on normalised ``x``, and the head-averaged fp32 softmax rows ``ranking`` asks for."""
@@ -90,7 +109,8 @@ class TriLevelBlock(Block):
             attention = probs.mean(dim=1)
         else:
             out = _fused_attention(q, k, v, links, attn.attn_drop.p if self.training else 0.0)
-            attention = _softmax_rows(q[:, :, :1], k, attn.scale, links).mean(dim=1) if ranking == "cls" else None
+            rows = {"cls": q[:, :, :1], "pooled": q.mean(dim=2, keepdim=True)}.get(ranking)
+            attention = None if rows is None else _softmax_rows(rows, k, attn.scale, links).mean(dim=1)
         out = attn.norm(out.transpose(1, 2).reshape(batch, length, attn.attn_dim))
         if gate is not None:
             out = out * gate

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from trivit.sparse.attention import AttentionConfig
 from trivit.sparse.examples import ExampleConfig
 from trivit.sparse.schedule import KeepRateScheduleConfig
+from trivit.sparse.semantic import SemanticConfig
 from trivit.sparse.tokens import TokenConfig
 
 
@@ -17,3 +18,5 @@ class SparsityConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     examples: ExampleConfig = field(default_factory=ExampleConfig)
     schedule: KeepRateScheduleConfig = field(default_factory=KeepRateScheduleConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    """STViT's semantic tokens: an architecture of fixed token counts, outside the keep-rate schedule."""

@@ -7,11 +7,17 @@ also computes the [CLS] row of its attention scores to rank tokens by (N d) when
 kernel gives the output; where the attention level ranks links it computes the scores
 explicitly, once, and nothing is added. The patch embedding and the head are counted once.
 Pruning blocks run attention on the incoming sequence and the MLP on the selected one.
+
+A semantic-token block (sparse/semantic.py) projects q, k and v for its queries and its context
+together (one qkv product), attends from the queries to its keys and runs the projection and
+the MLP on the queries: each block is counted from its shape (qkv tokens, queries, keys, MLP
+tokens, ranking rows), which is (n, n, n, m, rows) for a plain or pruning block.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from trivit.sparse.semantic import SemanticTokens
 from trivit.sparse.tokens import kept_count
 
 
@@ -30,18 +36,45 @@ def token_counts(num_patches: int, num_prefix_tokens: int, depth: int, locations
     return counts
 
 
-def vit_flops(counts: list[tuple[int, int, int]], dim: int, mlp_hidden: int, num_patches: int, patch_pixels: int,
+BlockShape = tuple[int, int, int, int, int]
+"""(qkv tokens, queries, keys, MLP tokens, ranking rows) of one block."""
+
+
+def semantic_shapes(counts: list[tuple[int, int, int]], semantic: SemanticTokens, num_patches: int) -> list[BlockShape]:
+    """The block shapes of a model with a semantic stage; ``counts`` are its token counts without one."""
+    carried = semantic.carried_prefix
+    length = carried + semantic.config.num_tokens
+    shapes = []
+    for index, (n, m, rows) in enumerate(counts):
+        role = semantic.roles.get(index)
+        if role == "stgm1":
+            shapes.append((length + carried + num_patches, length, carried + num_patches, length, 0))
+        elif role == "stgm2":
+            shapes.append((length + num_patches, length, length + num_patches, length, 0))
+        elif role == "recover":
+            recovered = carried + num_patches
+            shapes.append((recovered + length, recovered, length, recovered, 0))
+            length = recovered
+        elif index < semantic.first:
+            shapes.append((n, n, n, m, rows))
+        else:
+            shapes.append((length, length, length, length, 0))
+    return shapes
+
+
+def vit_flops(shapes: list[BlockShape], dim: int, mlp_hidden: int, num_patches: int, patch_pixels: int,
               num_classes: int) -> float:
-    """FLOPs per image of a ViT whose blocks run on ``counts`` tokens."""
-    blocks = sum(2 * (4 * n * dim * dim + 2 * n * n * dim + rows * n * dim) + 2 * (2 * m * dim * mlp_hidden)
-                 for n, m, rows in counts)
+    """FLOPs per image of a ViT whose blocks have ``shapes``."""
+    blocks = sum(2 * (3 * t * dim * dim + q * dim * dim + 2 * q * k * dim + rows * k * dim) + 2 * (2 * m * dim * mlp_hidden)
+                 for t, q, k, m, rows in shapes)
     embed = 2 * num_patches * patch_pixels * dim
     head = 2 * dim * num_classes
     return float(blocks + embed + head)
 
 
-def model_flops(model: nn.Module, token_keep_rate: float | None = None) -> float:
-    """FLOPs per image of a ``create_vit`` model at ``token_keep_rate`` (default: its current rate)."""
+def model_flops(model: nn.Module, token_keep_rate: float | None = None, semantic: bool = True) -> float:
+    """FLOPs per image of a ``create_vit`` model at ``token_keep_rate`` (default: its current rate);
+    ``semantic=False`` counts it without its semantic stage (the plain ViT of the same size)."""
     blocks = model.blocks
     rate = blocks.token_keep_rate if token_keep_rate is None else token_keep_rate
     num_patches = model.patch_embed.num_patches
@@ -49,11 +82,13 @@ def model_flops(model: nn.Module, token_keep_rate: float | None = None) -> float
                           blocks.sparsity.tokens.fuse)
     if blocks.attention_keep_rate < 1:  # the explicit scores give the [CLS] row too
         counts = [(n, m, 0) for n, m, _ in counts]
+    shapes = ([(n, n, n, m, rows) for n, m, rows in counts] if blocks.semantic is None or not semantic
+              else semantic_shapes(counts, blocks.semantic, num_patches))
     patch_pixels = model.patch_embed.proj.in_channels * model.patch_embed.proj.kernel_size[0] * model.patch_embed.proj.kernel_size[1]
-    return vit_flops(counts, model.embed_dim, blocks[0].mlp.fc1.out_features, num_patches, patch_pixels,
+    return vit_flops(shapes, model.embed_dim, blocks[0].mlp.fc1.out_features, num_patches, patch_pixels,
                      model.num_classes)
 
 
 def dense_fraction(model: nn.Module) -> float:
-    """FLOPs of the model at its current token keep rate over its dense FLOPs."""
-    return model_flops(model) / model_flops(model, 1.0)
+    """FLOPs of the model at its current token keep rate over its dense FLOPs (the plain ViT's, for semantic tokens)."""
+    return model_flops(model) / model_flops(model, 1.0, semantic=False)

@@ -26,6 +26,7 @@ from trivit.config import ConfigError, from_dict
 from trivit.sparse.attention import build_attention_mask, patch_link_density
 from trivit.sparse.blocks import Links, TriLevelBlock, build_links
 from trivit.sparse.config import SparsityConfig
+from trivit.sparse.semantic import SemanticTokens, check_semantic_fits
 from trivit.sparse.tokens import select_tokens
 
 
@@ -37,7 +38,8 @@ class RoutedBlocks(nn.Sequential):
     never take different module paths (what DeepSpeed ZeRO-3 requires).
     """
 
-    def __init__(self, blocks: nn.Sequential, sparsity: SparsityConfig, num_prefix_tokens: int):
+    def __init__(self, blocks: nn.Sequential, sparsity: SparsityConfig, num_prefix_tokens: int,
+                 grid_size: tuple[int, int]):
         super().__init__(*blocks)
         self.sparsity = sparsity
         self.num_prefix_tokens = num_prefix_tokens
@@ -57,6 +59,9 @@ class RoutedBlocks(nn.Sequential):
         self.tapped_cls: torch.Tensor | None = None
         self.grad_checkpointing = False
         """Recompute every block in backward instead of keeping its activations (routing included)."""
+        self.semantic = (SemanticTokens(sparsity.semantic, len(blocks), grid_size, num_prefix_tokens)
+                         if sparsity.semantic.enabled else None)
+        """STViT's semantic stage (its blocks' roles; the global centres are the model's parameter)."""
         self.explicit_attention = False
         """Compute every ranking block's attention as an explicit softmax (B x H x N x N), as before the
         fused path; the same numbers, kept to measure what the fused path saves (``trivit bench speed``)."""
@@ -65,21 +70,32 @@ class RoutedBlocks(nn.Sequential):
     def active(self) -> bool:
         return self.token_keep_rate < 1 or self.attention_keep_rate < 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        links = None
+    def forward(self, x: torch.Tensor, global_centres: torch.Tensor | None = None) -> torch.Tensor:
+        """``global_centres``: the semantic stage's (the model's parameter), added outside the
+        checkpointed blocks so that a recomputation reads no parameter of the model itself."""
+        links, image = None, None
         self.tokens_per_block = []
         self.attention_density = {}
         last = len(self) - 1
+        semantic = self.semantic
         for index, block in enumerate(self):
             prune = self.active and index in self.locations
             record = self.record_cls_attention and index == last
-            if prune or record:
+            prefix = semantic.prefix_after(index) if semantic is not None else self.num_prefix_tokens
+            if semantic is not None and index in semantic.roles:
+                if semantic.roles[index] == "stgm2" and global_centres is not None:
+                    x = semantic.add_centres(x, global_centres)
+                x, image = self._call(semantic.run, index, block, x, image)
+                links = None  # the attention level stops at the semantic stage
+                if record:
+                    self.last_cls_attention = None
+            elif prune or record:
                 full = self.explicit_attention or (prune and self.attention_keep_rate < 1)
-                ranking = "full" if full else "cls"
+                ranking = "full" if full else "cls" if prefix else "pooled"
                 route = self.route if prune else partial(_unchanged, links=links)
                 x, links, cls_row = self._call(block.forward_routed, x, links, route, ranking)
                 if record:
-                    self.last_cls_attention = cls_row[:, self.num_prefix_tokens:]
+                    self.last_cls_attention = cls_row[:, prefix:]
                 if prune and links is not None:
                     self.attention_density[index] = links.density
             else:
@@ -143,7 +159,18 @@ class TriLevelViT(VisionTransformer):
             raise ValueError("a trivit ViT builds its attention masks itself (the attention level); "
                              "forward_features takes no attn_mask or is_causal")
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        return self.norm(self.blocks(x))
+        return self.norm(self.blocks(x, getattr(self, "global_centres", None)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        semantic = self.blocks.semantic
+        if semantic is None or semantic.config.head == "cls":
+            return super().forward_head(x, pre_logits)
+        x = self.head_drop(self.fc_norm(x.mean(dim=1)))  # semantic tokens, head 'gap': the mean of the final tokens
+        return x if pre_logits else self.head(x)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | ({"global_centres"} if hasattr(self, "global_centres") else set())
 
     def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
         if self.blocks.active or self.blocks.record_cls_attention:
@@ -185,7 +212,10 @@ def create_vit(name: str, sparsity: SparsityConfig | Mapping[str, Any] | None = 
     _check_plain_vit(name, timm_kwargs)
     model = _create_timm(name, block_fn=TriLevelBlock, **timm_kwargs)
     _check_sparsity_fits(model, config)
-    model.blocks = RoutedBlocks(model.blocks, config, model.num_prefix_tokens)
+    model.blocks = RoutedBlocks(model.blocks, config, model.num_prefix_tokens, model.patch_embed.grid_size)
+    if config.semantic.enabled and config.semantic.global_centres:
+        model.global_centres = nn.Parameter(torch.zeros(1, config.semantic.num_tokens, model.embed_dim))
+        nn.init.trunc_normal_(model.global_centres, std=0.02)  # as timm initialises its cls_token
     model.__class__ = ROUTED_CLASSES[type(model)]
     return model
 
@@ -198,9 +228,12 @@ def _sparsity_from_mapping(sparsity: Mapping[str, Any] | None) -> SparsityConfig
 
 
 def _check_sparsity_fits(model: VisionTransformer, config: SparsityConfig) -> None:
+    depth = len(model.blocks)
+    if config.semantic.enabled:
+        check_semantic_fits(config.semantic, depth, model.patch_embed.num_patches, model.num_prefix_tokens,
+                            config.tokens.keep_rate, config.attention.keep_rate, config.tokens.resolved_locations(depth))
     if config.tokens.keep_rate == 1 and config.attention.keep_rate == 1:
         return
-    depth = len(model.blocks)
     beyond = [i for i in config.tokens.resolved_locations(depth) if i >= depth]
     if beyond:
         raise ConfigError("sparsity.tokens.locations", f"got {config.tokens.locations}; blocks {beyond} do not exist "

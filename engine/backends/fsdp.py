@@ -36,6 +36,7 @@ class FSDPBackend(Backend):
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
             register_fsdp_forward_method(block, "forward_routed")  # the pruning blocks' entry point
+            register_fsdp_forward_method(block, "forward_cross")  # the semantic tokens' blocks
         fully_shard(model, mp_policy=policy)
         self.model = self.module = model
         self.optimizer = make_optimizer(model)
