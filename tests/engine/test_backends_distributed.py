@@ -124,17 +124,33 @@ DISTILL_RUNS = {
 }
 
 
+def assert_two_processes_equal_one(kind: str, backend: dict[str, str], overrides: dict[str, str], shards, tmp_path):
+    reference_dir = tmp_path / "one"
+    Trainer(load(TrainConfig, None, tiny_overrides(shards, reference_dir, **dict(
+        DISTRIBUTED, **overrides, **{"engine.grad_accum_steps": "2"})))).train()
+    run = train_cli(kind, shards, tmp_path / "two", **backend, **overrides)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = {r["step"]: r["loss"] for r in read_metrics(reference_dir)}
+    two = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "two")}
+    assert sorted(two) == [1, 2, 3, 4] and max(abs(two[s] - one[s]) for s in one) < TOLERANCE, (one, two)
+
+
 @pytest.mark.parametrize("name", list(DISTILL_RUNS))
 def test_distillation_on_two_processes_equals_one(name, tiny_shards, tmp_path, tiny_teacher_file):
     """NKD's replicated teacher sees each rank's images, and USKD's weak classifier (outside every backend's
     wrapper) has its gradients averaged over the ranks: 2 ranks give the 1-process losses (2 micro-batches a step)."""
     loss, kind, backend = DISTILL_RUNS[name]
-    overrides = distill_overrides(loss, tiny_teacher_file)
-    reference_dir = tmp_path / "one"
-    Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, reference_dir, **dict(
-        DISTRIBUTED, **overrides, **{"engine.grad_accum_steps": "2"})))).train()
-    run = train_cli(kind, tiny_shards, tmp_path / "two", **backend, **overrides)
-    assert run.returncode == 0, run.stderr[-3000:]
-    one = {r["step"]: r["loss"] for r in read_metrics(reference_dir)}
-    two = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "two")}
-    assert sorted(two) == [1, 2, 3, 4] and max(abs(two[s] - one[s]) for s in one) < TOLERANCE, (one, two)
+    assert_two_processes_equal_one(kind, backend, distill_overrides(loss, tiny_teacher_file), tiny_shards, tmp_path)
+
+
+SEMANTIC = {"model.timm_kwargs": "{embed_dim: 32, depth: 4, num_heads: 2}", "sparsity.semantic.num_tokens": "4",
+            "sparsity.tokens.keep_rate": "1.0", "sparsity.tokens.locations": "[0]", "schedule.max_steps": "4"}
+"""4 semantic tokens from the 4 x 4 patch grid, the STGM at blocks 1-2; the attention level at block 0 and the
+example level (DISTRIBUTED's) on."""
+
+
+@pytest.mark.parametrize("kind, backend", [("torchrun", {"engine.backend": "ddp"}),
+                                           ("fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
+                                           ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"})])
+def test_semantic_tokens_on_two_processes_equal_one(kind, backend, tiny_shards, tmp_path):
+    assert_two_processes_equal_one(kind, backend, SEMANTIC, tiny_shards, tmp_path)
