@@ -52,7 +52,8 @@ def build_links(mask: torch.Tensor, kernel: str, density: torch.Tensor | None = 
     return Links(mask, density, create_block_mask(kept_link, batch, None, length, length, device=mask.device))
 
 
-Router = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, "Links | None"]]
+Router = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, "Links | None", "torch.Tensor | None"]]
+"""(tokens, attention) -> (tokens, links, the kept patches' indices into the incoming patches or None)."""
 
 
 class TriLevelBlock(Block):
@@ -63,18 +64,18 @@ class TriLevelBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward_routed(self, x: torch.Tensor, links: Links | None, route: Router,
-                       ranking: Ranking) -> tuple[torch.Tensor, Links | None, torch.Tensor]:
+                       ranking: Ranking) -> tuple[torch.Tensor, Links | None, torch.Tensor, torch.Tensor | None]:
         """The block with ``route(x, attention)`` between attention and MLP.
 
-        Returns the output, the links ``route`` returned and the head-averaged [CLS] attention row
-        (B, L) before routing, detached. ``route`` must not change state outside: under activation
+        Returns the output, the links and kept indices ``route`` returned and the head-averaged [CLS]
+        attention row (B, L) before routing, detached. ``route`` must not change state outside: under activation
         checkpointing it runs again in backward, and a compiled graph cannot replay such changes.
         """
         attn_out, attention = self.attend(self.norm1(x), links, ranking)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x, links = route(x, attention)
+        x, links, kept = route(x, attention)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, links, attention[:, 0].detach()
+        return x, links, attention[:, 0].detach(), kept
 
     def forward_cross(self, x: torch.Tensor, context: torch.Tensor, attend_self: bool = False) -> torch.Tensor:
         """The block with its attention's queries from ``x`` and its keys and values from ``context``

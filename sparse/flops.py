@@ -44,6 +44,8 @@ def semantic_shapes(counts: list[tuple[int, int, int]], semantic: SemanticTokens
     """The block shapes of a model with a semantic stage; ``counts`` are its token counts without one."""
     carried = semantic.carried_prefix
     length = carried + semantic.config.num_tokens
+    if semantic.first > 0:  # the patches the token level left for the STGM
+        num_patches = counts[semantic.first - 1][1] - semantic.num_prefix_tokens
     shapes = []
     for index, (n, m, rows) in enumerate(counts):
         role = semantic.roles.get(index)

@@ -60,7 +60,7 @@ class SemanticConfig:
 
 
 def check_semantic_fits(config: SemanticConfig, depth: int, num_patches: int, num_prefix_tokens: int,
-                        token_keep_rate: float, attention_keep_rate: float, locations: list[int]) -> None:
+                        token_keep_rate: float, attention_keep_rate: float, locations: list[int], fuse: bool) -> None:
     """Refuse a semantic stage that does not fit the model or cannot compose with the other levels."""
     first = config.first_block(depth)
     if first + 2 > depth:
@@ -77,14 +77,13 @@ def check_semantic_fits(config: SemanticConfig, depth: int, num_patches: int, nu
         raise ConfigError("sparsity.semantic.head", f"got {config.head!r} with {num_prefix_tokens} prefix tokens; "
                                                     "semantic tokens need a ViT with one [CLS] token (head 'cls'), "
                                                     "or none and head 'gap' (no distillation or register tokens)")
-    if token_keep_rate < 1:
-        raise ConfigError("sparsity.tokens.keep_rate", f"got {token_keep_rate} with semantic tokens, whose initial "
-                                                       "centres pool the whole image-token grid; set 1.0 (the semantic "
-                                                       "tokens already reduce the tokens)")
-    if attention_keep_rate < 1 and any(location >= first for location in locations):
-        raise ConfigError("sparsity.tokens.locations", f"got {sorted(locations)} with the attention level on and the "
-                                                       f"STGM at blocks {first}-{first + 1}; the attention level ranks "
-                                                       f"patch links, which end there: use locations below {first}")
+    if (token_keep_rate < 1 or attention_keep_rate < 1) and any(location >= first for location in locations):
+        raise ConfigError("sparsity.tokens.locations", f"got {sorted(locations)} with the token or attention level on "
+                                                       f"and the STGM at blocks {first}-{first + 1}; both act on image "
+                                                       f"tokens, which end there: use locations below {first}")
+    if token_keep_rate < 1 and fuse:
+        raise ConfigError("sparsity.tokens.fuse", "got true with semantic tokens: the fused token has no place in the "
+                                                  "patch grid the initial centres pool; set false")
 
 
 class SemanticTokens:
@@ -105,26 +104,47 @@ class SemanticTokens:
         """Prefix tokens in the sequence that block ``index`` outputs."""
         return self.num_prefix_tokens if index < self.first else self.carried_prefix
 
-    def initial_centres(self, patches: torch.Tensor) -> torch.Tensor:
-        """The image tokens (B, H x W, C) pooled to the centres' grid (B, S, C)."""
+    def initial_centres(self, patches: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """The image tokens (B, N, C) pooled to the centres' grid (B, S, C).
+
+        ``positions`` (B, N) are the tokens' places in the H x W patch grid where the token level
+        pruned some before the STGM (None: all H x W, in order). A cell's pool then covers its
+        kept tokens only; a cell that kept none starts at zero.
+        """
         batch, _, dim = patches.shape
         side = math.isqrt(self.config.num_tokens)
-        grid = patches.transpose(1, 2).reshape(batch, dim, *self.grid_size)
-        pool = F.adaptive_max_pool2d if self.config.pool == "max" else F.adaptive_avg_pool2d
-        return pool(grid, side).flatten(2).transpose(1, 2)
+        cells = self.grid_size[0] * self.grid_size[1]
+        if positions is None:
+            grid = patches.transpose(1, 2).reshape(batch, dim, *self.grid_size)
+            pool = F.adaptive_max_pool2d if self.config.pool == "max" else F.adaptive_avg_pool2d
+            return pool(grid, side).flatten(2).transpose(1, 2)
+        index = positions.unsqueeze(-1).expand(-1, -1, dim)
+        if self.config.pool == "max":
+            empty = torch.full((batch, cells, dim), float("-inf"), dtype=patches.dtype, device=patches.device)
+            grid = empty.scatter(1, index, patches).transpose(1, 2).reshape(batch, dim, *self.grid_size)
+            pooled = F.adaptive_max_pool2d(grid, side)
+            pooled = pooled.masked_fill(pooled == float("-inf"), 0.0)
+        else:
+            grid = patches.new_zeros(batch, cells, dim).scatter(1, index, patches)
+            grid = grid.transpose(1, 2).reshape(batch, dim, *self.grid_size)
+            present = patches.new_zeros(batch, 1, cells).scatter_(2, positions.unsqueeze(1), 1.0)
+            counts = F.adaptive_avg_pool2d(present.reshape(batch, 1, *self.grid_size), side)
+            pooled = F.adaptive_avg_pool2d(grid, side) / counts.clamp_min(1e-12)
+        return pooled.flatten(2).transpose(1, 2)
 
     def add_centres(self, x: torch.Tensor, global_centres: torch.Tensor) -> torch.Tensor:
         """The second STGM block's queries: its input's semantic tokens plus the global centres."""
         carried = self.carried_prefix
         return torch.cat([x[:, :carried], x[:, carried:] + global_centres], dim=1)
 
-    def run(self, index: int, block: torch.nn.Module, x: torch.Tensor,
-            image: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block ``index`` of the semantic stage on ``x``; returns its output and the STGM's input tokens."""
+    def run(self, index: int, block: torch.nn.Module, x: torch.Tensor, image: torch.Tensor | None,
+            positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index`` of the semantic stage on ``x``; returns its output and the STGM's input tokens.
+        ``positions``: the grid places of ``x``'s patches (see :meth:`initial_centres`)."""
         role, carried, prefix = self.roles[index], self.carried_prefix, self.num_prefix_tokens
         if role == "stgm1":
             kept = x[:, :carried]
-            queries = torch.cat([kept, self.initial_centres(x[:, prefix:])], dim=1)
+            queries = torch.cat([kept, self.initial_centres(x[:, prefix:], positions)], dim=1)
             return block.forward_cross(queries, torch.cat([kept, x[:, prefix:]], dim=1)), x
         if role == "stgm2":
             return block.forward_cross(x, image[:, prefix:], attend_self=True), image

@@ -73,7 +73,7 @@ class RoutedBlocks(nn.Sequential):
     def forward(self, x: torch.Tensor, global_centres: torch.Tensor | None = None) -> torch.Tensor:
         """``global_centres``: the semantic stage's (the model's parameter), added outside the
         checkpointed blocks so that a recomputation reads no parameter of the model itself."""
-        links, image = None, None
+        links, image, positions = None, None, None
         self.tokens_per_block = []
         self.attention_density = {}
         last = len(self) - 1
@@ -85,7 +85,7 @@ class RoutedBlocks(nn.Sequential):
             if semantic is not None and index in semantic.roles:
                 if semantic.roles[index] == "stgm2" and global_centres is not None:
                     x = semantic.add_centres(x, global_centres)
-                x, image = self._call(semantic.run, index, block, x, image)
+                x, image = self._call(semantic.run, index, block, x, image, positions)
                 links = None  # the attention level stops at the semantic stage
                 if record:
                     self.last_cls_attention = None
@@ -93,7 +93,9 @@ class RoutedBlocks(nn.Sequential):
                 full = self.explicit_attention or (prune and self.attention_keep_rate < 1)
                 ranking = "full" if full else "cls" if prefix else "pooled"
                 route = self.route if prune else partial(_unchanged, links=links)
-                x, links, cls_row = self._call(block.forward_routed, x, links, route, ranking)
+                x, links, cls_row, kept = self._call(block.forward_routed, x, links, route, ranking)
+                if semantic is not None and kept is not None:  # where the STGM's pooling finds each patch
+                    positions = kept if positions is None else positions.gather(1, kept)
                 if record:
                     self.last_cls_attention = cls_row[:, prefix:]
                 if prune and links is not None:
@@ -115,30 +117,34 @@ class RoutedBlocks(nn.Sequential):
             return checkpoint(function, *args, use_reentrant=False)
         return function(*args)
 
-    def route(self, x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, Links | None]:
-        """Token selection, then the attention mask over the kept tokens (at a pruning block).
+    def route(self, x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, Links | None, torch.Tensor | None]:
+        """Token selection, then the attention mask over the kept tokens (at a pruning block); returns
+        the tokens, the links, and the kept patches' indices (None where the token level is off).
 
         ``attention`` is the head-averaged softmax: its [CLS] row (B, 1, L), or every row (B, L, L)
         when the attention level ranks links here.
         """
         prefix = self.num_prefix_tokens
         tokens = self.sparsity.tokens
-        if self.token_keep_rate < 1:
+        pruned = self.token_keep_rate < 1
+        if pruned:
             x, kept = select_tokens(x, attention[:, 0, prefix:], self.token_keep_rate, prefix,
                                     fuse=tokens.fuse, selector=tokens.selector)
         else:
             num_patches = x.shape[1] - prefix
             kept = torch.arange(num_patches, device=x.device).expand(x.shape[0], num_patches)
         if self.attention_keep_rate >= 1:
-            return x, None
+            return x, None, kept if pruned else None
         suffix = x.shape[1] - prefix - kept.shape[1]
         mask = build_attention_mask(attention, kept, self.attention_keep_rate, prefix, suffix)
-        return x, build_links(mask, self.sparsity.attention.kernel, patch_link_density(mask, prefix, suffix))
+        links = build_links(mask, self.sparsity.attention.kernel, patch_link_density(mask, prefix, suffix))
+        return x, links, kept if pruned else None
 
 
-def _unchanged(x: torch.Tensor, attention: torch.Tensor, links: Links | None) -> tuple[torch.Tensor, Links | None]:
+def _unchanged(x: torch.Tensor, attention: torch.Tensor,
+               links: Links | None) -> tuple[torch.Tensor, Links | None, torch.Tensor | None]:
     """The router of a block that only records its [CLS] attention."""
-    return x, links
+    return x, links, None
 
 
 class TriLevelViT(VisionTransformer):
@@ -231,7 +237,8 @@ def _check_sparsity_fits(model: VisionTransformer, config: SparsityConfig) -> No
     depth = len(model.blocks)
     if config.semantic.enabled:
         check_semantic_fits(config.semantic, depth, model.patch_embed.num_patches, model.num_prefix_tokens,
-                            config.tokens.keep_rate, config.attention.keep_rate, config.tokens.resolved_locations(depth))
+                            config.tokens.keep_rate, config.attention.keep_rate, config.tokens.resolved_locations(depth),
+                            config.tokens.fuse)
     if config.tokens.keep_rate == 1 and config.attention.keep_rate == 1:
         return
     beyond = [i for i in config.tokens.resolved_locations(depth) if i >= depth]

@@ -144,9 +144,9 @@ def test_distillation_on_two_processes_equals_one(name, tiny_shards, tmp_path, t
 
 
 SEMANTIC = {"model.timm_kwargs": "{embed_dim: 32, depth: 4, num_heads: 2}", "sparsity.semantic.num_tokens": "4",
-            "sparsity.tokens.keep_rate": "1.0", "sparsity.tokens.locations": "[0]", "schedule.max_steps": "4"}
-"""4 semantic tokens from the 4 x 4 patch grid, the STGM at blocks 1-2; the attention level at block 0 and the
-example level (DISTRIBUTED's) on."""
+            "sparsity.tokens.locations": "[0]", "sparsity.tokens.fuse": "false", "schedule.max_steps": "4"}
+"""4 semantic tokens pooled from the 4 x 4 patch grid, the STGM at blocks 1-2; before it, block 0 prunes tokens
+and masks links (DISTRIBUTED's rates); the example level on."""
 
 
 @pytest.mark.parametrize("kind, backend", [("torchrun", {"engine.backend": "ddp"}),

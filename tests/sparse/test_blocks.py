@@ -45,13 +45,13 @@ def test_cls_row_ranking_equals_the_explicit_attention_outputs_and_gradients(mas
 
     def route(tokens, attention):  # fuse: the gradient also flows through the ranking attention
         kept, _ = select_tokens(tokens, attention[:, 0, 1:], 0.5, 1, fuse=True, selector="attentive")
-        return kept, None
+        return kept, None, None
 
     results = {}
     for ranking in ("cls", "full"):
         block.zero_grad()
         inputs = x.clone().requires_grad_()
-        out, _, _ = block.forward_routed(inputs, links, route, ranking)
+        out, *_ = block.forward_routed(inputs, links, route, ranking)
         out.square().sum().backward()
         results[ranking] = (out, inputs.grad, {n: p.grad.clone() for n, p in block.named_parameters()})
     (out_cls, dx_cls, grads_cls), (out_full, dx_full, grads_full) = results["cls"], results["full"]
@@ -72,7 +72,7 @@ def test_rankings_are_fp32_under_bf16_autocast():
 
     def route(tokens, attention):
         seen["attention"] = attention
-        return tokens, None
+        return tokens, None, None
 
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         block.forward_routed(x, None, route, "cls")

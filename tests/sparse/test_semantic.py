@@ -177,13 +177,52 @@ def test_activation_checkpointing_recomputes_the_semantic_stage_exactly():
     ({"semantic": {"num_tokens": 12}}, "sparsity.semantic.num_tokens"),
     ({"semantic": {"num_tokens": 16, "after_block": 5}}, "sparsity.semantic.after_block"),
     ({"semantic": {"num_tokens": 16, "recover_at": 3}}, "sparsity.semantic.recover_at"),
-    ({"semantic": {"num_tokens": 16}, "tokens": {"keep_rate": 0.7, "locations": [1]}}, "sparsity.tokens.keep_rate"),
+    ({"semantic": {"num_tokens": 16}, "tokens": {"keep_rate": 0.7, "locations": [1, 2]}}, "sparsity.tokens.locations"),
+    ({"semantic": {"num_tokens": 16}, "tokens": {"keep_rate": 0.7, "locations": [1], "fuse": True}},
+     "sparsity.tokens.fuse"),
     ({"semantic": {"num_tokens": 16}, "attention": {"keep_rate": 0.2}, "tokens": {"locations": [1, 3]}},
      "sparsity.tokens.locations"),
 ])
 def test_settings_that_do_not_fit_or_compose_are_refused(sparsity, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         create_vit("deit_tiny_patch16_224", sparsity, **SMALL)
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_centres_pool_the_kept_patches_of_each_cell(pool):
+    """After token pruning, a cell's initial centre pools its kept patches only (zero where none is kept);
+    with every patch kept it is the plain grid pooling."""
+    semantic = semantic_vit(pool=pool).blocks.semantic
+    generator = torch.Generator().manual_seed(3)
+    patches = torch.randn(2, 196, 8, dtype=torch.float64, generator=generator)
+    everything = torch.arange(196).expand(2, 196)
+    torch.testing.assert_close(semantic.initial_centres(patches, everything), semantic.initial_centres(patches, None))
+    positions = torch.stack([torch.randperm(196, generator=generator)[:12].sort().values for _ in range(2)])
+    kept = patches.gather(1, positions.unsqueeze(-1).expand(-1, -1, 8))  # 12 patches for 16 cells
+    expected = torch.zeros(2, 16, 8, dtype=torch.float64)
+    for b in range(2):
+        for cell in range(16):
+            i, j = divmod(cell, 4)
+            rows, cols = range(i * 14 // 4, -(-(i + 1) * 14 // 4)), range(j * 14 // 4, -(-(j + 1) * 14 // 4))
+            members = [k for k, place in enumerate(positions[b].tolist()) if place // 14 in rows and place % 14 in cols]
+            if members:
+                values = kept[b, members]
+                expected[b, cell] = values.amax(0) if pool == "max" else values.mean(0)
+    torch.testing.assert_close(semantic.initial_centres(kept, positions), expected, rtol=0, atol=1e-12)
+    assert (expected.abs().sum(-1) == 0).any(), "some cell kept no patch"
+
+
+def test_token_pruning_before_the_stgm_composes():
+    torch.manual_seed(0)
+    model = create_vit("deit_tiny_patch16_224", {"semantic": {"num_tokens": 16}, "tokens": {"keep_rate": 0.5,
+                                                                                           "locations": [0, 1]}}, **SMALL)
+    images = torch.randn(2, 1, 56, 56)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(images)
+    assert model.blocks.tokens_per_block == [1 + 98, 1 + 49, 16, 16, 16, 16]
+    assert model_flops(model) == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
+    model(images).sum().backward()
+    assert model.global_centres.grad.abs().sum() > 0
 
 
 def test_the_attention_level_before_the_stgm_composes():
