@@ -52,6 +52,12 @@ class Variant:
     removed: float = 0.0
     """Fraction of the training set the example level leaves out of each epoch."""
     timm_dense: bool = False
+    semantic: bool = False
+    """Runs on the model with 16 semantic tokens (STViT's layout: the STGM at depth // 3)."""
+
+    @property
+    def trainable(self) -> str:
+        return "timm" if self.timm_dense else "semantic" if self.semantic else "trivit"
 
 
 VARIANTS = (
@@ -65,7 +71,10 @@ VARIANTS = (
     Variant("examples 20%", "examples20", removed=0.2),
     Variant("tokens 0.7 + attention 0.2", "tokens0.7+attention0.2", tokens=0.7, attention=0.2),
     Variant("all three (0.7 / 0.2 / 20%)", "all3", tokens=0.7, attention=0.2, removed=0.2),
+    Variant("semantic 16", "semantic16", semantic=True),
+    Variant("semantic 16 + examples 20%", "semantic16+examples20", semantic=True, removed=0.2),
 )
+SEMANTIC_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -122,27 +131,29 @@ class Trainable:
         return self.compiled
 
 
-def build_trainables(model_name: str, device: torch.device) -> tuple[Trainable, Trainable]:
-    """timm's dense ViT, and one trivit ViT (pruning at 1/4, 1/2 and 3/4 of the depth: blocks 3, 6, 9 of
-    12, 6, 12, 18 of ViT-L's 24) whose keep rates each variant sets.
+def build_trainables(model_name: str, device: torch.device, semantic: bool = False) -> dict[str, Trainable]:
+    """timm's dense ViT, one trivit ViT (pruning at 1/4, 1/2 and 3/4 of the depth: blocks 3, 6, 9 of
+    12, 6, 12, 18 of ViT-L's 24) whose keep rates each variant sets, and with ``semantic`` the trivit
+    ViT with 16 semantic tokens, by :attr:`Variant.trainable`.
 
-    Two models in all, whatever the number of variants: ten copies of deit_base with AdamW
-    states would not fit a 24 GiB machine.
+    Two or three models in all, whatever the number of variants: ten copies of deit_base with
+    AdamW states would not fit a 24 GiB machine.
     """
     torch.manual_seed(0)
-    dense = timm.create_model(model_name).to(device).train()
-    sparse = create_vit(model_name).to(device).train()
-    return (Trainable(dense, torch.optim.AdamW(dense.parameters(), lr=1e-4)),
-            Trainable(sparse, torch.optim.AdamW(sparse.parameters(), lr=1e-4)))
+    models = {"timm": timm.create_model(model_name), "trivit": create_vit(model_name)}
+    if semantic:
+        models["semantic"] = create_vit(model_name, {"semantic": {"num_tokens": SEMANTIC_TOKENS}})
+    return {kind: Trainable(model.to(device).train(), torch.optim.AdamW(model.parameters(), lr=1e-4))
+            for kind, model in models.items()}
 
 
 class Runner:
     """One variant: the trainable it runs on, its keep rates and (for the example level) statistics."""
 
-    def __init__(self, variant: Variant, trainables: tuple[Trainable, Trainable], batch: int, device: torch.device,
+    def __init__(self, variant: Variant, trainables: dict[str, Trainable], batch: int, device: torch.device,
                  mode: Mode = Mode()):
         self.variant, self.device, self.mode, self.amp_dtype = variant, device, mode, mode.amp_dtype
-        trainable = trainables[0] if variant.timm_dense else trainables[1]
+        trainable = trainables[variant.trainable]
         self.model, self.optimizer = trainable.model, trainable.optimizer
         self.forward = trainable.forward_for(mode)
         self.stats = ExampleStats(batch * 100, device) if variant.removed else None
@@ -230,7 +241,7 @@ def synchronize(device: torch.device) -> None:
 def measure_model(model_name: str, variants: tuple[Variant, ...], batch: int, repeats: int, steps: int,
                   warmup: int, device: torch.device, modes: tuple[Mode, ...] = (Mode(),)) -> list[Measured]:
     """Every variant in every mode, on two shared models; the rounds interleave all of them."""
-    trainables = build_trainables(model_name, device)
+    trainables = build_trainables(model_name, device, semantic=any(v.semantic for v in variants))
     if any(mode.compiled for mode in modes):  # one graph per variant and mode, none falling back to eager
         raise_recompile_limit(4 * len(variants) * len(modes))
     pairs = [(mode, variant) for mode in modes for variant in variants]

@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per variant first")
     speed.add_argument("--variants", nargs="+", metavar="KEY",
                        help="the variants to time beside timm dense (default: all): dense tokens0.9 tokens0.8 "
-                            "tokens0.7 tokens0.5 attention0.2 examples20 tokens0.7+attention0.2 all3")
+                            "tokens0.7 tokens0.5 attention0.2 examples20 tokens0.7+attention0.2 all3 semantic16 "
+                            "semantic16+examples20")
     speed.add_argument("--compile", choices=["off", "on", "both"], default="off",
                        help="time the variants torch.compile'd (on), eager (off) or both side by side")
     speed.add_argument("--checkpointing", choices=["off", "on", "both"], default="off",

@@ -12,12 +12,13 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def trainables():
-    return build_trainables("deit_tiny_patch16_224", CPU)
+    return build_trainables("deit_tiny_patch16_224", CPU, semantic=True)
 
 
 @pytest.mark.parametrize("variant", [Variant("dense (timm)", timm_dense=True), Variant("dense"),
                                      Variant("tokens 0.7", tokens=0.7), Variant("tokens 0.5", tokens=0.5),
-                                     Variant("tokens 0.7 + attention 0.2", tokens=0.7, attention=0.2)])
+                                     Variant("tokens 0.7 + attention 0.2", tokens=0.7, attention=0.2),
+                                     Variant("semantic 16", semantic=True)])
 def test_analytic_flops_match_torch_flop_counter(variant, trainables):
     analytic, counted = Runner(variant, trainables, 2, CPU).flops_per_image()
     assert analytic == pytest.approx(counted, rel=1e-6), "the analytic count misses or adds a product"
