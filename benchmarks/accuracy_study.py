@@ -11,7 +11,11 @@ accuracy against time (the paper's figure 1). Outputs: a Markdown table on stdou
     python benchmarks/accuracy_study.py --seeds 0 1 --variants dense nkd uskd \
         --teacher runs/demo_teacher --name distill_study
 
-The nkd variant distils a trained run (``--teacher``: `trivit train --config configs/demo_teacher.yaml`).
+    python benchmarks/accuracy_study.py --seeds 0 1 --variants demo196_dense demo196_semantic \
+        --reference demo196_dense --name semantic_study
+
+A variant is configs/study/<variant>.yaml, or configs/<variant>.yaml. The nkd variant distils a
+trained run (``--teacher``: `trivit train --config configs/demo_teacher.yaml`).
 The seconds per step are the median over the run's logged steps (the first left out).
 """
 from __future__ import annotations
@@ -30,12 +34,17 @@ from trivit.engine.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = ("dense", "tokens", "attention", "examples", "trilevel")
-VARIANTS = (*LEVELS, "nkd", "uskd")
+VARIANTS = (*LEVELS, "nkd", "uskd", "demo196_dense", "demo196_semantic")
+
+
+def variant_config(variant: str) -> Path:
+    study = ROOT / "configs" / "study" / f"{variant}.yaml"
+    return study if study.exists() else ROOT / "configs" / f"{variant}.yaml"
 
 
 def run_variant(variant: str, seed: int, runs: Path, teacher: Path | None) -> dict:
     run_dir = runs / f"{variant}_seed{seed}"
-    command = [sys.executable, "-m", "trivit", "train", "--config", str(ROOT / "configs" / "study" / f"{variant}.yaml"),
+    command = [sys.executable, "-m", "trivit", "train", "--config", str(variant_config(variant)),
                f"run_dir={run_dir}", f"seed={seed}", "resume=never", "logging.progress_bar=false",
                *([f"distill.teacher={teacher.resolve()}"] if variant == "nkd" else [])]
     start = time.perf_counter()
@@ -52,12 +61,12 @@ def run_variant(variant: str, seed: int, runs: Path, teacher: Path | None) -> di
             "epoch_flops_fraction": last["epoch_flops_fraction"], "run_dir": str(run_dir)}
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per variant: mean/spread of top-1 and time, and their ratios to dense."""
+def summarise(rows: list[dict], reference: str = "dense") -> list[dict]:
+    """Per variant: mean/spread of top-1 and time, and their ratios to the dense ``reference`` ("vs_dense")."""
     by_variant = {v: [r for r in rows if r["variant"] == v] for v in VARIANTS if any(r["variant"] == v for r in rows)}
-    dense_top1 = statistics.mean(r["top1"] for r in by_variant["dense"])
-    dense_time = statistics.mean(r["seconds"] for r in by_variant["dense"])
-    dense_step = statistics.mean(r["seconds_per_step"] for r in by_variant["dense"])
+    dense_top1 = statistics.mean(r["top1"] for r in by_variant[reference])
+    dense_time = statistics.mean(r["seconds"] for r in by_variant[reference])
+    dense_step = statistics.mean(r["seconds_per_step"] for r in by_variant[reference])
     summary = []
     for variant, runs in by_variant.items():
         top1 = [r["top1"] for r in runs]
@@ -108,12 +117,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=list(LEVELS), choices=VARIANTS)
     parser.add_argument("--teacher", type=Path, help="the trained run the nkd variant distils")
+    parser.add_argument("--reference", default="dense", choices=VARIANTS, help="the dense variant of the ratios")
     parser.add_argument("--name", default="accuracy_study", help="stem of the output files")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     args = parser.parse_args()
-    if "dense" not in args.variants:
-        parser.error("the ratios need the dense variant")
+    if args.reference not in args.variants:
+        parser.error(f"the ratios need the reference variant {args.reference!r} among --variants")
     if "nkd" in args.variants and args.teacher is None:
         parser.error("the nkd variant needs --teacher RUN_DIR (train one with configs/demo_teacher.yaml)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +132,7 @@ def main() -> None:
         for variant in args.variants:
             rows.append(run_variant(variant, seed, args.runs, args.teacher))
             print(json.dumps(rows[-1]), flush=True)
-    summary = summarise(rows)
+    summary = summarise(rows, args.reference)
     table = markdown(summary)
     print(table)
     (args.out / f"{args.name}.md").write_text(table + "\n")
