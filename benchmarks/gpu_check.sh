@@ -5,7 +5,7 @@
 # -e .); otherwise the README's set-up (make .venv/.installed, with TORCH= for the CUDA build, see the
 # Makefile) runs if .venv is missing. BENCH_MODELS="model:batch ..." changes the benchmarked models.
 # 1. trivit bench speed in bf16 for deit_small, deit_base, vit_large, with peak CUDA memory: eager,
-#    timm dense vs tokens 0.7 vs tokens 0.7 + attention 0.2 vs all three; then compiled (against timm
+#    timm dense vs tokens 0.7 vs tokens 0.7 + attention 0.2 vs all three vs 16 semantic tokens; then compiled (against timm
 #    dense compiled), tokens 0.7 and all three (each keep rate is a graph to compile).
 # 2. Training with all three levels for 6 steps, stopped, resumed to 12: DDP over 2 GPUs on NCCL
 #    (on a 1-GPU machine: one process; the 2-GPU checks say SKIP), FSDP2 and ZeRO-3 in bf16.
@@ -56,7 +56,7 @@ echo -e "\n## trivit bench speed (bf16)" >> "$REPORT"
 MODELS=${BENCH_MODELS:-deit_small_patch16_224:64 deit_base_patch16_224:64 vit_large_patch16_224:32}
 for spec in $MODELS; do
     IFS=: read -r model batch <<< "$spec"
-    bench eager "$model" "$batch" 90 --variants tokens0.7 tokens0.7+attention0.2 all3
+    bench eager "$model" "$batch" 90 --variants tokens0.7 tokens0.7+attention0.2 all3 semantic16
 done
 for spec in $MODELS; do
     IFS=: read -r model batch <<< "$spec"
