@@ -42,11 +42,11 @@ def variant_config(variant: str) -> Path:
     return study if study.exists() else ROOT / "configs" / f"{variant}.yaml"
 
 
-def run_variant(variant: str, seed: int, runs: Path, teacher: Path | None) -> dict:
+def run_variant(variant: str, seed: int, runs: Path, teacher: Path | None, overrides: list[str]) -> dict:
     run_dir = runs / f"{variant}_seed{seed}"
     command = [sys.executable, "-m", "trivit", "train", "--config", str(variant_config(variant)),
                f"run_dir={run_dir}", f"seed={seed}", "resume=never", "logging.progress_bar=false",
-               *([f"distill.teacher={teacher.resolve()}"] if variant == "nkd" else [])]
+               *([f"distill.teacher={teacher.resolve()}"] if variant == "nkd" else []), *overrides]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, help="the trained run the nkd variant distils")
     parser.add_argument("--reference", default="dense", choices=VARIANTS, help="the dense variant of the ratios")
     parser.add_argument("--name", default="accuracy_study", help="stem of the output files")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every variant, e.g. schedule.max_steps=150 to time steps only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     args = parser.parse_args()
@@ -130,7 +132,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:  # seeds outermost: every variant sees the machine's load of the same period
         for variant in args.variants:
-            rows.append(run_variant(variant, seed, args.runs, args.teacher))
+            rows.append(run_variant(variant, seed, args.runs, args.teacher, args.set))
             print(json.dumps(rows[-1]), flush=True)
     summary = summarise(rows, args.reference)
     table = markdown(summary)
