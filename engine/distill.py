@@ -233,6 +233,11 @@ class SelfDistiller(Objective):
         if weak_block(depth) < 0:
             raise ValueError(f"distill.loss=uskd reads the [CLS] output of block int(0.5 x depth) - 1, but the model "
                              f"has {depth} block(s); use a model with at least 2 blocks")
+        semantic = model.blocks.semantic
+        if semantic is not None and semantic.prefix_after(weak_block(depth)) == 0:
+            raise ConfigError("distill.loss", f"got 'uskd', whose weak classifier reads the [CLS] output of block "
+                                              f"{weak_block(depth)}, which semantic tokens with head 'gap' drop; set "
+                                              "sparsity.semantic.head=cls")
         self.config, self.num_classes, self.smoothing, self.clip = config, num_classes, smoothing, optim.clip_grad
         self.blocks = model.blocks
         self.blocks.tap_cls_at = weak_block(depth)

@@ -167,6 +167,10 @@ def test_uskd_refuses_a_teacher_and_a_teachers_alpha():
         load(TrainConfig, None, ["distill.loss=uskd", "distill.alpha=0.5"])
     with pytest.raises(ValueError, match="the model has 1 block.*at least 2 blocks"):
         tiny_self_distiller(depth=1)
+    model = create_vit("deit_tiny_patch16_224", {"semantic": {"num_tokens": 4}}, num_classes=5, img_size=16,
+                       patch_size=4, in_chans=1, embed_dim=8, depth=6, num_heads=2)
+    with pytest.raises(ConfigError, match="semantic tokens with head 'gap' drop"):
+        SelfDistiller(USKDConfig(), model, 5, 0.1, OptimConfig(lr=1e-3), 16, torch.device("cpu"))
 
 
 def test_uskd_trains_a_weak_classifier_outside_the_model_and_resumes_it_exactly(tiny_shards, tmp_path):
