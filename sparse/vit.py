@@ -43,7 +43,12 @@ class RoutedBlocks(nn.Sequential):
         super().__init__(*blocks)
         self.sparsity = sparsity
         self.num_prefix_tokens = num_prefix_tokens
-        self.locations = frozenset(sparsity.tokens.resolved_locations(len(blocks)))
+        self.semantic = (SemanticTokens(sparsity.semantic, len(blocks), grid_size, num_prefix_tokens)
+                         if sparsity.semantic.enabled else None)
+        """STViT's semantic stage (its blocks' roles; the global centres are the model's parameter)."""
+        end = len(blocks) if self.semantic is None else self.semantic.first
+        self.locations = frozenset(i for i in sparsity.tokens.resolved_locations(len(blocks)) if i < end)
+        """The pruning blocks: the configured ones (before the semantic stage, which prunes no image token)."""
         self.token_keep_rate = sparsity.tokens.keep_rate
         self.attention_keep_rate = sparsity.attention.keep_rate
         self.tokens_per_block: list[int] = []
@@ -59,9 +64,6 @@ class RoutedBlocks(nn.Sequential):
         self.tapped_cls: torch.Tensor | None = None
         self.grad_checkpointing = False
         """Recompute every block in backward instead of keeping its activations (routing included)."""
-        self.semantic = (SemanticTokens(sparsity.semantic, len(blocks), grid_size, num_prefix_tokens)
-                         if sparsity.semantic.enabled else None)
-        """STViT's semantic stage (its blocks' roles; the global centres are the model's parameter)."""
         self.explicit_attention = False
         """Compute every ranking block's attention as an explicit softmax (B x H x N x N), as before the
         fused path; the same numbers, kept to measure what the fused path saves (``trivit bench speed``)."""

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trivit.config import ConfigError
 from trivit.engine.pretrained import init_from
-from trivit.sparse import create_vit
+from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.flops import dense_fraction, model_flops
 
 SMALL = dict(num_classes=5, img_size=56, patch_size=4, in_chans=1, embed_dim=32, depth=6, num_heads=2, mlp_ratio=2.0)
@@ -223,6 +223,15 @@ def test_token_pruning_before_the_stgm_composes():
     assert model_flops(model) == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
     model(images).sum().backward()
     assert model.global_centres.grad.abs().sum() > 0
+
+
+def test_keep_rates_set_later_prune_only_before_the_stgm():
+    """A semantic model built dense (default locations 1, 3, 4 of 6) and set to prune later, as trivit eval
+    does: only block 1, before the STGM at 2-3, prunes."""
+    model = semantic_vit()
+    set_keep_rates(model, 0.5, 1.0)
+    model(torch.randn(2, 1, 56, 56))
+    assert model.blocks.locations == {1} and model.blocks.tokens_per_block == [197, 99, 16, 16, 16, 16]
 
 
 def test_the_attention_level_before_the_stgm_composes():
