@@ -94,3 +94,12 @@ def test_the_paper_locations_scale_with_the_depth(recipe, depth, locations):
     with torch.device("meta"):
         model = create_vit(config.model.name, config.sparsity, num_classes=1000)
     assert len(model.blocks) == depth and model.blocks.locations == locations
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_the_semantic_recipes_have_the_papers_layout(size):
+    """16 semantic tokens, the STGM at blocks 4-5 of 12 (STViT's DeiT layout)."""
+    config = load(TrainConfig, CONFIGS / f"deit_{size}_semantic.yaml")
+    with torch.device("meta"):
+        model = create_vit(config.model.name, config.sparsity, num_classes=1000)
+    assert model.blocks.semantic.roles == {4: "stgm1", 5: "stgm2"} and model.global_centres.shape[:2] == (1, 16)
