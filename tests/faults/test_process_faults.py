@@ -193,24 +193,39 @@ def test_an_error_during_evaluation_exits_within_a_bound(tiny_shards, tmp_path, 
     assert time.monotonic() - started < 60
 
 
+def _runs_sleep(process) -> bool:
+    """Whether a descendant of ``process`` is the ``sleep`` program itself."""
+    import psutil
+
+    for child in process.children(recursive=True):
+        try:
+            if child.cmdline()[:1] == ["sleep"]:
+                return True
+        except psutil.Error:  # gone meanwhile
+            continue
+    return False
+
+
 def test_ctrl_c_during_evaluation_exits_within_a_bound(tiny_shards, tmp_path):
     import psutil
 
     slow_val = f"pipe:sleep 30 && cat {tiny_shards}/val-000000.tar"
     overrides = tiny_overrides(tiny_shards, tmp_path, **{"data.val_urls": slow_val, "schedule.eval_every_steps": "2",
                                                         "schedule.max_steps": "6", "data.num_workers": "1"})
-    process = subprocess.Popen([sys.executable, "-m", "trivit", "train", *overrides], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: the shard's orphaned pipe would hold a pipe open
+    with log.open("w") as stderr_file:
+        process = subprocess.Popen([sys.executable, "-m", "trivit", "train", *overrides], stdout=subprocess.DEVNULL,
+                                   stderr=stderr_file, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not any("sleep 30" in " ".join(child.cmdline()) for child in psutil.Process(process.pid).children(True)):
-            assert process.poll() is None and time.monotonic() < deadline, "evaluation never started"
-            time.sleep(0.05)
+        while not _runs_sleep(psutil.Process(process.pid)):  # the pipe of the validation shard, not the forked
+            assert process.poll() is None and time.monotonic() < deadline, "evaluation never started"  # workers,
+            time.sleep(0.05)  # whose command line (the trainer's) names it too
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)  # Ctrl-C: to the training process, while its loader waits
-        _, stderr = process.communicate(timeout=60)
+        process.wait(timeout=60)
         assert time.monotonic() - interrupted < 30
-        assert process.returncode == 130 and "interrupted" in stderr
+        assert process.returncode == 130 and "interrupted" in log.read_text()
     finally:
         for child in psutil.Process().children(recursive=True):
             child.kill()
