@@ -193,6 +193,13 @@ def test_an_error_during_evaluation_exits_within_a_bound(tiny_shards, tmp_path, 
     assert time.monotonic() - started < 60
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT handled and unblocked as in a terminal, whatever the test runner's threads and
+    libraries left in this process's disposition and signal mask (a child inherits both across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _runs_sleep(process) -> bool:
     """Whether a descendant of ``process`` is the ``sleep`` program itself."""
     import psutil
@@ -215,7 +222,7 @@ def test_ctrl_c_during_evaluation_exits_within_a_bound(tiny_shards, tmp_path):
     log = tmp_path / "stderr.txt"  # a file, not a pipe: the shard's orphaned pipe would hold a pipe open
     with log.open("w") as stderr_file:
         process = subprocess.Popen([sys.executable, "-m", "trivit", "train", *overrides], stdout=subprocess.DEVNULL,
-                                   stderr=stderr_file, text=True)
+                                   stderr=stderr_file, text=True, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not _runs_sleep(psutil.Process(process.pid)):  # the pipe of the validation shard, not the forked
