@@ -252,24 +252,29 @@ class SelfDistiller(Objective):
     def _weak_targets(self, labels: torch.Tensor) -> torch.Tensor:
         return (1 - WEAK_SMOOTHING) * labels + WEAK_SMOOTHING / self.num_classes
 
-    def objective(self, label_losses: torch.Tensor, logits: torch.Tensor, images: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
+    def _terms(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample: USKD's weighted terms for the model (the weak classifier's weights detached), and
+        the weak classifier's own cross-entropy (the features detached)."""
         features = self.blocks.tapped_cls.float()
         labels = label_distribution(targets, self.smoothing)
+        weak_targets = self._weak_targets(labels)
         weak_logits = F.linear(features, self.head.weight.detach(), self.head.bias.detach())
         target_term, non_target_term = uskd_terms(logits, weak_logits.detach(), labels, self.config.ranking)
-        weak_loss = per_sample_cross_entropy(weak_logits, self._weak_targets(labels))
+        weak_loss = per_sample_cross_entropy(weak_logits, weak_targets)
         config = self.config
-        return label_losses + config.alpha * target_term + config.beta * non_target_term + config.mu * weak_loss
+        terms = config.alpha * target_term + config.beta * non_target_term + config.mu * weak_loss
+        return terms, per_sample_cross_entropy(self.head(features.detach()), weak_targets)
+
+    def objective(self, label_losses: torch.Tensor, logits: torch.Tensor, images: torch.Tensor,
+                  targets: torch.Tensor) -> torch.Tensor:
+        return label_losses + self._terms(logits, targets)[0]
 
     def loss(self, label_losses: torch.Tensor, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
              weights: torch.Tensor) -> torch.Tensor:
         """The model's loss; the weak classifier's own weighted loss waits for :meth:`backward`."""
-        features = self.blocks.tapped_cls.detach().float()
-        labels = label_distribution(targets, self.smoothing)
-        own = per_sample_cross_entropy(self.head(features), self._weak_targets(labels))
+        terms, own = self._terms(logits, targets)
         self.pending = self.config.mu * (own * weights).sum()
-        return super().loss(label_losses, logits, images, targets, weights)
+        return ((label_losses + terms) * weights).sum()
 
     def backward(self) -> None:
         self.pending.backward()
