@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.synchronize import Event
@@ -34,9 +36,10 @@ class ShardLoader(DataLoader):
     """
 
     def __init__(self, dataset: IterableDataset, **kwargs: Any):
-        self.released = multiprocessing.get_context().Event()
+        context = worker_context()
+        self.released = context.Event()
         super().__init__(dataset, batch_size=None, worker_init_fn=functools.partial(_worker_signals, self.released),
-                         **kwargs)
+                         multiprocessing_context=context if kwargs.get("num_workers") else None, **kwargs)
 
     @contextmanager
     def batches(self) -> Iterator[Iterator[Batch]]:
@@ -48,6 +51,42 @@ class ShardLoader(DataLoader):
             shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
             if shutdown is not None:
                 shutdown()
+
+
+FORK_SAFE_PYTHON = (3, 11, 8)
+"""CPython from which a forked child cannot inherit a held thread-state lock (gh-112275; 3.12.0 still can)."""
+WORKER_SERVER_PRELOAD = ["torch", "trivit.datasets.stream", "trivit.datasets.transforms", __name__]
+"""What the fork server imports once, so that each worker only unpickles its stream."""
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: forked, or from a fork server where forking could deadlock.
+
+    On CPython before 3.11.8 (and 3.12.0) a forked child deadlocks when another thread of the
+    parent was creating a Python thread state at that instant (gh-112275). Once a process group
+    exists, its communication threads (gloo's run loops, NCCL's watchdog) do just that whenever
+    they release a tensor that Python handed to a collective, so on those versions a distributed
+    run's workers are forked from a fork server, a process without such threads. It starts once
+    per process (:func:`start_worker_server`), and each worker then receives its stream pickled.
+    """
+    if forking_can_deadlock(sys.version_info[:3]) and torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(WORKER_SERVER_PRELOAD)
+        return context
+    return multiprocessing.get_context("fork")
+
+
+def forking_can_deadlock(version: tuple[int, int, int]) -> bool:
+    """Whether this CPython ``version`` has gh-112275 (fixed in 3.11.8 and 3.12.1)."""
+    return version < FORK_SAFE_PYTHON or version == (3, 12, 0)
+
+
+def start_worker_server() -> None:
+    """Start the fork server now if workers will come from one, so that its imports (about 2 s)
+    overlap the run's set-up rather than delay the first step."""
+    if worker_context().get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()
 
 
 def _worker_signals(released: Event, worker_id: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trivit.datasets.loaders import start_worker_server
 from trivit.sparse.examples import sum_across_ranks
 
 
@@ -77,7 +78,8 @@ def init_process_group(world: World, device: torch.device, timeout_s: float) -> 
 
     The current device must be set first, for every backend: NCCL binds each rank's communicator
     to it (``device_id``), and FSDP2 and DeepSpeed take ``torch.cuda.current_device()``; left at
-    its default, every rank of a node would use GPU 0.
+    its default, every rank of a node would use GPU 0. Joining also starts the loader workers'
+    fork server where one is needed (:func:`trivit.datasets.loaders.worker_context`).
     """
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -86,6 +88,7 @@ def init_process_group(world: World, device: torch.device, timeout_s: float) -> 
     cuda = device.type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo", rank=world.rank, world_size=world.world_size,
                             timeout=timedelta(seconds=timeout_s), device_id=device if cuda else None)
+    start_worker_server()  # the group's threads can make forking loader workers unsafe
 
 
 def sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
