@@ -22,6 +22,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
+from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 Ranking = Literal["none", "cls", "pooled", "full"]
@@ -84,11 +85,11 @@ class TriLevelBlock(Block):
         attn = self.attn
         batch, queries, _ = x.shape
         both = self.norm1(torch.cat([x, context], dim=1))
-        qkv = attn.qkv(both).reshape(batch, both.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = split_heads(attn, attn.qkv(both))
         keys = slice(0, None) if attend_self else slice(queries, None)
         q, k, v = attn.q_norm(q[:, :, :queries]), attn.k_norm(k[:, :, keys]), v[:, :, keys]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0,
+                                             scale=sdpa_scale(attn))
         out = attn.norm(out.transpose(1, 2).reshape(batch, queries, attn.attn_dim))
         if attn.gate is not None:
             out = out * attn.gate(both[:, :queries]).sigmoid()
@@ -101,21 +102,42 @@ class TriLevelBlock(Block):
         attn = self.attn
         batch, length, _ = x.shape
         gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-        qkv = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = split_heads(attn, attn.qkv(x))
         q, k = attn.q_norm(q), attn.k_norm(k)
         if ranking == "full":
             probs = _softmax_rows(q, k, attn.scale, links)
             out = attn.attn_drop(probs).to(v.dtype) @ v
-            attention = probs.mean(dim=1)
+            attention = head_mean(attn, probs)
         else:
-            out = _fused_attention(q, k, v, links, attn.attn_drop.p if self.training else 0.0)
+            out = _fused_attention(q, k, v, links, attn.attn_drop.p if self.training else 0.0, sdpa_scale(attn))
             rows = {"cls": q[:, :, :1], "pooled": q.mean(dim=2, keepdim=True)}.get(ranking)
-            attention = None if rows is None else _softmax_rows(rows, k, attn.scale, links).mean(dim=1)
+            attention = None if rows is None else head_mean(attn, _softmax_rows(rows, k, attn.scale, links))
         out = attn.norm(out.transpose(1, 2).reshape(batch, length, attn.attn_dim))
         if gate is not None:
             out = out * gate
         return attn.proj_drop(attn.proj(out)), attention
+
+
+def split_heads(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, L, d) from an attention's qkv projection (B, L, ...): timm's layout, or the
+    attention's own ``split_heads`` (a pruned block's widths, sparse/pruned.py)."""
+    own = getattr(attn, "split_heads", None)
+    if own is not None:
+        return own(qkv)
+    batch, length, _ = qkv.shape
+    return qkv.reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def head_mean(attn: nn.Module, probs: torch.Tensor) -> torch.Tensor:
+    """Attention ``probs`` (B, H, rows, L) averaged over the heads (the kept ones, while pruning)."""
+    own = getattr(attn, "head_mean", None)
+    return probs.mean(dim=1) if own is None else own(probs)
+
+
+def sdpa_scale(attn: nn.Module) -> float | None:
+    """The scale to pass the fused kernel: None (its default, timm's head_dim ** -0.5) unless the
+    attention keeps another one (a pruned block keeps its base model's)."""
+    return attn.scale if hasattr(attn, "split_heads") else None
 
 
 def _softmax_rows(q: torch.Tensor, k: torch.Tensor, scale: float, links: Links | None) -> torch.Tensor:
@@ -129,12 +151,12 @@ def _softmax_rows(q: torch.Tensor, k: torch.Tensor, scale: float, links: Links |
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, links: Links | None,
-                     dropout_p: float) -> torch.Tensor:
+                     dropout_p: float, scale: float | None) -> torch.Tensor:
     if links is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     if links.block_mask is not None:
-        return flex_attention(q, k, v, block_mask=links.block_mask)
+        return flex_attention(q, k, v, block_mask=links.block_mask, scale=scale)
     mask = links.mask
     if q.is_cuda:  # an additive mask in the query's dtype keeps CUDA's memory-efficient kernel
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

@@ -1,0 +1,159 @@
+"""NViT's pruning decisions: the Hessian-aware saliency of every unit, and the groups of units to remove next.
+
+Saliency of unit u (the second-order Taylor estimate of the loss change from removing it, with the
+Fisher approximation of the Hessian): ``c_u = mean over batches of (sum over the weights tied to u
+of theta * dL/dtheta)^2``, the weights tied to a unit being those of :func:`unit_axes`. Each kind of
+unit (embedding channels, heads, query/key channels, value channels, MLP units) is normalised by
+its mean over the kept units, so that kinds of different sizes compare.
+
+Units are removed in groups of the same kind and block (the embedding's span all blocks): a
+layer's candidate is its ``size`` lowest-saliency kept units, scored by their mean normalised
+saliency less ``latency_weight`` times the latency removing them saves, relative to the mean
+saving over all candidates (both terms are then near 1 for an average candidate). One global
+ranking picks the lowest-scoring candidate, the candidates are scored again at the new widths,
+and so on until the event's latency budget is spent. Every layer keeps at least one group.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trivit.sparse.latency import LatencyTable
+from trivit.sparse.pruned import PrunedArch, UnitAxis
+
+KINDS = ("embed", "heads", "qk", "v", "mlp")
+GROUP_FRACTIONS = {"embed": 1 / 48, "heads": 1 / 6, "qk": 1 / 8, "v": 1 / 8, "mlp": 1 / 192}
+"""Group size as a fraction of the unpruned width: the authors' DeiT-B groups (embedding 16 of 768,
+heads 2 of 12, query/key and value channels 8 of 64, MLP units 16 of 3072), scaled to any model."""
+
+
+def kind_of(group: str) -> str:
+    """The unit kind of a group name (``embed`` or ``blocks.<i>.<kind>``)."""
+    return group.rsplit(".", 1)[-1]
+
+
+def group_sizes(arch: PrunedArch) -> dict[str, int]:
+    """Units per group of each kind for the unpruned ``arch`` (at least 1)."""
+    first = arch.blocks[0]
+    widths = {"embed": arch.embed_dim, "heads": first.heads, "qk": first.qk_dim, "v": first.v_dim,
+              "mlp": first.mlp_dim}
+    return {kind: max(1, int(widths[kind] * GROUP_FRACTIONS[kind])) for kind in KINDS}
+
+
+class SaliencyMeter:
+    """Accumulates every unit's Hessian-aware saliency over batches."""
+
+    def __init__(self, axes: Mapping[str, list[UnitAxis]], counts: Mapping[str, int]):
+        self.axes = axes
+        self.counts = dict(counts)
+        self.totals = {group: torch.zeros(size, dtype=torch.float64) for group, size in counts.items()}
+        self.batches = 0
+
+    def add(self, parameters: Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]) -> None:
+        """One batch: ``(name, theta, dL/dtheta)`` of every parameter (full tensors, the same on every rank)."""
+        sums = {group: torch.zeros_like(total) for group, total in self.totals.items()}
+        for name, theta, grad in parameters:
+            if grad is None or name not in self.axes:
+                continue
+            product = theta.detach().double() * grad.detach().double()
+            for axis in self.axes[name]:
+                others = [d for d in range(product.dim()) if d != axis.dim]
+                per_entry = (product.sum(dim=others) if others else product).cpu()
+                tied = axis.ids >= 0
+                sums[axis.group].index_add_(0, axis.ids[tied], per_entry[tied])
+        for group, total in self.totals.items():
+            total += sums[group].square()
+        self.batches += 1
+
+    def saliency(self) -> dict[str, torch.Tensor]:
+        """The mean over the batches added since the last reset."""
+        return {group: total / max(self.batches, 1) for group, total in self.totals.items()}
+
+    def reset(self) -> None:
+        for total in self.totals.values():
+            total.zero_()
+        self.batches = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": {g: t.clone() for g, t in self.totals.items()}, "batches": self.batches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.totals = {g: t.clone().to(torch.float64) for g, t in state["totals"].items()}
+        self.batches = int(state["batches"])
+
+
+def normalised(saliency: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each kind's saliency over its mean among the kept units of that kind (all blocks together)."""
+    means = {}
+    for kind in KINDS:
+        kept = [saliency[g][masks[g].bool()] for g in saliency if kind_of(g) == kind]
+        values = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.float64)
+        means[kind] = values.mean() if values.numel() and values.mean() > 0 else torch.tensor(1.0, dtype=torch.float64)
+    return {g: s / means[kind_of(g)] for g, s in saliency.items()}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A group of units removed: their indices in ``group``, their mean normalised saliency and the latency (ms) saved."""
+
+    group: str
+    units: tuple[int, ...]
+    saliency: float
+    saved_ms: float
+
+
+def choose_groups(scores: Mapping[str, torch.Tensor], masks: dict[str, torch.Tensor], arch: PrunedArch,
+                  sizes: Mapping[str, int], table: LatencyTable, latency_weight: float,
+                  budget_ms: float) -> list[Choice]:
+    """Remove (in ``masks``, in place) the lowest-scoring groups until ``budget_ms`` of latency is saved.
+
+    ``scores``: normalised saliency of the unpruned ``arch``'s units; ``masks`` the current ones.
+    Stops early when no layer can give up a group.
+    """
+    chosen: list[Choice] = []
+    candidates: dict[str, Choice | None] = {group: None for group in masks}
+    stale = set(masks)
+    saved = 0.0
+    while saved < budget_ms:
+        widths = [_widths(block, arch.kept(masks).embed_dim) for block in arch.kept(masks).blocks]
+        for group in stale:
+            candidates[group] = _candidate(group, scores[group], masks[group], sizes[kind_of(group)], widths, table)
+        ready = [c for c in candidates.values() if c is not None]
+        if not ready:
+            break
+        mean_saving = sum(c.saved_ms for c in ready) / len(ready)
+        best = min(ready, key=lambda c: c.saliency - latency_weight * c.saved_ms / max(mean_saving, 1e-12))
+        masks[best.group][list(best.units)] = 0
+        chosen.append(best)
+        saved += best.saved_ms
+        block = best.group.split(".")[1] if best.group != "embed" else None
+        stale = {g for g in masks if block is None or g == "embed" or g.split(".")[1] == block}
+    return chosen
+
+
+WIDTH_INDEX = {"embed": 0, "heads": 1, "qk": 2, "v": 3, "mlp": 4}
+"""Where each kind sits in a block's (embed, heads, qk, v, mlp) widths."""
+
+
+def _widths(block: Any, embed: int) -> tuple[int, int, int, int, int]:
+    return embed, block.heads, block.qk_dim, block.v_dim, block.mlp_dim
+
+
+def _candidate(group: str, scores: torch.Tensor, mask: torch.Tensor, size: int,
+               widths: list[tuple[int, ...]], table: LatencyTable) -> Choice | None:
+    """``group``'s ``size`` lowest-scoring kept units, or None if it keeps too few to give a group up."""
+    kept = mask.bool().nonzero().squeeze(1)
+    if len(kept) < 2 * size:
+        return None
+    units = kept[scores[kept].argsort(stable=True)[:size]]
+    kind = kind_of(group)
+    affected = widths if group == "embed" else [widths[int(group.split(".")[1])]]
+    saved = 0.0
+    for block in affected:
+        narrower = list(block)
+        narrower[WIDTH_INDEX[kind]] -= size
+        saved += table.block_ms(*block) - table.block_ms(*narrower)
+    return Choice(group, tuple(units.tolist()), float(scores[units].mean()), saved)
