@@ -24,6 +24,9 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further ``timm.create_model`` arguments (embed_dim, depth, num_heads, ...)."""
+    arch: str | None = None
+    """A pruned architecture (the arch.json ``trivit prune`` writes): per-block widths in place of
+    timm's uniform ones; null takes the one of ``init_from`` when that is a pruned run."""
     init_from: str | None = None
     """Start from these weights (a start, not a resume: step 0, this run's schedules and checkpoints):
     a timm-format file (.safetensors, .pth, .pt, .bin), a trivit run_dir or checkpoint folder, or
@@ -247,6 +250,41 @@ class DistillConfig:
 
 
 @dataclass(kw_only=True)
+class PruneConfig:
+    """NViT's global structural pruning, run by ``trivit prune`` (``trivit train`` ignores it).
+
+    Every ``every_steps`` steps the lowest-scoring groups of units are masked until the block
+    latency (by ``latency_table``) has fallen by ``latency_step`` of the unpruned model's, while
+    training on the config's data goes on; it ends at ``target_latency``. The loss is the label
+    loss and a distillation to the unpruned model (KL at ``temperature``), weighted by ``alpha``.
+    """
+
+    target_latency: float = 0.5
+    """The block latency to reach, as a fraction of the unpruned model's (by the same table)."""
+    latency_table: str | None = None
+    """A table from ``trivit bench latency-table``; null measures one at start-up (run_dir/latency_table.json)."""
+    every_steps: int = 10
+    latency_step: float = 0.02
+    """Latency removed at each pruning step, as a fraction of the unpruned model's."""
+    latency_weight: float = 1.0
+    """lambda: how much a group's latency saving (relative to the average candidate's) lowers its score."""
+    temperature: float = 3.0
+    alpha: float = 0.5
+    """Weight of the distillation term; the label loss gets 1 - alpha."""
+    table_batch: int = 16
+    """Batch size of a latency table measured at start-up."""
+
+    def __post_init__(self) -> None:
+        check(0 < self.target_latency < 1, "target_latency", self.target_latency, "a fraction in (0, 1)")
+        check(self.every_steps > 0, "every_steps", self.every_steps, "a positive integer")
+        check(0 < self.latency_step <= 1, "latency_step", self.latency_step, "a fraction in (0, 1]")
+        check(self.latency_weight >= 0, "latency_weight", self.latency_weight, "a weight >= 0")
+        check(self.temperature > 0, "temperature", self.temperature, "a positive temperature")
+        check(0 <= self.alpha <= 1, "alpha", self.alpha, "a weight in [0, 1]")
+        check(self.table_batch > 0, "table_batch", self.table_batch, "a positive integer")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """Everything a training run needs; written to ``<run_dir>/config.yaml``."""
 
@@ -264,6 +302,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "an integer >= 0")

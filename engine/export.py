@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 
 from trivit.engine.backends import export_weights
 from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
+from trivit.engine.models import ARCH_FILE, exported_state
+from trivit.sparse.pruned import PrunedArch
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -30,18 +32,29 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The whole model's weights (fp32, contiguous, on the CPU) from a checkpoint folder."""
+    """The whole model's weights (fp32, contiguous, on the CPU) from a checkpoint folder; a pruning
+    run's are those of its architecture so far (the masked units removed)."""
+    return consolidated(checkpoint)[0]
+
+
+def consolidated(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], PrunedArch | None]:
+    """:func:`consolidated_weights` and their pruned architecture (None for a timm one)."""
     folder = checkpoint_folder(checkpoint)
     state = load_trainer_state(folder)
     weights = export_weights(state["backend"], folder, state)
-    return {name: tensor.detach().float().contiguous().cpu() for name, tensor in weights.items()}
+    weights = {name: tensor.detach().float().contiguous().cpu() for name, tensor in weights.items()}
+    return exported_state(weights, state)
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the consolidated weights of ``checkpoint`` to ``out`` (safetensors), atomically."""
+    """Write the consolidated weights of ``checkpoint`` to ``out`` (safetensors), atomically; a pruned
+    model's architecture goes beside it (``arch.json``), where ``model.init_from`` finds it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    weights, arch = consolidated(checkpoint)
+    if arch is not None:
+        arch.save(out.parent / ARCH_FILE)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(consolidated_weights(checkpoint), str(tmp), metadata={"format": "pt"})
+    save_file(weights, str(tmp), metadata={"format": "pt"})
     tmp.replace(out)
     return out

@@ -26,9 +26,10 @@ from trivit.datasets.transforms import eval_transform, image_mode
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, init_process_group
 from trivit.engine.evaluation import Evaluator, PlainInputs
+from trivit.engine.models import create_model, model_arch
 from trivit.engine.pretrained import find_run_config, load_adapted, read_weights
 from trivit.engine.startup import precision_name, resolve_device
-from trivit.sparse import create_vit, set_keep_rates
+from trivit.sparse import set_keep_rates
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ def build_model(config: TrainConfig, source: str) -> tuple[nn.Module, str]:
     state, described = read_weights(source, model_cfg.name, model_cfg.timm_kwargs)
     if "head.weight" not in state:
         raise ValueError(f"{source} holds no classifier head ('head.weight'): nothing to evaluate top-1 with")
-    args = dict(model_cfg.timm_arguments(), num_classes=state["head.weight"].shape[0], drop_path_rate=0.0)
-    model = create_vit(model_cfg.name, config.sparsity, **args)
+    model = create_model(config, state["head.weight"].shape[0], model_arch(config, source), drop_path_rate=0.0)
     for change in load_adapted(model, state):
         log.info("trivit eval: %s", change)
     return model.eval(), described

@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from trivit.config import ConfigError, to_dict
+from trivit.config import to_dict
 from trivit.datasets.loaders import train_loader
 from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
@@ -40,13 +40,13 @@ from trivit.engine.epochs import EpochTracker
 from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.metrics import MetricsLogger, Throughput
+from trivit.engine.models import arch_record, build_training_model, model_arch
 from trivit.engine.optim import build_optimizer, build_scheduler, peak_group_lr
-from trivit.engine.pretrained import init_from
 from trivit.engine.run_lock import lock_run_dir
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.engine.startup import check_epoch_length, resolve_run
 from trivit.engine.step_guard import StepGuard
-from trivit.sparse import create_vit, set_keep_rates
+from trivit.sparse import set_keep_rates
 from trivit.sparse.examples import EpochPlan, ExampleSelector, sum_across_ranks
 from trivit.sparse.flops import dense_fraction
 from trivit.sparse.schedule import scheduled_keep_rate
@@ -113,17 +113,7 @@ class Trainer:
         return self.shards.train_samples // self.config.data.batch_size
 
     def _build_model(self, num_classes: int) -> nn.Module:
-        model_cfg = self.config.model
-        args = dict(model_cfg.timm_arguments(), num_classes=num_classes)
-        model = create_vit(model_cfg.name, self.config.sparsity, **args)
-        if self.config.engine.activation_checkpointing:
-            model.set_grad_checkpointing()
-        if model_cfg.init_from:
-            self.init_record = init_from(model, model_cfg.init_from, model_cfg.name, model_cfg.timm_kwargs)
-        patch = model.patch_embed.patch_size[0]
-        if model_cfg.img_size % patch:
-            raise ConfigError("model.img_size", f"got {model_cfg.img_size}; allowed: a multiple of the "
-                                                f"patch size ({patch}) of {model_cfg.name}")
+        model, self.init_record = build_training_model(self.config, num_classes, model_arch(self.config))
         return model
 
     # -- state -------------------------------------------------------------------------------
@@ -143,6 +133,7 @@ class Trainer:
             "plan": {"active": self.plan.active, "weights": self.plan.weights},
             "examples": self.selector.state_dict() if self.selector else None,
             "objective": self.objective.state_dict(),
+            "arch": arch_record(self.model),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
@@ -335,6 +326,8 @@ class Trainer:
                     throughput.start()
                     for batch in batches:
                         last = self._run_step(batch, throughput, metrics, bar) or last
+                        if self.finished():  # before the epoch's end: a pruning run's target (engine/prune.py)
+                            break
                         throughput.start()
         finally:
             signal.signal(signal.SIGTERM, previous_handler)

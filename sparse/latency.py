@@ -116,7 +116,7 @@ def interpolate(axes: Sequence[Sequence[int]], values: np.ndarray, point: Sequen
             index.append(min(low + up, len(axis) - 1))
         if weight:
             total += weight * float(values[tuple(index)])
-    return total
+    return float(total)
 
 
 def monotone(values: np.ndarray) -> tuple[np.ndarray, float]:

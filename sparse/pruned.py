@@ -224,13 +224,26 @@ def set_block_widths(block: nn.Module, widths: BlockWidths) -> None:
 
 
 def set_unit_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> None:
-    """Mask the units ``masks`` zeroes (groups as :meth:`PrunedArch.unit_counts`); None unmasks them all."""
+    """Mask the units ``masks`` zeroes (groups as :meth:`PrunedArch.unit_counts`); None unmasks them all.
+
+    Masks already set are updated in place, so a compiled model sees the new ones without recompiling.
+    """
     for module in model.modules():
         if isinstance(module, MaskedLayerNorm):
-            module.channel_mask = None if masks is None else masks["embed"]
+            module.channel_mask = _updated(module.channel_mask, None if masks is None else masks["embed"])
     for i, block in enumerate(model.blocks):
-        block.attn.unit_masks = None if masks is None else tuple(masks[f"blocks.{i}.{k}"] for k in UNIT_KINDS[:3])
-        block.mlp.unit_mask = None if masks is None else masks[f"blocks.{i}.mlp"]
+        old = block.attn.unit_masks or (None, None, None)
+        new = (None,) * 3 if masks is None else tuple(masks[f"blocks.{i}.{k}"] for k in UNIT_KINDS[:3])
+        updated = tuple(_updated(a, b) for a, b in zip(old, new))
+        block.attn.unit_masks = None if masks is None else updated
+        block.mlp.unit_mask = _updated(block.mlp.unit_mask, None if masks is None else masks[f"blocks.{i}.mlp"])
+
+
+def _updated(current: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+    """``new``'s values in ``current`` when it can hold them, else ``new`` itself."""
+    if current is None or new is None or current.shape != new.shape or current.device != new.device:
+        return None if new is None else new.clone()
+    return current.copy_(new)
 
 
 @dataclass(frozen=True)

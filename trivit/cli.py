@@ -1,4 +1,4 @@
-"""The ``trivit`` command line: ``trivit train``, ``trivit export``, ``trivit shards``, ``trivit bench``."""
+"""The ``trivit`` command line: ``trivit train``, ``prune``, ``export``, ``eval``, ``shards``, ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,38 @@ def train(args: argparse.Namespace) -> int:
             print(json.dumps(last))
         elif main:
             print(f"nothing to train: {config.run_dir} finished at step {trainer.step}; use a new run_dir to train again")
+        return 0
+    finally:
+        destroy_process_group()
+
+
+def prune(args: argparse.Namespace) -> int:
+    from trivit.engine.config import TrainConfig
+    from trivit.engine.distributed import destroy_process_group
+    from trivit.engine.prune import Pruner
+    from trivit.engine.trainer import Preempted
+
+    flags = [f"model.init_from={args.source}", f"prune.target_latency={args.target_latency}"]
+    flags += [f"prune.latency_table={args.latency_table}"] if args.latency_table else []
+    flags += [f"run_dir={args.out}"] if args.out else []
+    config = load(TrainConfig, args.config, list(args.overrides) + flags)
+    try:
+        pruner = Pruner(config)
+        try:
+            summary = pruner.prune()
+        except Preempted as stop:
+            print(f"trivit: {stop}", file=sys.stderr)
+            return PREEMPTED_EXIT
+        if not pruner.world.is_main:
+            return 0 if summary["target_met"] else 1
+        print(json.dumps({key: summary[key] for key in ("target_met", "latency_fraction", "steps", "arch")}))
+        if not summary["target_met"]:
+            print(f"trivit: prune: the target latency {summary['target_latency']} was not reached within "
+                  f"schedule.max_steps={config.schedule.max_steps} ({summary['latency_fraction']:.3f} of the unpruned "
+                  f"model's so far; {config.run_dir}/model.safetensors holds that model); raise schedule.max_steps, "
+                  "prune.latency_step or lower prune.every_steps, and run again (resume=auto continues)",
+                  file=sys.stderr)
+            return 1
         return 0
     finally:
         destroy_process_group()
@@ -108,6 +140,30 @@ def bench(args: argparse.Namespace) -> int:
     modes = resolve_modes(args.compile, args.checkpointing, args.precision, device, args.attention)
     bench_speed(args.models, batch=args.batch, repeats=args.repeats, steps=args.steps, warmup=args.warmup, out=out,
                 variants=select_variants(args.variants), modes=modes)
+    return 0
+
+
+def latency_table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from trivit.engine.config import TrainConfig
+    from trivit.engine.prune import full_widths
+    from trivit.sparse.latency import measure_latency_table
+    from trivit.sparse.nvit import group_sizes
+
+    overrides = [f"model.name={args.model}"] if args.model else []
+    config = load(TrainConfig, args.config, list(args.overrides) + overrides)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    arguments = config.model.timm_arguments()
+    narrowest = group_sizes(full_widths(config, arguments.get("num_classes", 1000)))
+    table = measure_latency_table(config.model.name, arguments, narrowest, device, args.batch, args.repeats)
+    out = Path(args.out or f"latency-{config.model.name}-{device.type}.json")
+    table.save(out)
+    print(f"{out}: block latency of {config.model.name} on {device} over {table.grid} (batch {args.batch}, "
+          f"{table.tokens} tokens, median of {args.repeats}); largest monotone correction "
+          f"{table.monotone_correction:.1%}")
     return 0
 
 
@@ -183,6 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--overwrite", action="store_true", help="write into --out even if it holds results")
     speed.set_defaults(run=bench)
 
+    table = bench_kinds.add_parser("latency-table", help="block latency over a grid of widths, for trivit prune")
+    table.add_argument("--model", help="timm model name (default: the config's model.name)")
+    table.add_argument("--config", help="take the model (name, image and patch size, timm_kwargs) from a run config")
+    table.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
+    table.add_argument("--batch", type=positive_int, default=16, help="images per timed forward pass")
+    table.add_argument("--repeats", type=positive_int, default=5, help="timed rounds over the grid (the median is kept)")
+    table.add_argument("--out", help="the table's JSON file (default: latency-<model>-<device>.json)")
+    table.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (model.*)")
+    table.set_defaults(run=latency_table)
+
+    prune_parser = commands.add_parser("prune", help="global structural pruning (NViT) of a trained model to a "
+                                                     "latency target, while training on the config's data")
+    prune_parser.add_argument("--config", help="YAML run config: data, backend, schedule and prune.* settings")
+    prune_parser.add_argument("--from", dest="source", required=True,
+                              help="the trained model: a run_dir, a checkpoint folder or a weights file")
+    prune_parser.add_argument("--target-latency", type=keep_rate, default=0.5,
+                              help="block latency to reach, as a fraction of the unpruned model's (default 0.5)")
+    prune_parser.add_argument("--latency-table", help="a table from 'trivit bench latency-table' (default: measure "
+                                                      "one at start-up)")
+    prune_parser.add_argument("--out", help="the pruning run's run_dir (default: the config's run_dir)")
+    prune_parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    prune_parser.set_defaults(run=prune)
+
     eval_parser = commands.add_parser("eval", help="top-1/top-5 and inference img/s of a trained model at several "
                                                    "keep rates (the off-the-shelf table)")
     eval_parser.add_argument("source", help="a run_dir, a checkpoint folder, or a weights file (with --model)")
@@ -218,7 +297,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "prune") or getattr(args, "kind", None) == "latency-table":
         args.overrides += overrides
         extra = [item for item in extra if item not in overrides]
     if extra:

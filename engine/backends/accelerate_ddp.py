@@ -36,6 +36,7 @@ class AccelerateBackend(Backend):
             self.accelerator.backward(loss)
 
     def step(self) -> None:
+        self._report_gradients()
         clip = self.config.optim.clip_grad
         if clip is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), clip)

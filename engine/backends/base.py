@@ -9,7 +9,7 @@ in the same order.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+NamedGradients = Iterator[tuple[str, torch.Tensor, "torch.Tensor | None"]]
+"""(name, whole parameter, its whole gradient) of every parameter of the model, in a fixed order."""
 
 
 class Backend(ABC):
@@ -33,6 +35,9 @@ class Backend(ABC):
     """The timm/trivit model itself: keep rates, blocks, EMA and evaluation go through it."""
     optimizer: torch.optim.Optimizer
     """The torch optimizer whose param_groups carry the learning rate the schedule sets."""
+    gradient_hook: Callable[[NamedGradients], None] | None = None
+    """Called on every rank once per step when the step's gradients are complete and reduced, before
+    the update and any clipping, with :meth:`named_gradients` (NViT's saliency reads them)."""
 
     def __init__(self, config: TrainConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None):
         self.config, self.world, self.device, self.amp_dtype = config, world, device, amp_dtype
@@ -68,6 +73,15 @@ class Backend(ABC):
     @abstractmethod
     def load(self, folder: Path, state: dict[str, Any]) -> None:
         """Restore what :meth:`save` wrote (``state`` is the loaded ``trainer.pt``)."""
+
+    def named_gradients(self) -> NamedGradients:
+        """Every parameter and gradient whole (a collective where they are sharded)."""
+        for name, param in self.module.named_parameters():
+            yield name, param, param.grad
+
+    def _report_gradients(self) -> None:
+        if self.gradient_hook is not None:
+            self.gradient_hook(self.named_gradients())
 
     def description(self) -> str:
         return f"{self.name} on {self.world.world_size} process(es), {self.device}"

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from trivit.engine.backends.base import Backend, OptimizerFactory
+from trivit.engine.backends.base import Backend, NamedGradients, OptimizerFactory
 from trivit.engine.compile import compile_blocks
 
 SHARDS = "sharded"
@@ -50,6 +50,7 @@ class FSDPBackend(Backend):
         loss.backward()
 
     def step(self) -> None:
+        self._report_gradients()
         clip = self.config.optim.clip_grad
         if clip is not None:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -61,6 +62,12 @@ class FSDPBackend(Backend):
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def named_gradients(self) -> NamedGradients:
+        for name, param in self.module.named_parameters():
+            grad = param.grad
+            yield (name, param.full_tensor() if isinstance(param, DTensor) else param,
+                   grad.full_tensor() if isinstance(grad, DTensor) else grad)
 
     def save(self, folder: Path) -> dict[str, Any]:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)

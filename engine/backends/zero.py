@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trivit.config import ConfigError, merge
-from trivit.engine.backends.base import Backend, OptimizerFactory
+from trivit.engine.backends.base import Backend, NamedGradients, OptimizerFactory
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World
 
@@ -122,6 +122,8 @@ class DeepSpeedBackend(Backend):
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         # trivit already divides each micro-batch's loss by the rank's whole batch
         self.engine.backward(loss, scale_wrt_gas=False)
+        if last_micro_batch:
+            self._report_gradients()
         self.engine.step()  # reduces and updates at the accumulation boundary only
 
     def step(self) -> None:
@@ -129,6 +131,13 @@ class DeepSpeedBackend(Backend):
 
     def zero_grad(self) -> None:
         """DeepSpeed zeroes the gradients after its own step."""
+
+    def named_gradients(self) -> NamedGradients:
+        """The fp32 master weights and gradients, gathered from the ZeRO partitions."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+        for name, param in self.module.named_parameters():
+            yield name, safe_get_full_fp32_param(param), safe_get_full_grad(param)
 
     def save(self, folder: Path) -> dict[str, Any]:
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)

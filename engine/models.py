@@ -1,0 +1,102 @@
+"""The run's model: timm's ViT by name, or a pruned architecture, with its starting weights.
+
+A pruned architecture (sparse/pruned.py) comes from ``model.arch`` (an ``arch.json``), or from
+the source ``model.init_from`` names when that is a pruned run: its checkpoints record the
+architecture of the weights they export (``trainer.pt``'s ``arch``), and an exported weights
+file has the ``arch.json`` written beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trivit.config import ConfigError
+from trivit.engine.config import TrainConfig
+from trivit.sparse import create_vit
+from trivit.sparse.pruned import PrunedArch, create_pruned_vit, strip_state, unit_axes
+
+ARCH_FILE = "arch.json"
+UNIT_MASKS = "unit_masks"
+"""The entry of a pruning run's objective state that holds its masks (``trivit prune``)."""
+
+
+def source_arch(source: str | None) -> PrunedArch | None:
+    """The pruned architecture of ``source`` (a run_dir, checkpoint folder or weights file), None for a timm one."""
+    from trivit.engine.checkpoint import load_trainer_state
+    from trivit.engine.export import find_checkpoint
+
+    if source is None or source == "timm":
+        return None
+    path = Path(source).expanduser()
+    if path.is_file() and path.name != "trainer.pt":
+        beside = path.parent / ARCH_FILE
+        return PrunedArch.load(beside) if beside.is_file() else None
+    if not path.exists():
+        return None
+    _, arch = exported_state({}, load_trainer_state(find_checkpoint(path)))
+    return arch
+
+
+def model_arch(config: TrainConfig, source: str | None = None) -> PrunedArch | None:
+    """The run's pruned architecture: ``model.arch``, else that of ``source`` (default ``model.init_from``)."""
+    model_cfg = config.model
+    arch = PrunedArch.load(model_cfg.arch) if model_cfg.arch else source_arch(source or model_cfg.init_from)
+    if arch is not None and arch.base != model_cfg.name:
+        raise ConfigError("model.name", f"got {model_cfg.name!r} but the pruned architecture was pruned from "
+                                        f"{arch.base!r}; set model.name={arch.base} (with its model.timm_kwargs)")
+    return arch
+
+
+def create_model(config: TrainConfig, num_classes: int, arch: PrunedArch | None, **overrides: Any) -> nn.Module:
+    """The run's model, untrained: the pruned ``arch`` when given, else timm's ``model.name``."""
+    args = dict(config.model.timm_arguments(), num_classes=num_classes, **overrides)
+    if arch is None:
+        return create_vit(config.model.name, config.sparsity, **args)
+    model = create_pruned_vit(arch, config.sparsity, **args)
+    model.arch_record = {"arch": dataclasses.asdict(arch), "timm_kwargs": args}
+    return model
+
+
+def build_training_model(config: TrainConfig, num_classes: int,
+                         arch: PrunedArch | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a run trains, with ``model.init_from``'s weights; returns it and what was loaded from where."""
+    from trivit.engine.pretrained import init_from
+
+    model_cfg = config.model
+    model = create_model(config, num_classes, arch)
+    if config.engine.activation_checkpointing:
+        model.set_grad_checkpointing()
+    record = init_from(model, model_cfg.init_from, model_cfg.name, model_cfg.timm_kwargs) if model_cfg.init_from else {}
+    patch = model.patch_embed.patch_size[0]
+    if model_cfg.img_size % patch:
+        raise ConfigError("model.img_size", f"got {model_cfg.img_size}; allowed: a multiple of the "
+                                            f"patch size ({patch}) of {model_cfg.name}")
+    return model, record
+
+
+def arch_record(model: nn.Module) -> dict[str, Any] | None:
+    """What ``trainer.pt`` records of a pruned model (its architecture and timm arguments; None for timm's)."""
+    return getattr(model, "arch_record", None)
+
+
+def exported_state(weights: Mapping[str, torch.Tensor],
+                   trainer_state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], PrunedArch | None]:
+    """A checkpoint's weights as exported, and their architecture: a pruning run's masked units stripped."""
+    record = trainer_state.get("arch")
+    if record is None:
+        return dict(weights), None
+    arch = PrunedArch(**record["arch"])
+    objective = trainer_state.get("objective") or {}
+    masks = objective.get(UNIT_MASKS) if isinstance(objective, Mapping) else None
+    if masks is None:
+        return dict(weights), arch
+    if not weights:
+        return {}, arch.kept(masks)
+    with torch.device("meta"):
+        model = create_pruned_vit(arch, **record["timm_kwargs"])
+    return strip_state(weights, unit_axes(model, arch), masks), arch.kept(masks)

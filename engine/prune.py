@@ -1,0 +1,198 @@
+"""``trivit prune``: NViT's global structural pruning of a trained ViT, under a latency target.
+
+The run is a training run (any backend, checkpoints, ``resume=auto``, SIGTERM) of the source
+model at its full widths as a pruned architecture (sparse/pruned.py), whose objective is the
+label loss plus a distillation to the frozen unpruned model, and which also:
+
+- accumulates every unit's saliency from each step's reduced gradients (the backend's
+  ``gradient_hook``: whole tensors on every rank, gathered where sharded);
+- every ``prune.every_steps`` steps masks the lowest-scoring groups (sparse/nvit.py) until the
+  block latency by the table has fallen by ``prune.latency_step``, on every rank alike;
+- ends once the target latency is met, with ``model.safetensors`` holding the stripped model
+  and ``arch.json`` its architecture (the export of a pruning checkpoint strips the masked
+  units, engine/models.py), ready for ``trivit train model.init_from=RUN_DIR``.
+
+Masked units contribute nothing and receive no gradient, whatever the backend or its sharding,
+so their weights need not be touched until they are stripped.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trivit.config import ConfigError
+from trivit.engine.backends.base import NamedGradients
+from trivit.engine.config import DistillConfig, PruneConfig, TrainConfig
+from trivit.engine.distill import Distiller
+from trivit.engine.models import UNIT_MASKS, build_training_model, model_arch
+from trivit.engine.trainer import Trainer
+from trivit.sparse import create_vit, set_keep_rates
+from trivit.sparse.latency import LatencyTable, measure_latency_table
+from trivit.sparse.nvit import SaliencyMeter, choose_groups, group_sizes, normalised
+from trivit.sparse.pruned import PrunedArch, set_unit_masks, unit_axes
+
+log = logging.getLogger(__name__)
+
+TABLE_FILE = "latency_table.json"
+HISTORY_FILE = "prune.json"
+
+
+class PruningObjective(Distiller):
+    """Distillation to the unpruned model, the saliency meter and the masks: the pruning run's state."""
+
+    def __init__(self, config: PruneConfig, teacher: nn.Module, amp_dtype: torch.dtype | None, model: nn.Module,
+                 arch: PrunedArch, table: LatencyTable, device: torch.device):
+        distill = DistillConfig(loss="soft", teacher="the unpruned model", alpha=config.alpha, tau=config.temperature)
+        super().__init__(distill, teacher, amp_dtype)
+        self.prune, self.model, self.arch, self.table, self.device = config, model, arch, table, device
+        self.sizes = group_sizes(arch)
+        self.masks = {group: torch.ones(size) for group, size in arch.unit_counts().items()}
+        self.meter = SaliencyMeter(unit_axes(model, arch), arch.unit_counts())
+        self.base_ms = table.model_ms(arch)
+        self.steps = 0
+        self.history: list[dict[str, Any]] = []
+        set_unit_masks(model, self._device_masks())  # all kept: the tensors later steps update in place
+
+    @property
+    def latency_fraction(self) -> float:
+        """The masked model's block latency over the unpruned one's, by the table."""
+        return self.table.model_ms(self.arch.kept(self.masks)) / self.base_ms
+
+    def target_met(self) -> bool:
+        return self.latency_fraction <= self.prune.target_latency + 1e-9
+
+    def add_gradients(self, gradients: NamedGradients) -> None:
+        """The backend's gradient hook: one batch of saliency, unless the target is already met."""
+        if self.target_met():
+            for _ in gradients:  # the collectives of sharded backends still run on every rank
+                pass
+            return
+        self.meter.add(gradients)
+
+    def step(self, lr: float) -> None:
+        self.steps += 1
+        if self.steps % self.prune.every_steps or self.target_met():
+            return
+        masks = {group: mask.clone() for group, mask in self.masks.items()}
+        budget = min(self.prune.latency_step, self.latency_fraction - self.prune.target_latency) * self.base_ms
+        scores = normalised(self.meter.saliency(), masks)
+        chosen = choose_groups(scores, masks, self.arch, self.sizes, self.table, self.prune.latency_weight, budget)
+        self.masks = _same_on_every_rank(masks)
+        set_unit_masks(self.model, self._device_masks())
+        self.meter.reset()
+        self.history.append({"step": self.steps, "latency_fraction": self.latency_fraction,
+                             "removed": [{"group": c.group, "units": len(c.units), "saliency": c.saliency,
+                                          "saved_ms": c.saved_ms} for c in chosen],
+                             "arch": dataclasses.asdict(self.arch.kept(self.masks))})
+        log.info("pruning step %d: removed %d groups, block latency %.3f of the unpruned model's (target %.3f)",
+                 self.steps, len(chosen), self.latency_fraction, self.prune.target_latency)
+
+    def _device_masks(self) -> dict[str, torch.Tensor]:
+        return {group: mask.to(self.device) for group, mask in self.masks.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {UNIT_MASKS: {g: m.clone() for g, m in self.masks.items()}, "meter": self.meter.state_dict(),
+                "steps": self.steps, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None or UNIT_MASKS not in state:
+            raise ValueError("the checkpoint to resume was not written by `trivit prune` (it holds no unit masks); "
+                             "prune into a new run_dir")
+        self.masks = {g: m.clone().float() for g, m in state[UNIT_MASKS].items()}
+        self.meter.load_state_dict(state["meter"])
+        self.steps, self.history = state["steps"], list(state["history"])
+        set_unit_masks(self.model, self._device_masks())
+
+
+def _same_on_every_rank(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's masks (every rank computed them from the same gradients; this makes float ties moot)."""
+    if not dist.is_initialized():
+        return masks
+    holder = [masks]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class Pruner(Trainer):
+    """The pruning run: a :class:`Trainer` whose model starts at the source's full widths, masked as it goes."""
+
+    def __init__(self, config: TrainConfig):
+        check_prunable(config)
+        super().__init__(config)
+        if self.amp_dtype == torch.float16:
+            raise ConfigError("engine.precision", "got fp16; pruning reads the gradients unscaled: use bf16 or fp32")
+        table = self._latency_table()
+        table.check_fits(self.arch)
+        self.objective = PruningObjective(config.prune, self.teacher.to(self.device), self.amp_dtype, self.model,
+                                          self.arch, table, self.device)
+        self.backend.gradient_hook = self.objective.add_gradients
+
+    def _build_model(self, num_classes: int) -> nn.Module:
+        config = self.config
+        self.arch = model_arch(config) or full_widths(config, num_classes)
+        model, self.init_record = build_training_model(config, num_classes, self.arch)
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        set_keep_rates(self.teacher, 1.0, 1.0)  # the unpruned model, dense
+        return model
+
+    def _latency_table(self) -> LatencyTable:
+        prune = self.config.prune
+        if prune.latency_table is not None:
+            return LatencyTable.load(prune.latency_table)
+        path = self.run_dir / TABLE_FILE
+        if self.world.is_main and not path.is_file():
+            log.info("measuring a block latency table of %s on %s (prune.latency_table names a measured one)",
+                     self.config.model.name, self.device)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            table = measure_latency_table(self.config.model.name, self.config.model.timm_arguments(),
+                                          group_sizes(self.arch), self.device, prune.table_batch, repeats=5)
+            table.save(path)
+        if dist.is_initialized():
+            dist.barrier()
+        return LatencyTable.load(path)
+
+    def finished(self) -> bool:
+        """The target is met, or ``schedule.max_steps`` reached (epochs go on until then)."""
+        max_steps = self.config.schedule.max_steps
+        return self.objective.target_met() or (max_steps is not None and self.step >= max_steps)
+
+    def prune(self) -> dict[str, Any]:
+        """Prune to the target; returns a summary (the history is also in run_dir/prune.json)."""
+        self.train()
+        objective = self.objective
+        summary = {"target_met": objective.target_met(), "latency_fraction": objective.latency_fraction,
+                   "target_latency": self.config.prune.target_latency, "steps": self.step,
+                   "arch": dataclasses.asdict(self.arch.kept(objective.masks)), "history": objective.history}
+        if self.world.is_main:
+            (self.run_dir / HISTORY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+
+def full_widths(config: TrainConfig, num_classes: int) -> PrunedArch:
+    """The architecture of timm's ``model.name`` as the run builds it: every block at its full widths."""
+    with torch.device("meta"):
+        model = create_vit(config.model.name, None, **dict(config.model.timm_arguments(), num_classes=num_classes))
+    return PrunedArch.of_vit(config.model.name, model)
+
+
+def check_prunable(config: TrainConfig) -> None:
+    """What cannot compose with pruning, refused at start-up."""
+    if not config.model.init_from:
+        raise ConfigError("model.init_from", "trivit prune needs the trained model to prune: --from RUN_DIR, a "
+                                             "checkpoint folder or a weights file")
+    if config.distill.loss != "none":
+        raise ConfigError("distill.loss", f"got {config.distill.loss!r}; pruning distils from the unpruned model "
+                                          "itself (prune.alpha, prune.temperature): leave distill.loss none")
+    if config.optim.ema_decay is not None:
+        raise ConfigError("optim.ema_decay", "an EMA would average weights across pruning steps (it would keep the "
+                                             "removed units alive); set optim.ema_decay=null to prune")
+    if config.model.arch is not None and Path(config.model.arch).resolve() == Path(config.run_dir, "arch.json").resolve():
+        raise ConfigError("model.arch", "names the arch.json this run will write; prune into another run_dir")

@@ -1,0 +1,155 @@
+"""``trivit prune`` end to end: the target met by the table, the stripped model and its arch.json, exact
+resume, and the pruned model fine-tuned, evaluated and exported."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trivit.cli import main
+from trivit.config import ConfigError, load
+from trivit.engine.config import TrainConfig
+from trivit.engine.export import export, find_checkpoint
+from trivit.engine.prune import Pruner
+from trivit.engine.trainer import Trainer
+from trivit.sparse.latency import LatencyTable
+from trivit.sparse.pruned import PrunedArch, create_pruned_vit
+from tests.conftest import tiny_overrides
+from tests.faults.test_process_faults import read_metrics
+
+TOKENS = 17
+MODEL_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+PRUNE = {"optim.ema_decay": "null", "prune.every_steps": "2", "prune.latency_step": "0.2",
+         "schedule.max_steps": "40", "data.mixup": "0", "data.cutmix": "0", "checkpoint.every_steps": "2"}
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def flops_table(path: Path) -> Path:
+    """A latency table proportional to each part's multiply-adds: multilinear in the widths, so exact."""
+    grid = {"embed": [1, 32], "heads": [1, 2], "qk": [1, 16], "v": [1, 16], "mlp": [1, 128]}
+    attention = np.zeros((2, 2, 2, 2))
+    for index in np.ndindex(attention.shape):
+        e, h, q, v = (grid[n][i] for n, i in zip(("embed", "heads", "qk", "v"), index))
+        attention[index] = 1e-3 * (TOKENS * e * h * (2 * q + v) + TOKENS * h * v * e + TOKENS * TOKENS * h * (q + v))
+    mlp = np.array([[1e-3 * 2 * TOKENS * e * m for m in grid["mlp"]] for e in grid["embed"]])
+    LatencyTable(model="deit_tiny_patch16_224", device="cpu", batch_size=1, tokens=TOKENS, grid=grid,
+                 attention_ms=attention.tolist(), mlp_ms=mlp.tolist()).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def source_run(tiny_shards, tmp_path_factory) -> Path:
+    """A trained tiny model (6 steps)."""
+    run_dir = tmp_path_factory.mktemp("source")
+    Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, run_dir, **{"schedule.max_steps": "6"}))).train()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def table_file(tmp_path_factory) -> Path:
+    return flops_table(tmp_path_factory.mktemp("table") / "table.json")
+
+
+def prune_args(shards: Path, run_dir: Path, source: Path, table: Path, **extra: str) -> list[str]:
+    overrides = [o for o in tiny_overrides(shards, run_dir, **dict(PRUNE, **extra)) if not o.startswith("run_dir=")]
+    return ["prune", "--from", str(source), "--target-latency", "0.5", "--latency-table", str(table),
+            "--out", str(run_dir), *overrides]
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tiny_shards, source_run, table_file, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("pruned")
+    assert main(prune_args(tiny_shards, run_dir, source_run, table_file)) == 0
+    return run_dir
+
+
+def test_prune_meets_the_target_by_the_table_and_writes_the_stripped_model(pruned_run, table_file):
+    table = LatencyTable.load(table_file)
+    full = PrunedArch.load(pruned_run / "arch.json").with_counts(
+        {"embed": 32, **{f"blocks.{i}.{k}": n for i in range(2)
+                         for k, n in (("heads", 2), ("qk", 16), ("v", 16), ("mlp", 128))}})
+    arch = PrunedArch.load(pruned_run / "arch.json")
+    assert table.model_ms(arch) / table.model_ms(full) <= 0.5
+    summary = json.loads((pruned_run / "prune.json").read_text())
+    assert summary["target_met"] and summary["latency_fraction"] == pytest.approx(table.model_ms(arch) / table.model_ms(full))
+    fractions = [event["latency_fraction"] for event in summary["history"]]
+    assert fractions == sorted(fractions, reverse=True) and len(fractions) >= 3  # 0.2 of the latency per event
+    assert all(event["step"] % 2 == 0 for event in summary["history"])
+    assert summary["steps"] == summary["history"][-1]["step"], "it stops at the step that meets the target"
+    model = create_pruned_vit(arch, **MODEL_KWARGS)
+    model.load_state_dict(load_file(pruned_run / "model.safetensors"), strict=True)
+    assert sum(p.numel() for p in model.parameters()) < 0.75 * sum(
+        p.numel() for p in create_pruned_vit(full, **MODEL_KWARGS).parameters())
+
+
+def test_the_pruned_run_fine_tunes_and_exports_with_its_architecture(pruned_run, tiny_shards, tmp_path):
+    arch = PrunedArch.load(pruned_run / "arch.json")
+    config = load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
+        "model.init_from": str(pruned_run), "schedule.max_steps": "3", "sparsity.tokens.keep_rate": "0.5",
+        "sparsity.tokens.locations": "[1]", "sparsity.attention.keep_rate": "0.5",
+        "sparsity.schedule.start_epochs": "0", "sparsity.schedule.span_epochs": "0"}))
+    trainer = Trainer(config)
+    assert PrunedArch.of_vit("deit_tiny_patch16_224", trainer.model) == arch
+    assert trainer.init_record["init_from"].startswith("trivit checkpoint")
+    record = trainer.train()
+    assert record["tokens_per_block"] == [17, 9]  # the token level acts on the pruned model
+    assert PrunedArch.load(tmp_path / "arch.json") == arch  # the export at the end writes it beside the weights
+    out = export(find_checkpoint(tmp_path), tmp_path / "again" / "model.safetensors")
+    assert PrunedArch.load(out.parent / "arch.json") == arch
+    assert load_file(out).keys() == load_file(tmp_path / "model.safetensors").keys()
+
+
+def test_pruning_resumes_exactly(tiny_shards, source_run, table_file, pruned_run, tmp_path):
+    """Stopped after 3 steps (schedule.max_steps, which changes no schedule), then resumed to the end."""
+    assert main(prune_args(tiny_shards, tmp_path, source_run, table_file, **{"schedule.max_steps": "3"})) == 1
+    assert main(prune_args(tiny_shards, tmp_path, source_run, table_file)) == 0
+    assert step_losses(tmp_path) == step_losses(pruned_run) and len(step_losses(pruned_run)) == 6
+    resumed, uninterrupted = (json.loads((run / "prune.json").read_text()) for run in (tmp_path, pruned_run))
+    assert resumed["history"] == uninterrupted["history"]  # the same groups removed at the same steps
+    assert PrunedArch.load(tmp_path / "arch.json") == PrunedArch.load(pruned_run / "arch.json")
+
+
+def test_what_cannot_compose_with_pruning_is_refused_at_start_up(tiny_shards, source_run, table_file, tmp_path):
+    def config(**extra: str) -> TrainConfig:
+        settings = {**PRUNE, "model.init_from": str(source_run), "prune.latency_table": str(table_file), **extra}
+        return load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **settings))
+
+    with pytest.raises(ConfigError, match="optim.ema_decay"):
+        Pruner(config(**{"optim.ema_decay": "0.9"}))
+    with pytest.raises(ConfigError, match="distill.loss"):
+        Pruner(config(**{"distill.loss": "uskd"}))
+    with pytest.raises(ConfigError, match="model.init_from.*--from"):
+        Pruner(config(**{"model.init_from": "null"}))
+    narrow = LatencyTable.load(table_file)
+    narrow.grid["embed"] = [1, 16]  # measured for a model of half the width
+    narrow.save(tmp_path / "narrow.json")
+    with pytest.raises(ValueError, match="reaches widths.*embed.*bench latency-table"):
+        Pruner(config(**{"prune.latency_table": str(tmp_path / "narrow.json")}))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_model_arch_that_is_not_the_model_name_is_refused(pruned_run, tiny_shards, tmp_path):
+    config = load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
+        "model.arch": str(pruned_run / "arch.json"), "model.name": "deit_small_patch16_224"}))
+    with pytest.raises(ConfigError, match="model.name.*pruned from 'deit_tiny_patch16_224'"):
+        Trainer(config)
+
+
+def test_the_latency_table_measured_here_is_monotone_and_fits_its_grid(tmp_path):
+    assert main(["bench", "latency-table", "--model", "deit_tiny_patch16_224", "--batch", "2", "--repeats", "3",
+                 "--out", str(tmp_path / "t.json"), "model.img_size=16", "model.patch_size=4", "model.in_chans=1",
+                 "model.timm_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "data.mean=[0.3]", "data.std=[0.3]"]) == 0
+    table = LatencyTable.load(tmp_path / "t.json")
+    assert table.grid == {"embed": [1, 8, 16, 24, 32], "heads": [1, 2], "qk": [2, 4, 8, 12, 16],
+                          "v": [2, 4, 8, 12, 16], "mlp": [1, 32, 64, 96, 128]}
+    for values in (np.asarray(table.attention_ms), np.asarray(table.mlp_ms)):
+        for axis in range(values.ndim):
+            assert (np.diff(values, axis=axis) >= 0).all()
+    assert table.tokens == 17 and torch.tensor(table.attention_ms).min() > 0
