@@ -1,7 +1,8 @@
 """Analytic FLOPs of a (sparse) ViT forward pass, per image.
 
 Counts the matrix products, as multiply-adds x 2: per block, QKV and output projections
-(4 N d^2), the attention products QK^T and AV (2 N^2 d, dense even where the attention level
+(4 N d^2; a pruned block's own query/key and value widths in place of d), the attention
+products QK^T and AV (2 N^2 d, dense even where the attention level
 masks links: SDPA with a mask still computes them), and the MLP (2 N d h). A pruning block
 also computes the [CLS] row of its attention scores to rank tokens by (N d) when the fused
 kernel gives the output; where the attention level ranks links it computes the scores
@@ -64,14 +65,29 @@ def semantic_shapes(counts: list[tuple[int, int, int]], semantic: SemanticTokens
     return shapes
 
 
-def vit_flops(shapes: list[BlockShape], dim: int, mlp_hidden: int, num_patches: int, patch_pixels: int,
+BlockWidth = tuple[int, int, int]
+"""(heads x query/key width, heads x value width, MLP width) of one block: (d, d, h) in timm's ViT."""
+
+
+def vit_flops(shapes: list[BlockShape], dim: int, widths: list[BlockWidth], num_patches: int, patch_pixels: int,
               num_classes: int) -> float:
-    """FLOPs per image of a ViT whose blocks have ``shapes``."""
-    blocks = sum(2 * (3 * t * dim * dim + q * dim * dim + 2 * q * k * dim + rows * k * dim) + 2 * (2 * m * dim * mlp_hidden)
-                 for t, q, k, m, rows in shapes)
+    """FLOPs per image of a ViT of embedding width ``dim`` whose blocks have ``shapes`` and ``widths``."""
+    blocks = sum(2 * (t * dim * (2 * qk + v) + q * v * dim + q * k * (qk + v) + rows * k * qk) + 2 * (2 * m * dim * mlp)
+                 for (t, q, k, m, rows), (qk, v, mlp) in zip(shapes, widths))
     embed = 2 * num_patches * patch_pixels * dim
     head = 2 * dim * num_classes
     return float(blocks + embed + head)
+
+
+def block_widths(model: nn.Module) -> list[BlockWidth]:
+    """Each block's widths, timm's or a pruned model's (sparse/pruned.py)."""
+    widths = []
+    for block in model.blocks:
+        attn = block.attn
+        pruned = hasattr(attn, "qk_dim")
+        qk, v = (attn.qk_dim, attn.v_dim) if pruned else (attn.head_dim, attn.head_dim)
+        widths.append((attn.num_heads * qk, attn.num_heads * v, block.mlp.fc1.out_features))
+    return widths
 
 
 def model_flops(model: nn.Module, token_keep_rate: float | None = None, semantic: bool = True) -> float:
@@ -87,8 +103,7 @@ def model_flops(model: nn.Module, token_keep_rate: float | None = None, semantic
     shapes = ([(n, n, n, m, rows) for n, m, rows in counts] if blocks.semantic is None or not semantic
               else semantic_shapes(counts, blocks.semantic, num_patches))
     patch_pixels = model.patch_embed.proj.in_channels * model.patch_embed.proj.kernel_size[0] * model.patch_embed.proj.kernel_size[1]
-    return vit_flops(shapes, model.embed_dim, blocks[0].mlp.fc1.out_features, num_patches, patch_pixels,
-                     model.num_classes)
+    return vit_flops(shapes, model.embed_dim, block_widths(model), num_patches, patch_pixels, model.num_classes)
 
 
 def dense_fraction(model: nn.Module) -> float:

@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from trivit.sparse.pruned import (BlockWidths, PrunedArch, create_pruned_vit, set_unit_masks, strip_state,
                                   unit_axes)
+from trivit.sparse.flops import model_flops
 from trivit.sparse.vit import create_vit, set_keep_rates
 
 BASE = "deit_tiny_patch16_224"
@@ -106,3 +109,12 @@ def test_keep_rates_and_the_block_widths_apply_to_the_pruned_model():
     set_keep_rates(model, 1.0, 1.0)
     model(torch.randn(2, 1, 16, 16))
     assert model.blocks.tokens_per_block == [17, 17, 17]
+
+
+@pytest.mark.parametrize("sparsity", [None, SPARSITY], ids=["dense", "tokens+attention"])
+def test_analytic_flops_of_a_pruned_model_equal_torchs_count(sparsity):
+    arch = full_arch()
+    model = create_pruned_vit(arch.kept(random_masks(arch, seed=3)), sparsity, **KWARGS).eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 1, 16, 16))
+    assert model_flops(model) == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
