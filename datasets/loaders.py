@@ -90,12 +90,29 @@ def start_worker_server() -> None:
 
 
 def _worker_signals(released: Event, worker_id: int) -> None:
-    """In a loader worker: ignore SIGTERM until the loader is released, then exit on it."""
+    """In a loader worker: ignore SIGTERM until the loader is released, then exit on it; and, when the
+    worker came from the fork server, let the server outlive only the training process."""
     def on_sigterm(signum: int, frame: Any) -> None:
         if released.is_set():
             os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    _release_fork_server()
+
+
+def _release_fork_server() -> None:
+    """Close this worker's copy of the fork server's keep-alive pipe.
+
+    The server exits when every holder of that pipe has closed it, and multiprocessing hands a
+    copy to each process it forks, so that they can start processes of their own. A loader worker
+    starts none; were it to keep its copy, a training process killed outright (SIGKILL, the OOM
+    killer) would leave the server running, the worker's check on its parent (the server) would
+    keep finding it alive, and both would linger, holding the job's stdout and stderr open.
+    """
+    server = multiprocessing.forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
 
 
 def check_enough_shards(layout: StreamLayout) -> None:
