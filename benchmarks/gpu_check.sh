@@ -6,7 +6,8 @@
 # Makefile) runs if .venv is missing. BENCH_MODELS="model:batch ..." changes the benchmarked models.
 # 1. trivit bench speed in bf16 for deit_small, deit_base, vit_large, with peak CUDA memory: eager,
 #    timm dense vs tokens 0.7 vs tokens 0.7 + attention 0.2 vs all three vs 16 semantic tokens; then compiled (against timm
-#    dense compiled), tokens 0.7 and all three (each keep rate is a graph to compile).
+#    dense compiled), tokens 0.7 and all three (each keep rate is a graph to compile); flex_attention
+#    against SDPA; NViT's block latency table of deit_base.
 # 2. Training with all three levels for 6 steps, stopped, resumed to 12: DDP over 2 GPUs on NCCL
 #    (on a 1-GPU machine: one process; the 2-GPU checks say SKIP), FSDP2 and ZeRO-3 in bf16.
 # Each step has its own time limit inside BUDGET_S (540 s); the report says what ran, passed, was skipped.
@@ -82,6 +83,12 @@ error = ((flex_grad - sdpa_grad).norm() / sdpa_grad.norm()).item()
 verdict = "PASS" if abs(flex_loss - sdpa_loss) < 1e-4 and error < 1e-3 else "FAIL"
 print(f"- {verdict} flex: compiled fp32 step, loss {flex_loss:.6f} vs sdpa {sdpa_loss:.6f}, gradient relative error {error:.1e}")
 PYEOF
+
+# 1c. NViT's block latency table of deit_base on this GPU (trivit prune's latency model).
+echo -e "\n## NViT block latency table (deit_base, fp32, batch 64)\n" >> "$REPORT"
+timeout 90 $PYTHON -m trivit bench latency-table --model deit_base_patch16_224 --device cuda --batch 64 \
+    --out "$OUT/latency-deit_base.json" >> "$REPORT" 2> "$OUT/latency.log" \
+    || echo "- FAIL latency table: see latency.log" >> "$REPORT"
 
 # 2. Training, stopped and resumed.
 SHARDS="$OUT/shards"

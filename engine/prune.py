@@ -12,8 +12,9 @@ label loss plus a distillation to the frozen unpruned model, and which also:
   and ``arch.json`` its architecture (the export of a pruning checkpoint strips the masked
   units, engine/models.py), ready for ``trivit train model.init_from=RUN_DIR``.
 
-Masked units contribute nothing and receive no gradient, whatever the backend or its sharding,
-so their weights need not be touched until they are stripped.
+Masked units contribute nothing and receive no gradient, whatever the backend or its sharding;
+at each pruning step their weights and optimizer state are also set to zero (the backend's
+``zero_entries``, shard by shard), so the checkpoints hold what the model computes, as in NViT.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import copy
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from trivit.engine.trainer import Trainer
 from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.latency import LatencyTable, measure_latency_table
 from trivit.sparse.nvit import SaliencyMeter, choose_groups, group_sizes, normalised
-from trivit.sparse.pruned import PrunedArch, set_unit_masks, unit_axes
+from trivit.sparse.pruned import PrunedArch, pruned_entries, set_unit_masks, unit_axes
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,18 @@ class PruningObjective(Distiller):
     """Distillation to the unpruned model, the saliency meter and the masks: the pruning run's state."""
 
     def __init__(self, config: PruneConfig, teacher: nn.Module, amp_dtype: torch.dtype | None, model: nn.Module,
-                 arch: PrunedArch, table: LatencyTable, device: torch.device):
+                 arch: PrunedArch, table: LatencyTable, device: torch.device,
+                 zero_entries: Callable[[dict[str, torch.Tensor]], None]):
+        """``zero_entries``: the backend's, which zeroes entries of the parameters and their optimizer state."""
         distill = DistillConfig(loss="soft", teacher="the unpruned model", alpha=config.alpha, tau=config.temperature)
         super().__init__(distill, teacher, amp_dtype)
         self.prune, self.model, self.arch, self.table, self.device = config, model, arch, table, device
         self.sizes = group_sizes(arch)
         self.masks = {group: torch.ones(size) for group, size in arch.unit_counts().items()}
         self.meter = SaliencyMeter(unit_axes(model, arch), arch.unit_counts())
+        self.zero_entries = zero_entries
+        self.shapes = {name: getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the whole shape there
+                       for name, param in model.named_parameters() if name in self.meter.axes}
         self.base_ms = table.model_ms(arch)
         self.steps = 0
         self.history: list[dict[str, Any]] = []
@@ -87,6 +94,8 @@ class PruningObjective(Distiller):
         chosen = choose_groups(scores, masks, self.arch, self.sizes, self.table, self.prune.latency_weight, budget)
         self.masks = _same_on_every_rank(masks)
         set_unit_masks(self.model, self._device_masks())
+        self.zero_entries({name: pruned_entries(shape, self.meter.axes[name], self.masks)
+                           for name, shape in self.shapes.items()})
         self.meter.reset()
         self.history.append({"step": self.steps, "latency_fraction": self.latency_fraction,
                              "removed": [{"group": c.group, "units": len(c.units), "saliency": c.saliency,
@@ -132,7 +141,7 @@ class Pruner(Trainer):
         table = self._latency_table()
         table.check_fits(self.arch)
         self.objective = PruningObjective(config.prune, self.teacher.to(self.device), self.amp_dtype, self.model,
-                                          self.arch, table, self.device)
+                                          self.arch, table, self.device, self.backend.zero_entries)
         self.backend.gradient_hook = self.objective.add_gradients
 
     def _build_model(self, num_classes: int) -> nn.Module:

@@ -168,9 +168,10 @@ def measure_latency_table(name: str, timm_kwargs: dict[str, Any], narrowest: dic
     inputs = {e: torch.randn(batch_size, tokens, e, device=device, dtype=dtype) for e in grid["embed"]}
 
     def block(embed: int, heads: int, qk: int, v: int, mlp: int) -> TriLevelBlock:
-        module = TriLevelBlock(dim=embed, num_heads=1, qkv_bias=qkv_bias)
-        set_block_widths(module, BlockWidths(heads=heads, qk_dim=qk, v_dim=v, mlp_dim=mlp, scale=widths.scale))
-        return module.to(device=device, dtype=dtype).eval()
+        with torch.device(device):  # initialised where it runs
+            module = TriLevelBlock(dim=embed, num_heads=1, qkv_bias=qkv_bias)
+            set_block_widths(module, BlockWidths(heads=heads, qk_dim=qk, v_dim=v, mlp_dim=mlp, scale=widths.scale))
+        return module.to(dtype=dtype).eval()
 
     def attention_part(e: int, h: int, q: int, v: int) -> Callable[[], Any]:
         module = block(e, h, q, v, grid["mlp"][0])

@@ -322,6 +322,19 @@ def kept_entries(axes: list[UnitAxis], dim: int, masks: Mapping[str, torch.Tenso
     return keep.nonzero().squeeze(1)
 
 
+def pruned_entries(shape: torch.Size, axes: list[UnitAxis], masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A parameter's entries tied to a masked unit along any of its ``axes`` (a bool tensor of ``shape``)."""
+    pruned = torch.zeros(shape, dtype=torch.bool)
+    for axis in axes:
+        tied = axis.ids >= 0
+        along = torch.zeros(len(axis.ids), dtype=torch.bool)
+        along[tied] = ~masks[axis.group].cpu().bool()[axis.ids[tied]]
+        view = [1] * len(shape)
+        view[axis.dim] = -1
+        pruned |= along.view(view)
+    return pruned
+
+
 def strip_state(state: Mapping[str, torch.Tensor], axes: Mapping[str, list[UnitAxis]],
                 masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The masked model's ``state`` with the masked units' weights removed: a state of ``arch.kept(masks)``."""

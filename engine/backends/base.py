@@ -79,6 +79,18 @@ class Backend(ABC):
         for name, param in self.module.named_parameters():
             yield name, param, param.grad
 
+    def zero_entries(self, entries: dict[str, torch.Tensor]) -> None:
+        """Set the ``entries`` (name -> bool tensor of the parameter's shape) of the parameters and of their
+        optimizer state to zero, on every rank (a collective where they are sharded)."""
+        for name, param in self.module.named_parameters():
+            if name in entries:
+                mask = entries[name].to(param.device)
+                with torch.no_grad():
+                    param.masked_fill_(mask, 0)
+                for value in self.optimizer.state.get(param, {}).values():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        value.masked_fill_(mask, 0)
+
     def _report_gradients(self) -> None:
         if self.gradient_hook is not None:
             self.gradient_hook(self.named_gradients())

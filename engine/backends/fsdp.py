@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trivit.engine.backends.base import Backend, NamedGradients, OptimizerFactory
 from trivit.engine.compile import compile_blocks
@@ -62,6 +62,19 @@ class FSDPBackend(Backend):
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_entries(self, entries: dict[str, torch.Tensor]) -> None:
+        """Each rank zeroes its shard of the entries (the mask sharded as the parameter is)."""
+        for name, param in self.module.named_parameters():
+            if name not in entries:
+                continue
+            full = entries[name].to(device=param.device, dtype=torch.uint8)
+            mask = distribute_tensor(full, param.device_mesh, param.placements).to_local().bool()
+            with torch.no_grad():
+                param.to_local().masked_fill_(mask, 0)
+            for value in self.optimizer.state.get(param, {}).values():
+                if isinstance(value, DTensor) and value.shape == param.shape:
+                    value.to_local().masked_fill_(mask, 0)
 
     def named_gradients(self) -> NamedGradients:
         for name, param in self.module.named_parameters():

@@ -132,6 +132,28 @@ class DeepSpeedBackend(Backend):
     def zero_grad(self) -> None:
         """DeepSpeed zeroes the gradients after its own step."""
 
+    def zero_entries(self, entries: dict[str, torch.Tensor]) -> None:
+        """Through DeepSpeed's whole-tensor accessors: the fp32 master weights (the model's copy follows
+        at the next step) and Adam's moments."""
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 link the parameters to Adam's state once, after the first parameter group's first
+            # step, when the other groups have no state yet: link them again now that all have it
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+        for name, param in self.module.named_parameters():
+            if name not in entries:
+                continue
+            mask = entries[name].to(param.device)
+            safe_set_full_fp32_param(param, safe_get_full_fp32_param(param).masked_fill(mask, 0))
+            for key in ("exp_avg", "exp_avg_sq"):
+                state = safe_get_full_optimizer_state(param, key)
+                if state is not None:
+                    safe_set_full_optimizer_state(param, state.masked_fill(mask, 0), key)
+
     def named_gradients(self) -> NamedGradients:
         """The fp32 master weights and gradients, gathered from the ZeRO partitions."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad

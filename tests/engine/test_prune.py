@@ -12,12 +12,15 @@ from safetensors.torch import load_file
 
 from trivit.cli import main
 from trivit.config import ConfigError, load
+from trivit.engine.checkpoint import load_trainer_state
 from trivit.engine.config import TrainConfig
 from trivit.engine.export import export, find_checkpoint
+from trivit.engine.models import UNIT_MASKS
+from trivit.engine.optim import build_optimizer
 from trivit.engine.prune import Pruner
 from trivit.engine.trainer import Trainer
 from trivit.sparse.latency import LatencyTable
-from trivit.sparse.pruned import PrunedArch, create_pruned_vit
+from trivit.sparse.pruned import PrunedArch, create_pruned_vit, pruned_entries, unit_axes
 from tests.conftest import tiny_overrides
 from tests.faults.test_process_faults import read_metrics
 
@@ -153,3 +156,32 @@ def test_the_latency_table_measured_here_is_monotone_and_fits_its_grid(tmp_path)
         for axis in range(values.ndim):
             assert (np.diff(values, axis=axis) >= 0).all()
     assert table.tokens == 17 and torch.tensor(table.attention_ms).min() > 0
+
+
+def test_trivit_eval_of_the_pruned_run_scores_what_the_masked_model_scored(pruned_run, tmp_path):
+    """The run's last evaluation was of the masked model; `trivit eval` builds the stripped one from arch.json."""
+    assert main(["eval", str(pruned_run), "--keep-rates", "1.0", "--repeats", "1", "--out", str(tmp_path / "e.json")]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())
+    masked = [r for r in read_metrics(pruned_run) if "eval_top1" in r][-1]
+    assert rows[0]["top1"] == pytest.approx(masked["eval_top1"]) and rows[0]["loss"] == pytest.approx(
+        masked["eval_loss"], abs=1e-5)
+
+
+def test_the_checkpoint_holds_zeros_for_every_pruned_unit_and_its_optimizer_state(pruned_run):
+    state = load_trainer_state(find_checkpoint(pruned_run))
+    masks, record = state["objective"][UNIT_MASKS], state["arch"]
+    arch = PrunedArch(**record["arch"])
+    model = create_pruned_vit(arch, **record["timm_kwargs"])
+    optimizer = build_optimizer(model, load(TrainConfig, pruned_run / "config.yaml").optim, 16)
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    axes = unit_axes(model, arch)
+    zeroed = 0
+    for name, param in model.named_parameters():
+        if name not in axes:
+            continue
+        pruned = pruned_entries(param.shape, axes[name], masks)
+        moments = state["optimizer"]["state"][index[id(param)]]
+        for tensor in (state["model"][name], moments["exp_avg"], moments["exp_avg_sq"]):
+            assert torch.count_nonzero(tensor[pruned]) == 0, name
+        zeroed += int(pruned.sum())
+    assert zeroed > 0
