@@ -74,7 +74,9 @@ class LatencyTable:
         return sum(self.block_ms(arch.embed_dim, b.heads, b.qk_dim, b.v_dim, b.mlp_dim) for b in arch.blocks)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self)) + "\n")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(self)) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
