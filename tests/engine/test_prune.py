@@ -185,3 +185,12 @@ def test_the_checkpoint_holds_zeros_for_every_pruned_unit_and_its_optimizer_stat
             assert torch.count_nonzero(tensor[pruned]) == 0, name
         zeroed += int(pruned.sum())
     assert zeroed > 0
+
+
+def test_model_arch_with_the_exported_weights_builds_the_same_model(pruned_run, tiny_shards, tmp_path):
+    config = load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
+        "model.arch": str(pruned_run / "arch.json"), "model.init_from": str(pruned_run / "model.safetensors")}))
+    trainer = Trainer(config)
+    assert PrunedArch.of_vit("deit_tiny_patch16_224", trainer.model) == PrunedArch.load(pruned_run / "arch.json")
+    weights = load_file(pruned_run / "model.safetensors")
+    assert all(torch.equal(weights[name], value) for name, value in trainer.model.state_dict().items())
