@@ -234,15 +234,16 @@ def checkpoint_folder(path: str | Path) -> Path:
     return path.parent if path.name == TRAINER_FILE else path
 
 
-def load_trainer_state(folder: str | Path) -> dict[str, Any]:
-    """A checkpoint's ``trainer.pt`` (tensors and plain Python values only: nothing is unpickled as code).
+def load_trainer_state(folder: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's ``trainer.pt`` (tensors and plain Python values only: nothing is unpickled as code);
+    ``mmap`` maps its tensors rather than reading them, for a caller that reads a few plain entries.
 
     A missing file raises ``FileNotFoundError``; any file that is not a readable trivit checkpoint
     (truncated, overwritten with garbage, another program's) raises ``ValueError`` naming it.
     """
     path = checkpoint_folder(folder) / TRAINER_FILE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001 - unpickling garbage can raise nearly anything

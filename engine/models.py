@@ -38,7 +38,7 @@ def source_arch(source: str | None) -> PrunedArch | None:
         return PrunedArch.load(beside) if beside.is_file() else None
     if not path.exists():
         return None
-    _, arch = exported_state({}, load_trainer_state(find_checkpoint(path)))
+    _, arch = exported_state({}, load_trainer_state(find_checkpoint(path), mmap=True))
     return arch
 
 
