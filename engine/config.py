@@ -267,7 +267,7 @@ class PruneConfig:
     latency_step: float = 0.02
     """Latency removed at each pruning step, as a fraction of the unpruned model's."""
     latency_weight: float = 1.0
-    """lambda: how much a group's latency saving (relative to the average candidate's) lowers its score."""
+    """lambda: a group's score is its share of its kind's saliency less lambda x its share of the latency."""
     temperature: float = 3.0
     alpha: float = 0.5
     """Weight of the distillation term; the label loss gets 1 - alpha."""

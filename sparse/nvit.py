@@ -4,14 +4,16 @@ Saliency of unit u (the second-order Taylor estimate of the loss change from rem
 Fisher approximation of the Hessian): ``c_u = mean over batches of (sum over the weights tied to u
 of theta * dL/dtheta)^2``, the weights tied to a unit being those of :func:`unit_axes`. Each kind of
 unit (embedding channels, heads, query/key channels, value channels, MLP units) is normalised by
-its mean over the kept units, so that kinds of different sizes compare.
+its sum over the kept units: a unit's share of its kind's saliency, so that a head (one of 16 in a
+4-block demo model) weighs as much as the 64 MLP units (of 1,024) that hold as many weights.
 
 Units are removed in groups of the same kind and block (the embedding's span all blocks): a
-layer's candidate is its ``size`` lowest-saliency kept units, scored by their mean normalised
-saliency less ``latency_weight`` times the latency removing them saves, relative to the mean
-saving over all candidates (both terms are then near 1 for an average candidate). One global
-ranking picks the lowest-scoring candidate, the candidates are scored again at the new widths,
-and so on until the event's latency budget is spent. Every layer keeps at least one group.
+layer's candidate is its ``size`` lowest-saliency kept units, scored by their summed normalised
+saliency less ``latency_weight`` times the latency removing them saves as a fraction of the
+unpruned model's: a share of a kind's saliency against a share of the latency, so that the
+default weight 1 holds them level. One global ranking picks the lowest-scoring candidate, the
+candidates are scored again at the new widths, and so on until the pruning step's latency budget
+is spent. Every layer keeps at least one group.
 """
 from __future__ import annotations
 
@@ -86,18 +88,18 @@ class SaliencyMeter:
 
 
 def normalised(saliency: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each kind's saliency over its mean among the kept units of that kind (all blocks together)."""
-    means = {}
+    """Each kind's saliency over its sum among the kept units of that kind (all blocks together)."""
+    totals = {}
     for kind in KINDS:
         kept = [saliency[g][masks[g].bool()] for g in saliency if kind_of(g) == kind]
-        values = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.float64)
-        means[kind] = values.mean() if values.numel() and values.mean() > 0 else torch.tensor(1.0, dtype=torch.float64)
-    return {g: s / means[kind_of(g)] for g, s in saliency.items()}
+        total = torch.cat(kept).sum() if kept else torch.zeros((), dtype=torch.float64)
+        totals[kind] = total if total > 0 else torch.tensor(1.0, dtype=torch.float64)
+    return {g: s / totals[kind_of(g)] for g, s in saliency.items()}
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A group of units removed: their indices in ``group``, their mean normalised saliency and the latency (ms) saved."""
+    """A group of units removed: their indices in ``group``, their summed normalised saliency and the latency (ms) saved."""
 
     group: str
     units: tuple[int, ...]
@@ -110,9 +112,11 @@ def choose_groups(scores: Mapping[str, torch.Tensor], masks: dict[str, torch.Ten
                   budget_ms: float) -> list[Choice]:
     """Remove (in ``masks``, in place) the lowest-scoring groups until ``budget_ms`` of latency is saved.
 
-    ``scores``: normalised saliency of the unpruned ``arch``'s units; ``masks`` the current ones.
-    Stops early when no layer can give up a group.
+    ``scores``: normalised saliency of the unpruned ``arch``'s units; ``masks`` the current ones. A
+    group's score is its units' summed saliency less ``latency_weight`` x the latency its removal
+    saves as a fraction of ``arch``'s. Stops early when no layer can give up a group.
     """
+    base_ms = table.model_ms(arch)
     chosen: list[Choice] = []
     candidates: dict[str, Choice | None] = {group: None for group in masks}
     stale = set(masks)
@@ -124,8 +128,7 @@ def choose_groups(scores: Mapping[str, torch.Tensor], masks: dict[str, torch.Ten
         ready = [c for c in candidates.values() if c is not None]
         if not ready:
             break
-        mean_saving = sum(c.saved_ms for c in ready) / len(ready)
-        best = min(ready, key=lambda c: c.saliency - latency_weight * c.saved_ms / max(mean_saving, 1e-12))
+        best = min(ready, key=lambda c: c.saliency - latency_weight * c.saved_ms / base_ms)
         masks[best.group][list(best.units)] = 0
         chosen.append(best)
         saved += best.saved_ms
@@ -156,4 +159,4 @@ def _candidate(group: str, scores: torch.Tensor, mask: torch.Tensor, size: int,
         narrower = list(block)
         narrower[WIDTH_INDEX[kind]] -= size
         saved += table.block_ms(*block) - table.block_ms(*narrower)
-    return Choice(group, tuple(units.tolist()), float(scores[units].mean()), saved)
+    return Choice(group, tuple(units.tolist()), float(scores[units].sum()), saved)
