@@ -6,7 +6,8 @@ Per seed, through the real CLI, one after the other:
 1. ``dense``: the demo recipe (configs/demo.yaml);
 2. ``trivit prune`` of it to ``--target`` of its block latency (configs/demo_prune.yaml), with one
    latency table measured here first (``trivit bench latency-table``);
-3. ``nvit``: the pruned model fine-tuned ``--finetune-epochs`` (the demo recipe at base_lr 1e-3);
+3. ``nvit lambda=L``: the pruned model (one per ``--latency-weights``) fine-tuned ``--finetune-epochs``
+   (the demo recipe at base_lr 1e-3);
 4. ``uniform``: every block and the embedding shrunk by one factor, the largest whose table
    latency meets the same target; its units are the dense model's of largest L1 norm (unit by
    unit, in every block alike), fine-tuned the same way.
@@ -16,7 +17,7 @@ latency, inference img/s (batch 500) and training-step time (batch 128, AdamW) o
 models timed side by side in one process (medians of interleaved rounds), and the per-block widths (``<out>/prune_study.png``, like the paper's figure of
 the redistribution). Outputs: a Markdown table on stdout and ``<out>/prune_study.{md,json,png}``.
 
-    python benchmarks/prune_study.py --seeds 0 1 --out benchmarks/results/nvit
+    python benchmarks/prune_study.py --seeds 0 1 --latency-weights 1 0.25 --out benchmarks/results/nvit
 """
 from __future__ import annotations
 
@@ -154,13 +155,13 @@ def per_block_figure(archs: dict[str, PrunedArch], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(archs)
     for offset, (name, arch) in enumerate(archs.items()):
-        blocks = range(len(arch.blocks))
-        shift = [b + 0.25 * (offset - 1) for b in blocks]
-        axes[0].bar(shift, [b.heads * (b.qk_dim + b.v_dim) for b in arch.blocks], width=0.25,
+        shift = [b + width * (offset - (len(archs) - 1) / 2) for b in range(len(arch.blocks))]
+        axes[0].bar(shift, [b.heads * (b.qk_dim + b.v_dim) for b in arch.blocks], width=width,
                     label=f"{name} (embedding {arch.embed_dim})")
-        axes[1].bar(shift, [b.mlp_dim for b in arch.blocks], width=0.25, label=name)
+        axes[1].bar(shift, [b.mlp_dim for b in arch.blocks], width=width, label=name)
     axes[0].set_title("attention: heads x (query/key + value) channels")
     axes[1].set_title("MLP units")
     for axis in axes:
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--latency-weights", type=float, nargs="+", default=[1.0],
+                        help="prune.latency_weight (lambda) of each pruned model")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nvit")
     args = parser.parse_args()
@@ -191,30 +194,30 @@ def main() -> None:
     finetune = [f"schedule.epochs={args.finetune_epochs}", "schedule.warmup_epochs=0.05", "optim.base_lr=1.0e-3"]
     rows = []
     for seed in args.seeds:
-        dense, pruned = runs / f"dense_seed{seed}", runs / f"pruned_seed{seed}"
-        nvit, shrunk = runs / f"nvit_seed{seed}", runs / f"uniform_seed{seed}"
+        dense, shrunk = runs / f"dense_seed{seed}", runs / f"uniform_seed{seed}"
         train(DEMO, dense, seed)
-        if not (pruned / "arch.json").is_file():
-            cli("prune", "--config", str(ROOT / "configs" / "demo_prune.yaml"), "--from", str(dense),
-                "--target-latency", str(args.target), "--latency-table", str(table_path), "--out", str(pruned),
-                f"seed={seed}", "logging.progress_bar=false")
-        pruned_arch = PrunedArch.load(pruned / "arch.json")
-        train(DEMO, nvit, seed, f"model.init_from={pruned}", *finetune)
+        archs, dirs, prune_steps = {"dense": full}, {"dense": dense}, {}
+        for weight in args.latency_weights:
+            name, pruned = f"nvit lambda={weight:g}", runs / f"pruned_lw{weight:g}_seed{seed}"
+            if not (pruned / "arch.json").is_file():
+                cli("prune", "--config", str(ROOT / "configs" / "demo_prune.yaml"), "--from", str(dense),
+                    "--target-latency", str(args.target), "--latency-table", str(table_path), "--out", str(pruned),
+                    f"seed={seed}", "logging.progress_bar=false", f"prune.latency_weight={weight}")
+            archs[name], dirs[name] = PrunedArch.load(pruned / "arch.json"), runs / f"nvit_lw{weight:g}_seed{seed}"
+            train(DEMO, dirs[name], seed, f"model.init_from={pruned}", *finetune)
+            prune_steps[name] = json.loads((pruned / "prune.json").read_text())["steps"]
         start = write_uniform(dense, uniform, full, model_kwargs, runs / f"uniform_start_seed{seed}")
         train(DEMO, shrunk, seed, f"model.init_from={start}", *finetune)
-        archs = {"dense": full, "nvit": pruned_arch, "uniform": uniform}
-        dirs = {"dense": dense, "nvit": nvit, "uniform": shrunk}
+        archs["uniform"], dirs["uniform"] = uniform, shrunk
         models = {name: load_model(dirs[name], archs[name], model_kwargs) for name in archs}
         timed = speeds(models, config.model.img_size, args.repeats)
-        prune_steps = json.loads((pruned / "prune.json").read_text())["steps"]
         for name, model in models.items():
             rows.append({"model": name, "seed": seed, "top1": final_top1(dirs[name]),
                          "params": sum(p.numel() for p in model.parameters()), "flops": model_flops(model),
                          "latency_fraction": table.model_ms(archs[name]) / table.model_ms(full),
-                         "prune_steps": prune_steps if name == "nvit" else None,
-                         **timed[name], "arch": dataclasses.asdict(archs[name])})
-    per_block_figure({"dense": full, "nvit": PrunedArch.load(runs / f"pruned_seed{args.seeds[0]}" / "arch.json"),
-                      "uniform": uniform}, out / "prune_study.png")
+                         "prune_steps": prune_steps.get(name), **timed[name], "arch": dataclasses.asdict(archs[name])})
+    first = {r["model"]: PrunedArch(**r["arch"]) for r in rows if r["seed"] == args.seeds[0]}
+    per_block_figure(first, out / "prune_study.png")
     summary = summarise(rows, args.finetune_epochs, args.target)
     (out / "prune_study.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
     (out / "prune_study.md").write_text(summary + "\n")
@@ -230,7 +233,7 @@ def summarise(rows: list[dict], finetune_epochs: int, target: float) -> str:
     dense = [r for r in rows if r["model"] == "dense"]
     dense_inference = statistics.mean(r["inference_img_per_s"] for r in dense)
     dense_step = statistics.mean(r["train_step_s"] for r in dense)
-    for name in ("dense", "nvit", "uniform"):
+    for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         top1 = [r["top1"] for r in mine]
         inference = statistics.mean(r["inference_img_per_s"] for r in mine)

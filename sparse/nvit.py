@@ -10,8 +10,8 @@ its sum over the kept units: a unit's share of its kind's saliency, so that a he
 Units are removed in groups of the same kind and block (the embedding's span all blocks): a
 layer's candidate is its ``size`` lowest-saliency kept units, scored by their summed normalised
 saliency less ``latency_weight`` times the latency removing them saves as a fraction of the
-unpruned model's: a share of a kind's saliency against a share of the latency, so that the
-default weight 1 holds them level. One global ranking picks the lowest-scoring candidate, the
+unpruned model's: a share of a kind's saliency against a share of the latency (``prune.latency_weight``
+0.25 by default, the better of 1 and 0.25 on the demo). One global ranking picks the lowest-scoring candidate, the
 candidates are scored again at the new widths, and so on until the pruning step's latency budget
 is spent. Every layer keeps at least one group.
 """
