@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from trivit.datasets.shards import INDEX_NAME, write_index, write_split
+from trivit.datasets.unlearnable import UnlearnableSpec, filtered, to_bytes
 
 PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -63,14 +64,38 @@ def samples(images: np.ndarray, labels: np.ndarray) -> Iterator[dict[str, Any]]:
         yield {"__key__": f"{sample_id:08d}", "png": buffer.getvalue(), "cls": int(label), "id": sample_id}
 
 
-def write_shards(dest: Path, root: Path = PACKAGE_DIR, samples_per_shard: int = SAMPLES_PER_SHARD) -> dict:
-    """Write both splits and the index into ``dest``; returns the index's splits."""
+def write_shards(dest: Path, root: Path = PACKAGE_DIR, samples_per_shard: int = SAMPLES_PER_SHARD,
+                 unlearnable: UnlearnableSpec | None = None) -> dict:
+    """Write both splits and the index into ``dest``; returns the index's splits. ``unlearnable``
+    filters the training split (CUDA, datasets/unlearnable.py); the test split stays clean."""
     if not root.is_dir():
         raise FileNotFoundError(f"Fashion-MNIST not found at {root}; {INSTALL_HINT}")
-    splits = {split: write_split(samples(*load_split(root, split)), dest, split, samples_per_shard)
-              for split in SPLIT_FILES}
+    splits = {}
+    for split in SPLIT_FILES:
+        images, labels = load_split(root, split)
+        record = None
+        if unlearnable is not None and split == "train":
+            images, record = unlearnable_images(images, labels, unlearnable)
+        splits[split] = write_split(samples(images, labels), dest, split, samples_per_shard)
+        if record is not None:
+            splits[split]["unlearnable"] = record
     write_index(dest, splits, CLASSES)
     return splits
+
+
+def unlearnable_images(images: np.ndarray, labels: np.ndarray, spec: UnlearnableSpec) -> tuple[np.ndarray, dict]:
+    """The key-chosen images filtered by their class's filter, and what the index records of it."""
+    filters, chosen = spec.filters(len(CLASSES)), spec.chosen(len(images))
+    values = {}
+    for label in range(len(CLASSES)):
+        picked = np.flatnonzero(chosen & (labels == label))
+        if len(picked):  # the images as channels of one (H, W, N) array: one pass per class
+            values[label] = (picked, filtered(images[picked].transpose(1, 2, 0), filters[label]))
+    global_max = max(float(v.max()) for _, v in values.values())
+    out = images.copy()
+    for picked, value in values.values():
+        out[picked] = to_bytes(value, global_max).transpose(2, 0, 1)
+    return out, spec.record(global_max)
 
 
 def prepare(cache_dir: str | Path, root: Path = PACKAGE_DIR, samples_per_shard: int = SAMPLES_PER_SHARD) -> Path:

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from trivit.datasets.shards import brace_pattern, write_index, write_shard
+from trivit.datasets.unlearnable import SplitFilter, UnlearnableSpec, filtered_max
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 SPLIT_NAMES = ("train", "val", "test")
@@ -90,26 +92,40 @@ def plan_shards(files: list[ImageFile], samples_per_shard: int | None, max_shard
     return shards if shards[0] else []
 
 
-def shard_samples(files: list[tuple[int, ImageFile]]) -> Iterator[dict[str, Any]]:
-    """Shard samples of ``(sample id, file)`` pairs: the file's own bytes, its class, its id."""
+def shard_samples(files: list[tuple[int, ImageFile]], cuda: SplitFilter | None = None) -> Iterator[dict[str, Any]]:
+    """Shard samples of ``(sample id, file)`` pairs: the file's own bytes (or, ``cuda``, its filtered PNG),
+    its class, its id."""
     for sample_id, file in files:
-        suffix = IMAGE_SUFFIXES[Path(file.path).suffix.lower()]
-        yield {"__key__": f"{sample_id:09d}", suffix: Path(file.path).read_bytes(), "cls": file.label, "id": sample_id}
+        data = Path(file.path).read_bytes()
+        protected = cuda.encode(sample_id, file.label, data) if cuda is not None else None
+        image = {"png": protected} if protected is not None else {IMAGE_SUFFIXES[Path(file.path).suffix.lower()]: data}
+        yield {"__key__": f"{sample_id:09d}", **image, "cls": file.label, "id": sample_id}
 
 
-def _write_one(job: tuple[Path, list[tuple[int, ImageFile]]]) -> int:
-    path, files = job
-    return write_shard(path, shard_samples(files))
+def _write_one(job: tuple[Path, list[tuple[int, ImageFile]], SplitFilter | None]) -> int:
+    path, files, cuda = job
+    return write_shard(path, shard_samples(files, cuda))
+
+
+def split_filter(good: list[ImageFile], spec: UnlearnableSpec, num_classes: int, pool: ProcessPoolExecutor,
+                 progress: bool) -> SplitFilter:
+    """CUDA's filters for the training split in its sample order, and the maximum over its filtered images."""
+    filters, chosen = spec.filters(num_classes), spec.chosen(len(good))
+    jobs = [(good[i].path, filters[good[i].label]) for i in np.flatnonzero(chosen)]
+    maxima = list(tqdm(pool.map(filtered_max, jobs, chunksize=64), total=len(jobs), desc="unlearnable: maximum",
+                       disable=not progress))
+    return SplitFilter(filters, chosen, max(maxima))
 
 
 def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None = None,
                       max_shard_bytes: int | None = None, workers: int = 1, seed: int = 0,
-                      progress: bool = True) -> tuple[dict, list[tuple[str, str]]]:
+                      progress: bool = True, unlearnable: UnlearnableSpec | None = None
+                      ) -> tuple[dict, list[tuple[str, str]]]:
     """Write every split of ``root`` to ``dest``; returns the index and the (path, reason) of skipped files.
 
     Every split is listed and every image checked before anything is written: a split that would
     hold no sample stops the command with the reasons, and an existing index is never replaced
-    by an empty one.
+    by an empty one. ``unlearnable`` filters the training split (datasets/unlearnable.py).
     """
     if samples_per_shard is None and max_shard_bytes is None:
         samples_per_shard = 1000
@@ -121,6 +137,9 @@ def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None =
         raise ValueError(f"the output folder {dest} is inside the image tree {root}: its shards would become an "
                          "extra class on the next run; write them outside the tree")
     splits = find_splits(root)
+    if unlearnable is not None and "train" not in splits:
+        raise ValueError(f"--unlearnable filters the training split, and {root} has none (only "
+                         f"{', '.join(splits)}): put the images to protect under train/")
     classes = class_names(splits.get("train", next(iter(splits.values()))))
     checked, skipped = {}, []
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -140,9 +159,13 @@ def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None =
             random.Random(seed).shuffle(good)
             plan = plan_shards(good, samples_per_shard, max_shard_bytes)
             names = [f"{split}-{number:06d}.tar" for number in range(len(plan))]
-            jobs = [(dest / name, [(p, good[p]) for p in positions]) for name, positions in zip(names, plan)]
+            cuda = split_filter(good, unlearnable, len(classes), pool, progress) if (
+                unlearnable is not None and split == "train") else None
+            jobs = [(dest / name, [(p, good[p]) for p in positions], cuda) for name, positions in zip(names, plan)]
             counts = list(tqdm(pool.map(_write_one, jobs), total=len(jobs), desc=f"write {split}",
                                disable=not progress))
             index[split] = {"shards": names, "counts": counts, "total": sum(counts), "urls": brace_pattern(names)}
+            if cuda is not None:
+                index[split]["unlearnable"] = unlearnable.record(cuda.global_max)
     write_index(dest, index, classes)
     return index, skipped

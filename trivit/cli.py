@@ -97,21 +97,28 @@ def shards(args: argparse.Namespace) -> int:
     from trivit.datasets import fashion_mnist
     from trivit.datasets.imagefolder import write_imagefolder
     from trivit.datasets.sources import SOURCES
+    from trivit.datasets.unlearnable import UnlearnableSpec
 
     dest = Path(args.dest)
+    key = args.unlearnable or args.unlearnable_shared
+    cuda = UnlearnableSpec(key, args.kernel, args.blur, args.fraction, shared=bool(args.unlearnable_shared)) if (
+        key is not None) else None
     if args.src in SOURCES:
         if args.src != "fashion-mnist" or args.max_shard_bytes:
             raise ValueError(f"built-in source {args.src!r} takes --samples-per-shard only")
-        splits = fashion_mnist.write_shards(dest, samples_per_shard=args.samples_per_shard or 5000)
+        splits = fashion_mnist.write_shards(dest, samples_per_shard=args.samples_per_shard or 5000, unlearnable=cuda)
         skipped = []
     else:
         if not Path(args.src).is_dir():
             raise FileNotFoundError(f"{args.src!r} is neither a folder nor a built-in source ({', '.join(SOURCES)})")
         splits, skipped = write_imagefolder(Path(args.src), dest, samples_per_shard=args.samples_per_shard,
                                             max_shard_bytes=args.max_shard_bytes, workers=args.workers,
-                                            seed=args.seed, progress=not args.quiet)
+                                            seed=args.seed, progress=not args.quiet, unlearnable=cuda)
     for split, entry in splits.items():
         print(f"{split}: {entry['total']} samples in {len(entry['shards'])} shards: {dest / entry['urls']}")
+        if "unlearnable" in entry:
+            print(f"  {split} is unlearnable (CUDA, kernel {args.kernel}, blur {args.blur}, fraction {args.fraction}"
+                  f"{', one filter for every class' if args.unlearnable_shared else ''}); the key is stored nowhere")
     if skipped:
         print(f"left out {len(skipped)} files or folders:", file=sys.stderr)
         for path, reason in skipped:
@@ -288,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     shards_parser.add_argument("--workers", type=positive_int, default=1, help="parallel processes checking and writing")
     shards_parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (shards are pre-shuffled)")
     shards_parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    cuda = shards_parser.add_mutually_exclusive_group()
+    cuda.add_argument("--unlearnable", metavar="KEY", help="make the training split unlearnable (CUDA): each class's "
+                                                           "images blurred by a filter drawn from this private key")
+    cuda.add_argument("--unlearnable-shared", metavar="KEY", help="the same with one filter for every class (the "
+                                                                  "paper's control)")
+    shards_parser.add_argument("--kernel", type=positive_int, default=3, help="CUDA filter size (odd; default 3)")
+    shards_parser.add_argument("--blur", type=float, default=0.3, help="CUDA's random filter entries are U(0, blur)")
+    shards_parser.add_argument("--fraction", type=float, default=1.0, help="share of the training images filtered")
     shards_parser.set_defaults(run=shards)
     return parser
 
