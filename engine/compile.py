@@ -53,11 +53,11 @@ def compile_model(model: nn.Module, backend: str) -> None:
 
 
 def compile_blocks(model: nn.Module, backend: str) -> None:
-    """Compile each block's forward, and its entries ``forward_routed`` (pruning) and ``forward_cross`` (semantic
-    tokens), in place (FSDP2)."""
+    """Compile each block's forward, and its entries ``forward_routed`` (pruning), ``forward_cross`` (semantic
+    tokens) and ``forward_paired`` (DCAL), in place (FSDP2)."""
     for block in model.blocks:
         block.compile(backend=backend, dynamic=False)
-        for entry in ("forward_routed", "forward_cross"):
+        for entry in ("forward_routed", "forward_cross", "forward_paired"):
             setattr(block, entry, torch.compile(getattr(block, entry), backend=backend, dynamic=False))
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from trivit.config import check, finite
 from trivit.datasets.config import DataConfig
 from trivit.sparse.config import SparsityConfig
+from trivit.sparse.dcal import DCALConfig
 
 
 @dataclass(kw_only=True)
@@ -32,6 +33,8 @@ class ModelConfig:
     a timm-format file (.safetensors, .pth, .pt, .bin), a trivit run_dir or checkpoint folder, or
     'timm' (timm's pretrained weights for ``name``, from the local cache). Another img_size, patch
     grid, in_chans or num_classes is adapted as timm does; null = random initialisation."""
+    dcal: DCALConfig = field(default_factory=DCALConfig)
+    """Dual cross-attention learning (GLCA, PWCA) beside the self-attention; off by default."""
 
     def __post_init__(self) -> None:
         check(self.img_size > 0, "img_size", self.img_size, "a positive integer")

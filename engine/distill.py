@@ -28,10 +28,13 @@ from torch.nn import functional as F
 
 from trivit.config import ConfigError, load
 from trivit.engine.config import TEACHER_LOSSES, DistillConfig, OptimConfig, TrainConfig, USKDConfig
+from trivit.engine.dcal_objective import DualCrossAttentionObjective
 from trivit.engine.distributed import sum_tensor
 from trivit.engine.loss import per_sample_cross_entropy
 from trivit.engine.optim import build_optimizer
 from trivit.engine.pretrained import check_fits, find_run_config, read_weights
+from trivit.engine.objective import Objective, ModelOutputs, split_heads
+from trivit.sparse.dcal import split_branch
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ def build_teacher(config: DistillConfig, num_classes: int) -> nn.Module:
     else:
         name, kwargs, weights = config.teacher, dict(config.teacher_kwargs), config.teacher_weights
     state, described = read_weights(weights, name, kwargs)
+    state = split_branch(state)[0]  # a DCAL run's branches: the teacher is the plain backbone
     head = state.get("head.weight")
     if head is None or head.shape[0] != num_classes:
         raise ValueError(f"distill.teacher: {described} classifies {None if head is None else head.shape[0]} classes, "
@@ -151,38 +155,6 @@ def uskd_terms(logits: torch.Tensor, weak_logits: torch.Tensor, labels: torch.Te
     target_term = -(p_t * log_s_t).sum(dim=-1)
     rest = F.log_softmax(logits.masked_fill(is_target, float("-inf")), dim=-1).masked_fill(is_target, 0.0)
     return target_term, -(zipf * rest).sum(dim=-1)
-
-
-class Objective:
-    """The per-sample training objective: the label loss alone (``distill.loss: none``).
-
-    The trainer weights the per-sample objective by the example level's weights; the hooks
-    (``backward``, ``step``, ``zero_grad``, state) let an objective train parameters of its own.
-    """
-
-    def objective(self, label_losses: torch.Tensor, logits: torch.Tensor, images: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
-        return label_losses
-
-    def loss(self, label_losses: torch.Tensor, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
-             weights: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's loss: the per-sample objective weighted by ``weights`` and summed."""
-        return (self.objective(label_losses, logits, images, targets) * weights).sum()
-
-    def backward(self) -> None:
-        """After the backend's backward of each micro-batch: gradients of the objective's own parameters."""
-
-    def step(self, lr: float) -> None:
-        """After the optimizer step: update the objective's own parameters at learning rate ``lr``."""
-
-    def zero_grad(self) -> None:
-        """Drop the gradients of a skipped (non-finite) step."""
-
-    def state_dict(self) -> dict[str, Any] | None:
-        return None
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore :meth:`state_dict` (None: a checkpoint written without this objective)."""
 
 
 class Distiller(Objective):
@@ -269,10 +241,10 @@ class SelfDistiller(Objective):
                   targets: torch.Tensor) -> torch.Tensor:
         return label_losses + self._terms(logits, targets)[0]
 
-    def loss(self, label_losses: torch.Tensor, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
+    def loss(self, label_losses: torch.Tensor, outputs: ModelOutputs, images: torch.Tensor, targets: torch.Tensor,
              weights: torch.Tensor) -> torch.Tensor:
         """The model's loss; the weak classifier's own weighted loss waits for :meth:`backward`."""
-        terms, own = self._terms(logits, targets)
+        terms, own = self._terms(split_heads(outputs)[1], targets)
         self.pending = self.config.mu * (own * weights).sum()
         return ((label_losses + terms) * weights).sum()
 
@@ -308,23 +280,21 @@ class SelfDistiller(Objective):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def split_heads(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the logits the labels train, the logits the distillation term trains): a ``deit_*_distilled`` model in
-    distilled training gives its [CLS] head and its distillation-token head (DeiT); any other model one head."""
-    return outputs if isinstance(outputs, tuple) else (outputs, outputs)
-
-
-def prediction(class_logits: torch.Tensor, distillation_logits: torch.Tensor) -> torch.Tensor:
-    """What the model predicts: the mean of a distilled model's two heads, as timm's inference takes it."""
-    return class_logits if class_logits is distillation_logits else (class_logits + distillation_logits) / 2
-
-
 def build_objective(config: TrainConfig, model: nn.Module, num_classes: int, device: torch.device,
                     amp_dtype: torch.dtype | None) -> Objective:
-    """The run's objective (``distill.loss``); call it with the initial seed set (every rank the same).
+    """The run's objective (``distill.loss``, and DCAL's branches around it); call it with the initial seed
+    set (every rank the same).
 
     A ``deit_*_distilled`` student distils through its distillation token's head (DeiT); without a
     teacher it trains as timm fine-tunes it, the mean of both heads against the labels."""
+    objective = _distillation_objective(config, model, num_classes, device, amp_dtype)
+    if config.model.dcal.enabled:
+        return DualCrossAttentionObjective(objective, config.model.dcal, config.seed, device)
+    return objective
+
+
+def _distillation_objective(config: TrainConfig, model: nn.Module, num_classes: int, device: torch.device,
+                            amp_dtype: torch.dtype | None) -> Objective:
     distill = config.distill
     distilled = hasattr(model, "set_distilled_training")
     if distill.loss in TEACHER_LOSSES:

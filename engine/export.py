@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from trivit.engine.backends import export_weights
 from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
-from trivit.engine.models import ARCH_FILE, exported_state
+from trivit.engine.models import ARCH_FILE, GLCA_FILE, exported_state
+from trivit.sparse.dcal import GLCA_PREFIX, BRANCH_PREFIX, split_branch
 from trivit.sparse.pruned import PrunedArch
 
 WEIGHTS_FILE = "model.safetensors"
@@ -47,14 +48,30 @@ def consolidated(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], Prune
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the consolidated weights of ``checkpoint`` to ``out`` (safetensors), atomically; a pruned
-    model's architecture goes beside it (``arch.json``), where ``model.init_from`` finds it."""
+    """Write the consolidated weights of ``checkpoint`` to ``out`` (safetensors), atomically: timm's
+    state_dict of the backbone. Beside it go what ``model.init_from`` finds there: a pruned model's
+    architecture (``arch.json``) and a DCAL model's GLCA branch (``glca.safetensors``; DCAL's
+    training-only loss weights are not exported)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights, arch = consolidated(checkpoint)
+    weights, branch = split_branch(weights)
     if arch is not None:
         arch.save(out.parent / ARCH_FILE)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out)
+    glca = glca_entries(branch)
+    if glca:
+        _save_atomically(glca, out.parent / GLCA_FILE)
+    _save_atomically(weights, out)
     return out
+
+
+def glca_entries(branch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The GLCA branch's entries (``block.*``, ``norm.*``, ``head.*``) of DCAL's (:func:`split_branch`)."""
+    prefix = GLCA_PREFIX[len(BRANCH_PREFIX):]
+    return {key[len(prefix):]: value for key, value in branch.items() if key.startswith(prefix)}
+
+
+def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)

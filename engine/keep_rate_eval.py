@@ -104,6 +104,9 @@ def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[s
         raise ConfigError("--data", "no validation shards: the run has no data.val_urls; pass --data with shards "
                                     "or a folder written by 'trivit shards'")
     config = replace(config, data=replace(config.data, eval_batch_size=request.batch or config.data.eval_batch_size))
+    if config.model.dcal.enabled and min(request.keep_rates + request.attention_keep_rates) < 1:
+        raise ConfigError("--keep-rates", "the run has DCAL (model.dcal), whose rollout needs every token: evaluate it "
+                                          "at keep rate 1.0 only (--keep-rates 1.0 --attention 1.0)")
     model, described = build_model(config, request.source)
     model.to(device)
     inputs = PlainInputs(device, amp_dtype)

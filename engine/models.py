@@ -18,9 +18,12 @@ from torch import nn
 from trivit.config import ConfigError
 from trivit.engine.config import TrainConfig
 from trivit.sparse import create_vit
+from trivit.sparse.dcal import add_dcal
 from trivit.sparse.pruned import PrunedArch, create_pruned_vit, strip_state, unit_axes
 
 ARCH_FILE = "arch.json"
+GLCA_FILE = "glca.safetensors"
+"""A DCAL model's GLCA branch, written beside its exported backbone (``block.*``, ``norm.*``, ``head.*``)."""
 UNIT_MASKS = "unit_masks"
 """The entry of a pruning run's objective state that holds its masks (``trivit prune``)."""
 
@@ -56,9 +59,12 @@ def create_model(config: TrainConfig, num_classes: int, arch: PrunedArch | None,
     """The run's model, untrained: the pruned ``arch`` when given, else timm's ``model.name``."""
     args = dict(config.model.timm_arguments(), num_classes=num_classes, **overrides)
     if arch is None:
-        return create_vit(config.model.name, config.sparsity, **args)
-    model = create_pruned_vit(arch, config.sparsity, **args)
-    model.arch_record = {"arch": dataclasses.asdict(arch), "timm_kwargs": args}
+        model = create_vit(config.model.name, config.sparsity, **args)
+    else:
+        model = create_pruned_vit(arch, config.sparsity, **args)
+        model.arch_record = {"arch": dataclasses.asdict(arch), "timm_kwargs": args}
+    if config.model.dcal.enabled:
+        add_dcal(model, config.model.dcal)
     return model
 
 

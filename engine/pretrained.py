@@ -27,6 +27,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from trivit.engine.export import consolidated_weights, find_checkpoint
+from trivit.engine.models import GLCA_FILE
+from trivit.sparse.dcal import GLCA_PREFIX, split_branch
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,11 @@ def read_weights(source: str, model_name: str, timm_kwargs: Mapping[str, Any]) -
                                 f"({', '.join(WEIGHT_SUFFIXES)}), a trivit run_dir or checkpoint folder, or 'timm'")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"model.init_from: {source!r} is not a weights file this reads ({', '.join(WEIGHT_SUFFIXES)})")
-    return load_state_dict(str(path), use_ema=False), f"weights file {path}"
+    state = load_state_dict(str(path), use_ema=False)
+    beside = path.parent / GLCA_FILE
+    if beside.is_file() and beside != path:  # a DCAL model's GLCA branch, exported beside its backbone
+        state.update({GLCA_PREFIX + key: value for key, value in load_state_dict(str(beside)).items()})
+    return state, f"weights file {path}"
 
 
 def timm_weights_file(model_name: str, timm_kwargs: Mapping[str, Any]) -> Path:
@@ -111,8 +117,9 @@ def adapt_weights(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dic
 
 
 def check_fits(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """Every key of ``model`` but a re-initialised head is in ``state`` with its shape, and nothing else is."""
-    target = model.state_dict()
+    """Every key of ``model``'s backbone but a re-initialised head is in ``state`` with its shape, and nothing
+    else is (DCAL's branches are not the backbone's: :func:`load_dcal_branch`)."""
+    target = split_branch(model.state_dict())[0]
     for key, value in target.items():
         if key in HEAD_KEYS + ADDED_KEYS and key not in state:
             continue
@@ -131,13 +138,43 @@ def check_fits(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
 
 def load_adapted(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Load ``state`` into ``model``, adapted and checked; returns what was adapted."""
+    state, branch = split_branch(state)
     state, notes = adapt_weights(state, model)
     check_fits(state, model)
     added = [key for key in ADDED_KEYS if key in model.state_dict() and key not in state]
     notes += [f"{key} is not in the weights (trivit adds it): it keeps its initialisation" for key in added]
     reinitialised_head = "head.weight" not in state
-    model.load_state_dict(state, strict=not (reinitialised_head or added))  # check_fits has checked every other key
+    dcal = getattr(model, "dcal", None)
+    model.load_state_dict(state, strict=not (reinitialised_head or added or dcal))  # check_fits checked the rest
+    if dcal is not None:
+        notes += load_dcal_branch(model, branch)
+    elif branch:
+        notes.append("the weights' DCAL branches are not used: model.dcal is off here")
     return notes
+
+
+def load_dcal_branch(model: nn.Module, branch: Mapping[str, torch.Tensor]) -> list[str]:
+    """DCAL's entries of the weights (``dcal.`` stripped) into ``model.dcal`` where they fit; a GLCA branch
+    that is not in them, or does not fit, starts as a copy of the loaded last block, norm and head."""
+    dcal, notes = model.dcal, []
+    if dcal.glca is not None:
+        glca = {key[len("glca."):]: value for key, value in branch.items() if key.startswith("glca.")}
+        if _same_shapes(glca, dcal.glca.state_dict()):
+            dcal.glca.load_state_dict(glca)
+            notes.append("loaded the GLCA branch from the weights")
+        else:
+            dcal.glca.copy_from(model)
+            why = "the weights' does not fit this model" if glca else "the weights have none"
+            notes.append(f"the GLCA branch starts as a copy of the last block, norm and head ({why})")
+    weights = {key[len("loss_weights."):]: value for key, value in branch.items() if key.startswith("loss_weights.")}
+    if _same_shapes(weights, dcal.loss_weights.state_dict()):
+        dcal.loss_weights.load_state_dict(weights)
+        notes.append("loaded DCAL's uncertainty weights from the weights")
+    return notes
+
+
+def _same_shapes(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> bool:
+    return state.keys() == target.keys() and all(state[key].shape == target[key].shape for key in target)
 
 
 def init_from(model: nn.Module, source: str, model_name: str, timm_kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -200,6 +200,9 @@ def check_prunable(config: TrainConfig) -> None:
     if config.distill.loss != "none":
         raise ConfigError("distill.loss", f"got {config.distill.loss!r}; pruning distils from the unpruned model "
                                           "itself (prune.alpha, prune.temperature): leave distill.loss none")
+    if config.model.dcal.enabled:
+        raise ConfigError("model.dcal", "trivit prune removes units of the backbone's blocks, not of DCAL's GLCA block; "
+                                        "prune with DCAL off (model.dcal.glca_top_r=0, model.dcal.pwca=false)")
     if config.optim.ema_decay is not None:
         raise ConfigError("optim.ema_decay", "an EMA would average weights across pruning steps (it would keep the "
                                              "removed units alive); set optim.ema_decay=null to prune")

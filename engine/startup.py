@@ -151,6 +151,9 @@ def micro_batch_size(config: TrainConfig, world: World) -> int:
     if (data.mixup > 0 or data.cutmix > 0) and micro % 2:
         raise ConfigError("data.batch_size", f"mixup/cutmix pair the images of each micro-batch, which has {micro} "
                                              f"(odd) here; use a global batch divisible by {2 * slots}")
+    if config.model.dcal.pwca and micro < 2:
+        raise ConfigError("model.dcal.pwca", f"PWCA pairs each image with another of its micro-batch, which has {micro} "
+                                             f"here; use data.batch_size of at least {2 * slots}")
     return micro
 
 

@@ -32,7 +32,8 @@ from trivit.engine.backends import build_backend
 from trivit.engine.checkpoint import CheckpointManager, agreed_resume, check_compatible, pick_checkpoint
 from trivit.engine.compile import allow_recompiles, compiled_graphs
 from trivit.engine.config import TrainConfig
-from trivit.engine.distill import build_objective, prediction, split_heads
+from trivit.engine.distill import build_objective
+from trivit.engine.objective import prediction, split_heads
 from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
 from trivit.engine.evaluation import Evaluator
@@ -236,10 +237,11 @@ class Trainer:
         else:
             targets = smoothed_targets(labels, self.num_classes, self.config.data.label_smoothing)
         with self.backend.autocast():
-            class_logits, distillation_logits = split_heads(self.backend.model(images))
+            outputs = self.backend.model(images, **self.objective.model_inputs(ids, self.step))
+        class_logits, distillation_logits = split_heads(outputs)
         losses = per_sample_cross_entropy(class_logits, targets)  # the student's own: what the example level scores
         weights = self.plan.weights[ids].to(self.device) / rank_batch
-        loss = self.objective.loss(losses, distillation_logits, images, targets, weights)
+        loss = self.objective.loss(losses, outputs, images, targets, weights)
         return loss, prediction(class_logits, distillation_logits), losses, labels
 
     def _begin_epoch(self) -> None:

@@ -17,13 +17,14 @@ whatever the training precision, so bf16 rounding does not reorder tokens or lin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 Ranking = Literal["none", "cls", "pooled", "full"]
 """What attention a block returns beside its output: none, the [CLS] row (B, 1, L), the row of the mean
@@ -53,6 +54,17 @@ def build_links(mask: torch.Tensor, kernel: str, density: torch.Tensor | None = 
     return Links(mask, density, create_block_mask(kept_link, batch, None, length, length, device=mask.device))
 
 
+def checkpointed(enabled: bool, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, recomputed in backward instead of kept when ``enabled`` (and grad is on).
+
+    Non-reentrant ``torch.utils.checkpoint`` restores the RNG (dropout, drop-path, the random
+    selector) and autocast state, so the recomputation is the forward pass again, bit for bit.
+    """
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
+
+
 Router = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, "Links | None", "torch.Tensor | None"]]
 """(tokens, attention) -> (tokens, links, the kept patches' indices into the incoming patches or None)."""
 
@@ -78,10 +90,28 @@ class TriLevelBlock(Block):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, links, attention[:, 0].detach(), kept
 
+    def forward_paired(self, x: torch.Tensor, paired: torch.Tensor | None, distractors: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """DCAL's block: self-attention on ``x``, and PWCA on ``paired`` (None: none), whose queries attend
+        to their own keys and values and to the distractors' (``x[distractors]``: the self-attention
+        stream at this depth) under one softmax, with this block's weights. Returns both outputs and
+        the self-attention's head-averaged attention (B, L, L), detached (DCAL's rollout reads it)."""
+        attn_out, attention = self.attend(self.norm1(x), None, "full")
+        if paired is not None:  # not through forward_cross: FSDP2 would reshard this block after that entry
+            paired = self.cross(paired, x[distractors], attend_self=True)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, paired, attention.detach()
+
     def forward_cross(self, x: torch.Tensor, context: torch.Tensor, attend_self: bool = False) -> torch.Tensor:
         """The block with its attention's queries from ``x`` and its keys and values from ``context``
         (from ``[x; context]`` with ``attend_self``), both normalised by the block's ``norm1``: the
-        semantic tokens' blocks (sparse/semantic.py). The residual and the MLP are the queries'."""
+        semantic tokens' blocks (sparse/semantic.py), DCAL's GLCA (sparse/dcal.py). The residual and the MLP
+        are the queries'."""
+        return self.cross(x, context, attend_self)
+
+    def cross(self, x: torch.Tensor, context: torch.Tensor, attend_self: bool = False) -> torch.Tensor:
+        """:meth:`forward_cross`'s arithmetic, for the block's other entries to call."""
         attn = self.attn
         batch, queries, _ = x.shape
         both = self.norm1(torch.cat([x, context], dim=1))

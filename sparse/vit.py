@@ -20,12 +20,12 @@ from timm.models import split_model_name_tag
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from trivit.config import ConfigError, from_dict
 from trivit.sparse.attention import build_attention_mask, patch_link_density
-from trivit.sparse.blocks import Links, TriLevelBlock, build_links
+from trivit.sparse.blocks import Links, TriLevelBlock, build_links, checkpointed
 from trivit.sparse.config import SparsityConfig
+from trivit.sparse.dcal import forward_dcal
 from trivit.sparse.semantic import SemanticTokens, check_semantic_fits
 from trivit.sparse.tokens import select_tokens
 
@@ -87,7 +87,7 @@ class RoutedBlocks(nn.Sequential):
             if semantic is not None and index in semantic.roles:
                 if semantic.roles[index] == "stgm2" and global_centres is not None:
                     x = semantic.add_centres(x, global_centres)
-                x, image = self._call(semantic.run, index, block, x, image, positions)
+                x, image = self.checkpointed(semantic.run, index, block, x, image, positions)
                 links = None  # the attention level stops at the semantic stage
                 if record:
                     self.last_cls_attention = None
@@ -95,7 +95,7 @@ class RoutedBlocks(nn.Sequential):
                 full = self.explicit_attention or (prune and self.attention_keep_rate < 1)
                 ranking = "full" if full else "cls" if prefix else "pooled"
                 route = self.route if prune else partial(_unchanged, links=links)
-                x, links, cls_row, kept = self._call(block.forward_routed, x, links, route, ranking)
+                x, links, cls_row, kept = self.checkpointed(block.forward_routed, x, links, route, ranking)
                 if semantic is not None and kept is not None:  # where the STGM's pooling finds each patch
                     positions = kept if positions is None else positions.gather(1, kept)
                 if record:
@@ -103,21 +103,15 @@ class RoutedBlocks(nn.Sequential):
                 if prune and links is not None:
                     self.attention_density[index] = links.density
             else:
-                x = self._call(block, x, links)
+                x = self.checkpointed(block, x, links)
             if index == self.tap_cls_at:
                 self.tapped_cls = x[:, 0]
             self.tokens_per_block.append(x.shape[1])
         return x
 
-    def _call(self, function: Callable[..., Any], *args: Any) -> Any:
-        """``function(*args)``, recomputed in backward instead of kept when checkpointing is on.
-
-        Non-reentrant ``torch.utils.checkpoint`` restores the RNG (dropout, drop-path, the random
-        selector) and autocast state, so the recomputation is the forward pass again, bit for bit.
-        """
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(function, *args, use_reentrant=False)
-        return function(*args)
+    def checkpointed(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)``, recomputed in backward instead of kept when checkpointing is on."""
+        return checkpointed(self.grad_checkpointing, function, *args)
 
     def route(self, x: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, Links | None, torch.Tensor | None]:
         """Token selection, then the attention mask over the kept tokens (at a pruning block); returns
@@ -160,14 +154,28 @@ class TriLevelViT(VisionTransformer):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.blocks.grad_checkpointing = enable
+        dcal = getattr(self, "dcal", None)
+        if dcal is not None and dcal.glca is not None:
+            dcal.glca.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor, distractors: torch.Tensor | None = None) -> Any:
+        """timm's forward; with DCAL (``model.dcal``, sparse/dcal.py) its branches, ``distractors`` the PWCA pairs."""
+        if getattr(self, "dcal", None) is not None:
+            return forward_dcal(self, x, distractors)
+        if distractors is not None:
+            raise ValueError("distractors are PWCA's pairs, and this model has no DCAL (model.dcal)")
+        return super().forward(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The token sequence the blocks take: patch embedding, position embedding and prefix tokens."""
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("a trivit ViT builds its attention masks itself (the attention level); "
                              "forward_features takes no attn_mask or is_causal")
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        return self.norm(self.blocks(x, getattr(self, "global_centres", None)))
+        return self.norm(self.blocks(self.embed(x), getattr(self, "global_centres", None)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         semantic = self.blocks.semantic

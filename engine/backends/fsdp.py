@@ -37,6 +37,7 @@ class FSDPBackend(Backend):
             fully_shard(block, mp_policy=policy)
             register_fsdp_forward_method(block, "forward_routed")  # the pruning blocks' entry point
             register_fsdp_forward_method(block, "forward_cross")  # the semantic tokens' blocks
+            register_fsdp_forward_method(block, "forward_paired")  # DCAL's
         fully_shard(model, mp_policy=policy)
         self.model = self.module = model
         self.optimizer = make_optimizer(model)

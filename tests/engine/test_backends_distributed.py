@@ -154,3 +154,16 @@ and masks links (DISTRIBUTED's rates); the example level on."""
                                            ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"})])
 def test_semantic_tokens_on_two_processes_equal_one(kind, backend, tiny_shards, tmp_path):
     assert_two_processes_equal_one(kind, backend, SEMANTIC, tiny_shards, tmp_path)
+
+
+DCAL = {"model.dcal.glca_top_r": "0.25", "model.dcal.pwca": "true", "sparsity.tokens.keep_rate": "1.0",
+        "sparsity.attention.keep_rate": "1.0", "schedule.max_steps": "4"}
+"""GLCA (the top 4 of 16 patches) and PWCA (distractors keyed by sample, so the pairs do not depend on the
+rank), with the example level on."""
+
+
+@pytest.mark.parametrize("kind, backend", [("torchrun", {"engine.backend": "ddp"}),
+                                           ("fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
+                                           ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"})])
+def test_dcal_on_two_processes_equals_one(kind, backend, tiny_shards, tmp_path):
+    assert_two_processes_equal_one(kind, backend, DCAL, tiny_shards, tmp_path)
