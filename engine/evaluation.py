@@ -59,9 +59,10 @@ class Evaluator:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, per_class: bool = False) -> dict[str, Any]:
         """Top-1 and top-5 accuracy (%) and mean cross-entropy over the whole validation split, each
-        rank reading its share of the shards.
+        rank reading its share of the shards; with ``per_class``, also each class's top-1
+        (``eval_top1_per_class``, None for a class without samples).
 
         Ranks step through their shares together: one that has run out forwards a placeholder
         image while the others still have batches, so the collectives inside a sharded model
@@ -78,6 +79,8 @@ class Evaluator:
         sums = torch.zeros(5 + len(locations), dtype=torch.float64, device=device)
         """correct, samples, summed loss, skipped samples, correct in the top 5, then per location the
         attention density x samples"""
+        classes = torch.zeros(2, model.num_classes if per_class else 0, dtype=torch.float64, device=device)
+        """per class: correct, samples"""
         placeholder = torch.zeros(1, model_config.in_chans, model_config.img_size, model_config.img_size)
         dtype = next(model.parameters()).dtype  # the fp32 EMA beside a bf16 DeepSpeed module takes fp32 images
         with loader.batches() as batches:
@@ -94,7 +97,11 @@ class Evaluator:
                 labels = batch.labels.to(device)
                 with inputs.autocast():
                     logits = model(inputs.prepare_inputs(batch.images).to(dtype)).float()
-                sums[0] += (logits.argmax(-1) == labels).sum()
+                hits = logits.argmax(-1) == labels
+                sums[0] += hits.sum()
+                if per_class:
+                    classes[0].index_add_(0, labels, hits.double())
+                    classes[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
                 sums[1] += labels.numel()
                 sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
                 top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -110,6 +117,10 @@ class Evaluator:
             return {"eval_samples": 0, "eval_skipped": int(skipped)}
         record = {"eval_samples": int(total), "eval_top1": 100.0 * correct / total,
                   "eval_top5": 100.0 * correct5 / total, "eval_loss": loss_sum / total, "eval_skipped": int(skipped)}
+        if per_class:
+            correct_by_class, samples_by_class = sum_tensor(classes).tolist()
+            record["eval_top1_per_class"] = [100.0 * c / n if n else None
+                                             for c, n in zip(correct_by_class, samples_by_class)]
         if model.blocks.attention_keep_rate < 1:
             record["eval_attention_density"] = {str(block): d / total for block, d in zip(locations, density)}
         return record

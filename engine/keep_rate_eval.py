@@ -48,6 +48,8 @@ class EvalRequest:
     batch: int | None = None
     """Images per forward pass; None: the run's data.eval_batch_size."""
     repeats: int = 5
+    per_class: bool = False
+    """Also each class's top-1 (``top1_per_class``)."""
 
 
 def run_config(request: EvalRequest) -> TrainConfig:
@@ -119,11 +121,12 @@ def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[s
     for attention in request.attention_keep_rates:
         for tokens in request.keep_rates:
             set_keep_rates(model, tokens, attention)
-            metrics = evaluator.evaluate(model)
+            metrics = evaluator.evaluate(model, per_class=request.per_class)
             rows.append({"keep_rate": tokens, "attention_keep_rate": attention, "top1": metrics.get("eval_top1"),
                          "top5": metrics.get("eval_top5"), "loss": metrics.get("eval_loss"),
                          "samples": metrics["eval_samples"],
-                         "img_per_s": inference_img_per_s(model, inputs, images, request.repeats)})
+                         "img_per_s": inference_img_per_s(model, inputs, images, request.repeats),
+                         **({"top1_per_class": metrics.get("eval_top1_per_class")} if request.per_class else {})})
     dense = next((r["img_per_s"] for r in rows if r["keep_rate"] == r["attention_keep_rate"] == 1.0), None)
     for row in rows:
         row["speedup"] = row["img_per_s"] / dense if dense else None

@@ -182,7 +182,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     request = EvalRequest(args.source, keep_rates=tuple(args.keep_rates), attention_keep_rates=tuple(args.attention),
                           data=args.data, model=args.model, overrides=tuple(args.overrides), batch=args.batch,
-                          repeats=args.repeats)
+                          repeats=args.repeats, per_class=args.per_class)
     world = world_from_env()
     try:
         rows, header = evaluate_keep_rates(request, world)
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--batch", type=positive_int, help="images per forward (default: data.eval_batch_size)")
     eval_parser.add_argument("--repeats", type=positive_int, default=5, help="timed forward passes per keep rate")
     eval_parser.add_argument("--out", help="write the rows as JSON here, and a plot beside it (.png)")
+    eval_parser.add_argument("--per-class", action="store_true", help="also each class's top-1 (top1_per_class in "
+                                                                      "the JSON rows)")
     eval_parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     eval_parser.set_defaults(run=evaluate)
 

@@ -2,6 +2,7 @@
 the export (backbone for timm, GLCA branch beside it), starting from it, and the refused settings."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_overrides
+from trivit.cli import main
 from trivit.config import ConfigError, load
-from trivit.engine.config import TrainConfig
+from trivit.engine.config import DistillConfig, TrainConfig
 from trivit.engine.dcal_objective import DualCrossAttentionObjective, uncertainty_weighted
+from trivit.engine.distill import Distiller, nkd_loss
 from trivit.engine.metrics import read_metrics
 from trivit.engine.models import create_model
 from trivit.engine.objective import Objective
@@ -49,6 +52,25 @@ def test_the_objective_weights_each_branchs_per_sample_losses():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_distillation_objective_applies_to_the_self_attention_term():
+    """NKD inside DCAL: the self-attention branch's term is the distiller's per-sample objective."""
+    logits, glca = (torch.randn(4, 3, generator=torch.Generator().manual_seed(s)) for s in range(2))
+    teacher_logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
+    targets = torch.eye(3)[[0, 2, 1, 1]]
+    weights = torch.full((4,), 0.25)
+    label_losses = -(targets * logits.log_softmax(-1)).sum(-1)
+    config = DistillConfig(loss="nkd", teacher="identity", alpha=0.5, gamma=1.5, lambda_=1.0)
+    inner = Distiller(config, torch.nn.Identity(), None)  # the "images" are the teacher's logits
+    objective = DualCrossAttentionObjective(inner, DCALConfig(glca_top_r=0.1), seed=0, device=torch.device("cpu"))
+    log_vars = torch.tensor([0.4, -0.3])
+    loss = objective.loss(label_losses, DCALOutputs(logits, glca, None, log_vars), teacher_logits, targets, weights)
+    distilled = 0.5 * label_losses + 0.5 * nkd_loss(logits, teacher_logits, targets.argmax(-1), 1.5, 1.0)
+    glca_losses = -(targets * glca.log_softmax(-1)).sum(-1)
+    expected = 0.5 * (math.exp(-0.4) * (distilled * weights).sum() + 0.4
+                      + math.exp(0.3) * (glca_losses * weights).sum() - 0.3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def train(shards, run_dir, **extra):
     trainer = Trainer(load(TrainConfig, None, tiny_overrides(shards, run_dir, **dict(DCAL, **extra))))
     return trainer, trainer.train()
@@ -79,6 +101,12 @@ def test_a_dcal_run_resumes_exactly_and_exports_the_backbone_and_the_glca_branch
     assert "loaded the GLCA branch from the weights" in record["init_changes"]
     images = torch.randn(3, 1, 16, 16)
     torch.testing.assert_close(restarted.eval()(images), model.eval()(images))
+
+    final = [r for r in read_metrics(tmp_path / "split") if "eval_top1" in r][-1]
+    assert main(["eval", str(tmp_path / "split"), "--keep-rates", "1.0", "--repeats", "1",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())[0]["top1"] == final["eval_top1"]
+    assert main(["eval", str(tmp_path / "split"), "--keep-rates", "0.5"]) == 2
 
     plain = create_model(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path / "plain")), 4, None)
     record = init_from(plain, str(tmp_path / "split" / "model.safetensors"), "deit_tiny_patch16_224", {})

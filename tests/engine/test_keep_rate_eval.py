@@ -34,7 +34,7 @@ def test_eval_reproduces_the_runs_final_evaluation_at_its_keep_rates(trained_run
     final = read_metrics(trained_run)[-1]
     out = tmp_path / "table.json"
     code = main(["eval", str(trained_run), "--keep-rates", "1.0", "0.5", "--attention", "1.0", "0.5", "--repeats", "2",
-                 "--out", str(out)])
+                 "--per-class", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     rows = json.loads(out.read_text())
     assert [(r["keep_rate"], r["attention_keep_rate"]) for r in rows] == [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.5, 0.5)]
@@ -43,6 +43,8 @@ def test_eval_reproduces_the_runs_final_evaluation_at_its_keep_rates(trained_run
     assert at_training_rates["loss"] == pytest.approx(final["eval_loss"], rel=1e-9)
     assert rows[0]["top1"] != rows[3]["top1"] or rows[0]["loss"] != rows[3]["loss"], "the keep rates change the model"
     assert all(r["img_per_s"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    for row in rows:  # 16 validation images of each of the 4 classes
+        assert len(row["top1_per_class"]) == 4 and sum(row["top1_per_class"]) / 4 == pytest.approx(row["top1"])
     assert out.with_suffix(".png").is_file()
     table = capsys.readouterr().out
     assert "| 0.5 | 0.5 |" in table and "64 validation images" in table
