@@ -39,7 +39,7 @@ from trivit.engine.prune import full_widths
 from trivit.sparse.flops import model_flops
 from trivit.sparse.latency import LatencyTable, interleaved_medians
 from trivit.sparse.nvit import group_sizes, kind_of
-from trivit.sparse.pruned import PrunedArch, create_pruned_vit, strip_state, unit_axes
+from trivit.sparse.pruned import PrunedArch, add_unit_sums, create_pruned_vit, strip_state, unit_axes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -84,12 +84,7 @@ def magnitude_masks(weights: dict[str, torch.Tensor], full: PrunedArch, arch: Pr
     for name, axes in unit_axes(model, full).items():
         if name not in weights:
             continue
-        magnitude = weights[name].abs().double()
-        for axis in axes:
-            others = [d for d in range(magnitude.dim()) if d != axis.dim]
-            per_entry = magnitude.sum(dim=others) if others else magnitude
-            tied = axis.ids >= 0
-            norms[axis.group].index_add_(0, axis.ids[tied], per_entry[tied])
+        add_unit_sums(norms, weights[name].abs().double(), axes)
     kept = arch.unit_counts()
     masks = {}
     for group, norm in norms.items():

@@ -158,6 +158,11 @@ def split_heads(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch
     return qkv.reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def head_widths(attn: nn.Module) -> tuple[int, int]:
+    """(query/key, value) width of each head: timm's ``head_dim``, or a pruned attention's own."""
+    return (getattr(attn, "qk_dim", None) or attn.head_dim, getattr(attn, "v_dim", None) or attn.head_dim)
+
+
 def head_mean(attn: nn.Module, probs: torch.Tensor) -> torch.Tensor:
     """Attention ``probs`` (B, H, rows, L) averaged over the heads (the kept ones, while pruning)."""
     own = getattr(attn, "head_mean", None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from trivit.sparse.blocks import head_widths
 from trivit.sparse.semantic import SemanticTokens
 from trivit.sparse.tokens import kept_count
 
@@ -84,8 +85,7 @@ def block_widths(model: nn.Module) -> list[BlockWidth]:
     widths = []
     for block in model.blocks:
         attn = block.attn
-        pruned = hasattr(attn, "qk_dim")
-        qk, v = (attn.qk_dim, attn.v_dim) if pruned else (attn.head_dim, attn.head_dim)
+        qk, v = head_widths(attn)
         widths.append((attn.num_heads * qk, attn.num_heads * v, block.mlp.fc1.out_features))
     return widths
 

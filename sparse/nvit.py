@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from trivit.sparse.latency import LatencyTable
-from trivit.sparse.pruned import PrunedArch, UnitAxis
+from trivit.sparse.pruned import PrunedArch, UnitAxis, add_unit_sums
 
 KINDS = ("embed", "heads", "qk", "v", "mlp")
 GROUP_FRACTIONS = {"embed": 1 / 48, "heads": 1 / 6, "qk": 1 / 8, "v": 1 / 8, "mlp": 1 / 192}
@@ -60,12 +60,7 @@ class SaliencyMeter:
         for name, theta, grad in parameters:
             if grad is None or name not in self.axes:
                 continue
-            product = theta.detach().double() * grad.detach().double()
-            for axis in self.axes[name]:
-                others = [d for d in range(product.dim()) if d != axis.dim]
-                per_entry = (product.sum(dim=others) if others else product).cpu()
-                tied = axis.ids >= 0
-                sums[axis.group].index_add_(0, axis.ids[tied], per_entry[tied])
+            add_unit_sums(sums, theta.detach().double() * grad.detach().double(), self.axes[name])
         for group, total in self.totals.items():
             total += sums[group].square()
         self.batches += 1

@@ -31,6 +31,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from trivit.config import ConfigError, from_dict
+from trivit.sparse.blocks import head_widths
 from trivit.sparse.config import SparsityConfig
 from trivit.sparse.vit import TriLevelViT, create_vit
 
@@ -80,8 +81,8 @@ class PrunedArch:
     def of_vit(cls, name: str, model: nn.Module) -> PrunedArch:
         """The widths of ``model``, a trivit ViT (timm's uniform one, or a pruned one) built from ``name``."""
         return cls(base=name, embed_dim=model.embed_dim, blocks=[
-            BlockWidths(heads=b.attn.num_heads, qk_dim=_qk_dim(b.attn), v_dim=_v_dim(b.attn),
-                        mlp_dim=b.mlp.fc1.out_features, scale=float(b.attn.scale)) for b in model.blocks])
+            BlockWidths(heads=b.attn.num_heads, qk_dim=qk, v_dim=v, mlp_dim=b.mlp.fc1.out_features,
+                        scale=float(b.attn.scale)) for b in model.blocks for qk, v in [head_widths(b.attn)]])
 
     def kept(self, masks: Mapping[str, torch.Tensor]) -> PrunedArch:
         """The architecture left when the units ``masks`` zero are removed."""
@@ -257,6 +258,16 @@ class UnitAxis:
     ids: torch.Tensor
 
 
+def add_unit_sums(sums: dict[str, torch.Tensor], values: torch.Tensor, axes: list[UnitAxis]) -> None:
+    """Add a parameter's ``values``, summed over each unit's entries along each of its ``axes``, into
+    ``sums[group]`` (one float64 entry per unit; on the CPU)."""
+    for axis in axes:
+        others = [d for d in range(values.dim()) if d != axis.dim]
+        per_entry = (values.sum(dim=others) if others else values).cpu()
+        tied = axis.ids >= 0
+        sums[axis.group].index_add_(0, axis.ids[tied], per_entry[tied])
+
+
 def unit_axes(model: nn.Module, arch: PrunedArch) -> dict[str, list[UnitAxis]]:
     """Every parameter's axes tied to units: which weights each unit owns, for saliency and stripping.
 
@@ -347,11 +358,3 @@ def strip_state(state: Mapping[str, torch.Tensor], axes: Mapping[str, list[UnitA
             tensor = tensor.index_select(dim, kept_entries(tensor_axes, dim, masks).to(tensor.device))
         stripped[name] = tensor.contiguous()
     return stripped
-
-
-def _qk_dim(attn: nn.Module) -> int:
-    return getattr(attn, "qk_dim", None) or attn.head_dim
-
-
-def _v_dim(attn: nn.Module) -> int:
-    return getattr(attn, "v_dim", None) or attn.head_dim
