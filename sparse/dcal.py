@@ -168,6 +168,8 @@ def forward_dcal(model: TriLevelViT, images: torch.Tensor, distractors: torch.Te
         raise RuntimeError("a DCAL model runs at keep rates 1.0 (its rollout needs every token); call "
                            "set_keep_rates(model, 1.0, 1.0)")
     pairs = model.training and dcal.config.pwca
+    if not pairs and dcal.glca is None:  # PWCA alone, in evaluation: the plain model
+        return model.forward_head(model.forward_features(images))
     if pairs and distractors is None:
         distractors = random_distractors(images.shape[0], images.device)
     x = model.embed(images)

@@ -13,28 +13,34 @@ from trivit.datasets.stream import SampleDecoder, expand_urls
 from trivit.datasets.transforms import eval_transform
 
 
-def rank_main(rank: int, init_file: str, pattern: str, out: str) -> None:
+PATTERNS = {"train-{000000..000004}.tar": 160, "val-{000000..000001}.tar": 64}
+"""An odd number of shards (one rank reads more) and an even one."""
+
+
+def rank_main(rank: int, init_file: str, folder: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     decode = SampleDecoder(eval_transform(DataConfig(mean=[0.3], std=[0.3], eval_crop_pct=1.0), 16), "L")
-    ids = [i for batch in eval_loader(expand_urls(pattern), decode, batch_size=7, rank=rank, world_size=2,
-                                      num_workers=2) for i in batch.ids.tolist()]
-    gathered = [None, None]
-    dist.all_gather_object(gathered, ids)
+    read = {}
+    for pattern in PATTERNS:
+        ids = [i for batch in eval_loader(expand_urls(f"{folder}/{pattern}"), decode, batch_size=7, rank=rank,
+                                          world_size=2, num_workers=2) for i in batch.ids.tolist()]
+        gathered = [None, None]
+        dist.all_gather_object(gathered, ids)
+        read[pattern] = gathered
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(gathered, f)
+            json.dump(read, f)
     dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("shards, total", [("train-{000000..000004}.tar", 160), ("val-{000000..000001}.tar", 64)])
-def test_two_ranks_of_two_workers_read_every_validation_sample_once(tiny_shards, tmp_path, shards, total):
+def test_two_ranks_of_two_workers_read_every_validation_sample_once(tiny_shards, tmp_path):
     out = tmp_path / "ids.json"
-    mp.start_processes(rank_main, args=(str(tmp_path / "init"), str(tiny_shards / shards), str(out)),
+    mp.start_processes(rank_main, args=(str(tmp_path / "init"), str(tiny_shards), str(out)),
                        nprocs=2, start_method="spawn")
-    per_rank = json.loads(out.read_text())
-    every = per_rank[0] + per_rank[1]
-    assert sorted(every) == list(range(total)), "no duplicates, none missed"
-    shard_size = 32
-    assert per_rank[0] and per_rank[1], "both ranks read samples"
-    assert abs(len(per_rank[0]) - len(per_rank[1])) <= shard_size, "ranks read within one shard of each other"
+    for pattern, per_rank in json.loads(out.read_text()).items():
+        every = per_rank[0] + per_rank[1]
+        assert sorted(every) == list(range(PATTERNS[pattern])), f"{pattern}: no duplicates, none missed"
+        shard_size = 32
+        assert per_rank[0] and per_rank[1], f"{pattern}: both ranks read samples"
+        assert abs(len(per_rank[0]) - len(per_rank[1])) <= shard_size, f"{pattern}: within one shard of each other"

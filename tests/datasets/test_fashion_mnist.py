@@ -71,17 +71,6 @@ def assert_round_trip(folder, split_index, images, labels):
     assert (seen == 1).all(), "every sample exactly once"
 
 
-@pytest.mark.skipif(not fashion_mnist.PACKAGE_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist_round_trip(tmp_path):
-    folder = fashion_mnist.prepare(tmp_path)
-    index = read_index(folder / "index.json")
-    assert {s: index["splits"][s]["total"] for s in ("train", "test")} == {"train": 60000, "test": 10000}
-    assert len(index["classes"]) == 10
-    for split in ("train", "test"):
-        images, labels = fashion_mnist.load_split(fashion_mnist.PACKAGE_DIR, split)
-        assert_round_trip(folder, index["splits"][split], images, labels)
-
-
 def test_shards_are_byte_identical_when_rewritten(tmp_path):
     from tests.conftest import synthetic_samples
     from trivit.datasets.shards import write_split
@@ -95,8 +84,9 @@ def test_shards_are_byte_identical_when_rewritten(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.skipif(not fashion_mnist.PACKAGE_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
-def test_two_ranks_prepare_the_demo_data_once(tmp_path):
-    """torchrun with 2 ranks and an empty cache: one rank writes the shards while the other waits."""
+def test_two_ranks_prepare_the_demo_data_once_and_it_round_trips(tmp_path):
+    """torchrun with 2 ranks and an empty cache: one rank writes the shards while the other waits; the shards
+    hold every real image and label exactly once, pixel for pixel."""
     import os
     import subprocess
 
@@ -113,3 +103,7 @@ def test_two_ranks_prepare_the_demo_data_once(tmp_path):
     index = read_index(cache / "fashion-mnist" / "index.json")
     assert index["splits"]["train"]["total"] == 60000
     assert sorted(p.name for p in cache.iterdir()) == [".fashion-mnist.lock", "fashion-mnist"], "no temp folder left"
+    assert index["splits"]["test"]["total"] == 10000 and len(index["classes"]) == 10
+    for split in ("train", "test"):
+        images, labels = fashion_mnist.load_split(fashion_mnist.PACKAGE_DIR, split)
+        assert_round_trip(cache / "fashion-mnist", index["splits"][split], images, labels)

@@ -4,7 +4,8 @@ Each run trains the tiny ViT with all three sparsity levels for 4 steps, stops, 
 again to resume to step 8; DDP, FSDP2 and ZeRO-2 compiled and with activation checkpointing,
 ZeRO-3 with activation checkpointing. The losses must be finite, fall, and (the same mathematics) equal a
 single process that accumulates the same two micro-batches per step; the checkpoint must be in
-the backend's own format and the exported weights must load into timm strictly.
+the backend's own format and the exported weights must load into timm strictly. ZeRO-1, whose
+checkpoints are ZeRO-2's format, trains against the single process in the semantic-token test.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ VARIANTS = {
     # name: (launcher, trivit overrides, checkpoint entry the backend writes, equals the reference)
     "ddp_compiled": ("accelerate", {"engine.backend": "ddp", **COMPILED}, "trainer.pt", True),
     "fsdp_compiled": ("fsdp.yaml", {"engine.precision": "fp32", **COMPILED}, "sharded", True),
-    "zero1": ("deepspeed", {"engine.backend": "deepspeed", "engine.zero_stage": "1"}, "deepspeed", True),
     "zero2_compiled": ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "2", **COMPILED}, "deepspeed",
                        True),
     "zero3_bf16_checkpointed": ("deepspeed_zero3.yaml", CHECKPOINTED, "deepspeed", False),
@@ -116,8 +116,6 @@ def distill_overrides(loss: str, teacher_file) -> dict[str, str]:
 DISTILL_RUNS = {
     # name: (loss, launcher, overrides)
     "nkd_ddp": ("nkd", "torchrun", {"engine.backend": "ddp"}),
-    "nkd_fsdp": ("nkd", "fsdp.yaml", {"engine.precision": "fp32"}),
-    "nkd_zero2": ("nkd", "torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "2"}),
     "uskd_ddp_compiled": ("uskd", "torchrun", {"engine.backend": "ddp", **COMPILED}),
     "uskd_fsdp_compiled": ("uskd", "fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
     "uskd_zero3": ("uskd", "torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"}),
@@ -149,7 +147,7 @@ SEMANTIC = {"model.timm_kwargs": "{embed_dim: 32, depth: 4, num_heads: 2}", "spa
 and masks links (DISTRIBUTED's rates); the example level on."""
 
 
-@pytest.mark.parametrize("kind, backend", [("torchrun", {"engine.backend": "ddp"}),
+@pytest.mark.parametrize("kind, backend", [("deepspeed", {"engine.backend": "deepspeed", "engine.zero_stage": "1"}),
                                            ("fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
                                            ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"})])
 def test_semantic_tokens_on_two_processes_equal_one(kind, backend, tiny_shards, tmp_path):
