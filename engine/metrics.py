@@ -55,10 +55,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class Throughput:
-    """Images per second of the training steps since the last record (loader waits included)."""
+    """Images per second of the training steps since the last record (loader waits included), and the
+    seconds the run has spent in training steps (``total_seconds``; evaluations and checkpoints left
+    out), which the trainer keeps in its checkpoints so that a resumed run goes on counting."""
 
     def __init__(self) -> None:
         self.images, self.seconds, self.tick = 0, 0.0, time.perf_counter()
+        self.total_seconds = 0.0
 
     def start(self) -> None:
         """A step begins (waiting for its batch counts)."""
@@ -66,8 +69,10 @@ class Throughput:
 
     def add(self, images: int) -> None:
         """A step of ``images`` (all ranks) has ended."""
+        seconds = time.perf_counter() - self.tick
         self.images += images
-        self.seconds += time.perf_counter() - self.tick
+        self.seconds += seconds
+        self.total_seconds += seconds
 
     def take(self) -> float:
         """The rate since the last ``take``, and start a new window."""

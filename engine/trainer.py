@@ -103,6 +103,7 @@ class Trainer:
         self.stream_position: StreamPosition = []
         """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
         self.step = 0
+        self.throughput = Throughput()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep,
                                              self.world.is_main, self.device)
         self.guard = StepGuard(config, self.shards.train_samples, self.world.world_size, self.device,
@@ -135,6 +136,7 @@ class Trainer:
             "examples": self.selector.state_dict() if self.selector else None,
             "objective": self.objective.state_dict(),
             "arch": arch_record(self.model),
+            "train_seconds": self.throughput.total_seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
@@ -158,6 +160,7 @@ class Trainer:
             self.selector.load_state_dict(state["examples"])
         self.objective.load_state_dict(state.get("objective"))
         self.step = state["step"]
+        self.throughput.total_seconds = state.get("train_seconds", 0.0)
         self.stream_position = rank_state.get("stream_position") or full_batches_position(
             self.setup.layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
 
@@ -187,6 +190,7 @@ class Trainer:
         return {"step": self.step, "epoch": self.epochs.progress(self.step),
                 "loss": loss_value if math.isfinite(loss_value) else None, "nonfinite_steps": self.guard.nonfinite_steps,
                 "lr": peak_group_lr(self.optimizer), "img_per_s": img_per_s,
+                "train_s": self.throughput.total_seconds,
                 "keep_rate_tokens": blocks.token_keep_rate, "keep_rate_attention": blocks.attention_keep_rate,
                 "tokens_per_block": list(blocks.tokens_per_block),
                 "attention_density": {str(block): d.item() for block, d in blocks.attention_density.items()},
@@ -319,7 +323,7 @@ class Trainer:
         bar = tqdm(total=config.schedule.max_steps or config.schedule.epochs * self.dense_epoch_steps,
                    initial=self.step, disable=not (config.logging.progress_bar and self.world.is_main),
                    dynamic_ncols=True, desc="train")
-        throughput = Throughput()
+        throughput = self.throughput
         last: dict[str, Any] = {}
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:

@@ -40,6 +40,8 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tiny_shards, t
     split_records = {r["step"]: r for r in read_metrics(tmp_path / "split")}
     assert split_records[12]["eval_top1"] == full_records[12]["eval_top1"]
     assert split_records[12]["eval_top1_ema"] == full_records[12]["eval_top1_ema"]
+    seconds = [split_records[step]["train_s"] for step in range(1, 13)]
+    assert seconds == sorted(seconds) and seconds[5] > seconds[4] > 0, "training seconds go on counting on resume"
     final_full = CheckpointManager(tmp_path / "full" / "checkpoints", 2).load_latest()[0]["model"]
     final_split = CheckpointManager(tmp_path / "split" / "checkpoints", 2).load_latest()[0]["model"]
     assert all(torch.equal(final_full[k], final_split[k]) for k in final_full)
