@@ -66,7 +66,7 @@ def test_nested_overrides_merge():
 
 def test_bundled_configs_are_valid():
     from pathlib import Path
-    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+    for path in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):  # the studies' too
         load(TrainConfig, path)
 
 
