@@ -113,15 +113,6 @@ def distill_overrides(loss: str, teacher_file) -> dict[str, str]:
     return {"distill.loss": loss, **teacher, "schedule.max_steps": "4"}
 
 
-DISTILL_RUNS = {
-    # name: (loss, launcher, overrides)
-    "nkd_ddp": ("nkd", "torchrun", {"engine.backend": "ddp"}),
-    "uskd_ddp_compiled": ("uskd", "torchrun", {"engine.backend": "ddp", **COMPILED}),
-    "uskd_fsdp_compiled": ("uskd", "fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
-    "uskd_zero3": ("uskd", "torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"}),
-}
-
-
 def assert_two_processes_equal_one(kind: str, backend: dict[str, str], overrides: dict[str, str], shards, tmp_path):
     reference_dir = tmp_path / "one"
     Trainer(load(TrainConfig, None, tiny_overrides(shards, reference_dir, **dict(
@@ -133,14 +124,6 @@ def assert_two_processes_equal_one(kind: str, backend: dict[str, str], overrides
     assert sorted(two) == [1, 2, 3, 4] and max(abs(two[s] - one[s]) for s in one) < TOLERANCE, (one, two)
 
 
-@pytest.mark.parametrize("name", list(DISTILL_RUNS))
-def test_distillation_on_two_processes_equals_one(name, tiny_shards, tmp_path, tiny_teacher_file):
-    """NKD's replicated teacher sees each rank's images, and USKD's weak classifier (outside every backend's
-    wrapper) has its gradients averaged over the ranks: 2 ranks give the 1-process losses (2 micro-batches a step)."""
-    loss, kind, backend = DISTILL_RUNS[name]
-    assert_two_processes_equal_one(kind, backend, distill_overrides(loss, tiny_teacher_file), tiny_shards, tmp_path)
-
-
 SEMANTIC = {"model.timm_kwargs": "{embed_dim: 32, depth: 4, num_heads: 2}", "sparsity.semantic.num_tokens": "4",
             "sparsity.tokens.locations": "[0]", "sparsity.tokens.fuse": "false", "schedule.max_steps": "4"}
 """4 semantic tokens pooled from the 4 x 4 patch grid, the STGM at blocks 1-2; before it, block 0 prunes tokens
@@ -150,18 +133,21 @@ and masks links (DISTRIBUTED's rates); the example level on."""
 @pytest.mark.parametrize("kind, backend", [("deepspeed", {"engine.backend": "deepspeed", "engine.zero_stage": "1"}),
                                            ("fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
                                            ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"})])
-def test_semantic_tokens_on_two_processes_equal_one(kind, backend, tiny_shards, tmp_path):
-    assert_two_processes_equal_one(kind, backend, SEMANTIC, tiny_shards, tmp_path)
+def test_semantic_tokens_with_nkd_on_two_processes_equal_one(kind, backend, tiny_shards, tmp_path, tiny_teacher_file):
+    """With NKD: its teacher, replicated outside every backend's wrapper, sees each rank's images."""
+    overrides = {**SEMANTIC, **distill_overrides("nkd", tiny_teacher_file)}
+    assert_two_processes_equal_one(kind, backend, overrides, tiny_shards, tmp_path)
 
 
 DCAL = {"model.dcal.glca_top_r": "0.25", "model.dcal.pwca": "true", "sparsity.tokens.keep_rate": "1.0",
         "sparsity.attention.keep_rate": "1.0", "schedule.max_steps": "4"}
 """GLCA (the top 4 of 16 patches) and PWCA (distractors keyed by sample, so the pairs do not depend on the
-rank), with the example level on."""
+rank), with the example level on, around USKD (its weak classifier outside the backend's wrapper, its
+gradients averaged over the ranks by hand)."""
 
 
 @pytest.mark.parametrize("kind, backend", [("torchrun", {"engine.backend": "ddp"}),
                                            ("fsdp.yaml", {"engine.precision": "fp32", **COMPILED}),
                                            ("torchrun", {"engine.backend": "deepspeed", "engine.zero_stage": "3"})])
-def test_dcal_on_two_processes_equals_one(kind, backend, tiny_shards, tmp_path):
-    assert_two_processes_equal_one(kind, backend, DCAL, tiny_shards, tmp_path)
+def test_dcal_with_uskd_on_two_processes_equals_one(kind, backend, tiny_shards, tmp_path):
+    assert_two_processes_equal_one(kind, backend, {**DCAL, **distill_overrides("uskd", None)}, tiny_shards, tmp_path)
