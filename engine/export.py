@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from trivit.engine.backends import export_weights
 from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
 from trivit.engine.models import ARCH_FILE, GLCA_FILE, exported_state
-from trivit.sparse.dcal import GLCA_PREFIX, BRANCH_PREFIX, split_branch
+from trivit.sparse.dcal import GLCA_PREFIX, entries_under, split_branch
 from trivit.sparse.pruned import PrunedArch
 
 WEIGHTS_FILE = "model.safetensors"
@@ -55,20 +55,14 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights, arch = consolidated(checkpoint)
-    weights, branch = split_branch(weights)
+    glca = entries_under(weights, GLCA_PREFIX)
+    weights = split_branch(weights)[0]
     if arch is not None:
         arch.save(out.parent / ARCH_FILE)
-    glca = glca_entries(branch)
     if glca:
         _save_atomically(glca, out.parent / GLCA_FILE)
     _save_atomically(weights, out)
     return out
-
-
-def glca_entries(branch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The GLCA branch's entries (``block.*``, ``norm.*``, ``head.*``) of DCAL's (:func:`split_branch`)."""
-    prefix = GLCA_PREFIX[len(BRANCH_PREFIX):]
-    return {key[len(prefix):]: value for key, value in branch.items() if key.startswith(prefix)}
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:

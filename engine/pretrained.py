@@ -28,7 +28,7 @@ from torch import nn
 
 from trivit.engine.export import consolidated_weights, find_checkpoint
 from trivit.engine.models import GLCA_FILE
-from trivit.sparse.dcal import GLCA_PREFIX, split_branch
+from trivit.sparse.dcal import GLCA_PREFIX, entries_under, split_branch
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def load_dcal_branch(model: nn.Module, branch: Mapping[str, torch.Tensor]) -> li
     that is not in them, or does not fit, starts as a copy of the loaded last block, norm and head."""
     dcal, notes = model.dcal, []
     if dcal.glca is not None:
-        glca = {key[len("glca."):]: value for key, value in branch.items() if key.startswith("glca.")}
+        glca = entries_under(branch, "glca.")
         if _same_shapes(glca, dcal.glca.state_dict()):
             dcal.glca.load_state_dict(glca)
             notes.append("loaded the GLCA branch from the weights")
@@ -166,7 +166,7 @@ def load_dcal_branch(model: nn.Module, branch: Mapping[str, torch.Tensor]) -> li
             dcal.glca.copy_from(model)
             why = "the weights' does not fit this model" if glca else "the weights have none"
             notes.append(f"the GLCA branch starts as a copy of the last block, norm and head ({why})")
-    weights = {key[len("loss_weights."):]: value for key, value in branch.items() if key.startswith("loss_weights.")}
+    weights = entries_under(branch, "loss_weights.")
     if _same_shapes(weights, dcal.loss_weights.state_dict()):
         dcal.loss_weights.load_state_dict(weights)
         notes.append("loaded DCAL's uncertainty weights from the weights")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -248,8 +248,12 @@ def keyed_distractors(ids: Sequence[int], step: int, seed: int) -> torch.Tensor:
     return cyclic_distractors(torch.tensor(sorted(range(len(ids)), key=keys.__getitem__)))
 
 
+def entries_under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` whose names start with ``prefix``, without it."""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
 def split_branch(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(the backbone's entries, DCAL's entries without their ``dcal.`` prefix) of a model's state."""
     backbone = {key: value for key, value in state.items() if not key.startswith(BRANCH_PREFIX)}
-    branch = {key[len(BRANCH_PREFIX):]: value for key, value in state.items() if key.startswith(BRANCH_PREFIX)}
-    return backbone, branch
+    return backbone, entries_under(state, BRANCH_PREFIX)
