@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,12 +35,36 @@ import time
 from pathlib import Path
 
 from trivit.datasets.config import DataConfig
+from trivit.datasets.shards import INDEX_NAME, brace_pattern, read_index, write_index
 from trivit.datasets.sources import prepare_source
 from trivit.engine.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "study196"
 PLAIN = ("dense", "tokens", "tokens_attention", "trilevel", "semantic")
+HALF_SHARDS = 6
+"""The study trains on the first 6 of Fashion-MNIST's 12 training shards (30,000 images)."""
+
+
+def half_training_set() -> Path:
+    """``<cache>/fashion-mnist-half``: the first training shards and all the test shards of the built-in
+    source (hard links), with an index of their own. The configs name this folder: the example level
+    needs an index that lists exactly the shards a run trains on (its table has an entry per id)."""
+    full = prepare_source("fashion-mnist", DataConfig().cache_dir)
+    half = full.with_name(f"{full.name}-half")
+    if (half / INDEX_NAME).is_file():
+        return half
+    index = read_index(full / INDEX_NAME)
+    train, test = index["splits"]["train"], index["splits"]["test"]
+    shards, counts = train["shards"][:HALF_SHARDS], train["counts"][:HALF_SHARDS]
+    half.mkdir(exist_ok=True)
+    for name in shards + test["shards"]:
+        if not (half / name).exists():
+            os.link(full / name, half / name)
+    splits = {"train": {"shards": shards, "counts": counts, "total": sum(counts), "urls": brace_pattern(shards)},
+              "test": test}
+    write_index(half, splits, index["classes"])
+    return half
 
 
 def cli(*args: str) -> float:
@@ -215,7 +240,7 @@ def main() -> None:
     out = args.out.resolve()
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    prepare_source("fashion-mnist", DataConfig().cache_dir)  # the configs name its shards
+    half_training_set()
     rows, distil = [], args.distil
     for seed in args.seeds:
         rows += run_seed(seed, args, runs, out)
