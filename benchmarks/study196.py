@@ -95,15 +95,28 @@ def trained_seconds(run_dir: Path) -> float:
     return [r for r in read_metrics(run_dir) if "train_s" in r][-1]["train_s"]
 
 
+def dense_steps_of_flops(run_dir: Path) -> float:
+    """The run's training FLOPs in dense steps: its logged per-step FLOPs fractions (every
+    ``logging.every_steps``; trapezoids between them) summed over its steps."""
+    total, step, fraction = 0.0, 0, 1.0
+    for record in read_metrics(run_dir):
+        if "flops_fraction" in record and record["step"] > step:
+            total += (record["step"] - step) * (fraction + record["flops_fraction"]) / 2
+            step, fraction = record["step"], record["flops_fraction"]
+    return total
+
+
 def result(variant: str, seed: int, wall: float, runs: list[Path], final: Path) -> dict:
-    """One variant's run (or chain of runs, ``runs`` in order): its final figures and its curve."""
+    """One variant's run (or chain of runs, ``runs`` in order): its final figures and its curve. A
+    chain's FLOPs are not summed (a pruned model's fractions are of its own dense FLOPs)."""
     offset, points = 0.0, []
     for run_dir in runs:
         points = curve(run_dir, offset) if run_dir == final else points
         offset += trained_seconds(run_dir)
     last = [r for r in read_metrics(final) if "eval_top1" in r][-1]
     return {"variant": variant, "seed": seed, "top1": last["eval_top1"], "train_s": offset, "wall_s": wall,
-            "flops_fraction": last.get("epoch_flops_fraction"), "curve": points}
+            "steps": last["step"], "flops_in_dense_steps": dense_steps_of_flops(final) if len(runs) == 1 else None,
+            "active_samples": last.get("active_samples"), "curve": points}
 
 
 def latency_table(out: Path) -> Path:
@@ -174,6 +187,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "train_s": statistics.mean(r["train_s"] for r in mine),
             "train_speedup": statistics.mean(dense[r["seed"]]["train_s"] / r["train_s"] for r in mine),
             "wall_s": statistics.mean(r["wall_s"] for r in mine),
+            "flops_ceiling": (None if mine[0]["flops_in_dense_steps"] is None else statistics.mean(
+                dense[r["seed"]]["steps"] / r["flops_in_dense_steps"] for r in mine)),
             "time_to_dense_top1": [None if t is None else round(t, 1) for t in reached],
             "speedup_to_dense_top1": [None if t is None else dense[r["seed"]]["train_s"] / t
                                       for r, t in zip(mine, reached)],
@@ -188,12 +203,14 @@ def markdown(summary: list[dict], seeds: list[int]) -> str:
 
     lines = [f"Seeds {seeds}; per seed, time to accuracy is against that seed's dense run (its final top-1 and "
              "training time); 'never' = not reached within the run.", "",
-             "| variant | top-1 % (min-max) | vs dense | training s | speed-up | run wall-clock s | "
+             "| variant | top-1 % (min-max) | vs dense | training s | speed-up | FLOPs ceiling | run wall-clock s | "
              "training s to dense top-1 (per seed) | speed-up to dense top-1 | best top-1 within dense's time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
+        ceiling = "-" if s["flops_ceiling"] is None else f"{s['flops_ceiling']:.2f}x"
         lines.append(f"| {s['variant']} | {s['top1']:.2f} ({s['top1_min']:.2f}-{s['top1_max']:.2f}) | "
-                     f"{s['top1_vs_dense']:+.2f} | {s['train_s']:.0f} | {s['train_speedup']:.2f}x | {s['wall_s']:.0f} | "
+                     f"{s['top1_vs_dense']:+.2f} | {s['train_s']:.0f} | {s['train_speedup']:.2f}x | {ceiling} | "
+                     f"{s['wall_s']:.0f} | "
                      f"{each(s['time_to_dense_top1'], '.0f')} | {each(s['speedup_to_dense_top1'], '.2f')} | "
                      f"{each(s['best_within_dense_time'], '.2f')} |")
     return "\n".join(lines)
