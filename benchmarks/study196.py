@@ -236,8 +236,8 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
     for index, s in enumerate(summary):
         color = f"C{index}"
         mine = [r for r in rows if r["variant"] == s["variant"]]
-        equal.scatter([r["train_s"] / 60 for r in mine], [r["top1"] for r in mine], color=color, alpha=0.5)
-        equal.annotate(s["variant"], (s["train_s"] / 60, s["top1"]), textcoords="offset points", xytext=(5, 5))
+        equal.scatter([r["train_s"] / 60 for r in mine], [r["top1"] for r in mine], color=color, alpha=0.7,
+                      label=s["variant"])
         for number, r in enumerate(mine):
             curves.plot([t / 60 for t, _ in r["curve"]], [a for _, a in r["curve"]], color=color, marker=".",
                         alpha=0.7, label=s["variant"] if number == 0 else None)
@@ -249,7 +249,7 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
         axes.set_xlabel("training time (min)")
         axes.set_ylabel("Fashion-MNIST test top-1 (%)")
         axes.grid(alpha=0.3)
-    curves.legend(fontsize=7)
+        axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
