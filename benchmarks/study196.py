@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from trivit.datasets.config import DataConfig
-from trivit.datasets.shards import INDEX_NAME, brace_pattern, read_index, write_index
+from trivit.datasets.shards import INDEX_NAME, read_index, split_entry, write_index
 from trivit.datasets.sources import prepare_source
 from trivit.engine.metrics import read_metrics
 
@@ -64,9 +64,7 @@ def half_training_set() -> Path:
     for name in shards + test["shards"]:
         if not (half / name).exists():
             os.link(full / name, half / name)
-    splits = {"train": {"shards": shards, "counts": counts, "total": sum(counts), "urls": brace_pattern(shards)},
-              "test": test}
-    write_index(half, splits, index["classes"])
+    write_index(half, {"train": split_entry(shards, counts), "test": test}, index["classes"])
     return half
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from trivit.datasets.shards import brace_pattern, write_index, write_shard
+from trivit.datasets.shards import split_entry, write_index, write_shard
 from trivit.datasets.unlearnable import SplitFilter, UnlearnableSpec, filtered_max
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -164,7 +164,7 @@ def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None =
             jobs = [(dest / name, [(p, good[p]) for p in positions], cuda) for name, positions in zip(names, plan)]
             counts = list(tqdm(pool.map(_write_one, jobs), total=len(jobs), desc=f"write {split}",
                                disable=not progress))
-            index[split] = {"shards": names, "counts": counts, "total": sum(counts), "urls": brace_pattern(names)}
+            index[split] = split_entry(names, counts)
             if cuda is not None:
                 index[split]["unlearnable"] = unlearnable.record(cuda.global_max)
     write_index(dest, index, classes)

@@ -31,6 +31,11 @@ def write_split(samples: Iterable[dict[str, Any]], dest: Path, split: str, sampl
     while chunk := list(itertools.islice(samples, samples_per_shard)):
         names.append(f"{split}-{len(names):06d}.tar")
         counts.append(write_shard(dest / names[-1], chunk))
+    return split_entry(names, counts)
+
+
+def split_entry(names: list[str], counts: list[int]) -> dict[str, Any]:
+    """A split's index entry: its shard names, their sample counts, the total and a brace pattern."""
     return {"shards": names, "counts": counts, "total": sum(counts), "urls": brace_pattern(names)}
 
 
