@@ -1,27 +1,38 @@
 #!/bin/bash
-# The checks only a GPU machine can run, as one script that fits in 10 minutes, writing one report:
+# The checks only a GPU machine can run, on ONE GPU, in at most BUDGET_S (540 s) of section budgets, as one report:
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          (default OUT_DIR: gpu-check; report: OUT_DIR/REPORT.md)
-# Set-up: PYTHON=/path/to/python uses that environment as it is (trivit installed in it, e.g. pip install
-# -e .); otherwise the README's set-up (make .venv/.installed, with TORCH= for the CUDA build, see the
-# Makefile) runs if .venv is missing. BENCH_MODELS="model:batch ..." changes the benchmarked models.
-# 1. trivit bench speed in bf16 for deit_small, deit_base, vit_large, with peak CUDA memory: eager,
-#    timm dense vs tokens 0.7 vs tokens 0.7 + attention 0.2 vs all three vs 16 semantic tokens; then compiled (against timm
-#    dense compiled), tokens 0.7 and all three (each keep rate is a graph to compile); flex_attention
-#    against SDPA; NViT's block latency table of deit_base.
-# 2. Training with all three levels for 6 steps, stopped, resumed to 12: DDP over 2 GPUs on NCCL
-#    (on a 1-GPU machine: one process; the 2-GPU checks say SKIP), FSDP2 and ZeRO-3 in bf16.
-# Each step has its own time limit inside BUDGET_S (540 s); the report says what ran, passed, was skipped.
+# No set-up and no network: it runs with the python that holds torch there (PYTHON, default .venv/bin/python
+# if present, else python3), and imports trivit from this checkout when it is not installed. Packages that
+# machine lacks (webdataset and braceexpand for training, deepspeed and hjson for ZeRO-3) can travel as wheels:
+# WHEELS=dir installs dir/*.whl into OUT_DIR/site first (pip download --no-deps ... -d dir, on a networked
+# machine). A section whose package is missing says SKIP and why.
+#  1. SDPA: the kernel a masked and an unmasked call get, what each kernel accepts, fwd+bwd ms (ViT-B, bf16).
+#  2. flex_attention: the share of 128/64/32/16 tiles skipped at 139 and 785 tokens; compiled flex vs SDPA ms.
+#  3. vit_large, all three levels, FSDP2 on one rank, with and without activation checkpointing (peak GiB,
+#     ms/step), and a sharded checkpoint round trip.
+#  4. Host syncs per training step by file:line (torch.cuda.set_sync_debug_mode).
+#  5. ZeRO-3 at engine.precision auto and bf16 (torchrun, one process): 6 steps, stopped, resumed to 12.
+#  6. Compiled bf16 deit_base, tokens 0.7 and all three levels, against compiled timm dense, batch 128.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu-check}}
 mkdir -p "$OUT"
+export OUT
 REPORT="$OUT/REPORT.md"
-if [ -z "${PYTHON:-}" ]; then
-    [ -x .venv/bin/python ] || make .venv/.installed ${TORCH:+TORCH="$TORCH"} || { echo "set-up failed"; exit 1; }
-    PYTHON=.venv/bin/python
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+export OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
+if [ -n "${WHEELS:-}" ]; then
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --target "$OUT/site" "$WHEELS"/*.whl \
+        && export PYTHONPATH="$PWD/$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export OMP_NUM_THREADS=4 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+if ! $PYTHON -c "import trivit.engine" 2> /dev/null; then  # this checkout as the package, as setup.py maps it
+    mkdir -p "$OUT/pkg/trivit"
+    for item in trivit/*.py; do ln -sf "$PWD/$item" "$OUT/pkg/trivit/"; done
+    for sub in engine sparse datasets; do ln -sfn "$PWD/$sub" "$OUT/pkg/trivit/$sub"; done
+    export PYTHONPATH="$PWD/$OUT/pkg${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+has() { $PYTHON -c "import $1" 2> /dev/null; }
 {
     echo "# trivit GPU check, $(date -u +%Y-%m-%d)"
     echo
@@ -29,70 +40,69 @@ GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     $PYTHON -c "
 import importlib.util, torch, timm
-deepspeed = importlib.import_module('deepspeed').__version__ if importlib.util.find_spec('deepspeed') else 'not installed'
-print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'deepspeed', deepspeed)"
+def version(name):
+    return importlib.import_module(name).__version__ if importlib.util.find_spec(name) else 'not installed'
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'capability', torch.cuda.get_device_capability(),
+      'timm', timm.__version__, 'deepspeed', version('deepspeed'), 'webdataset', version('webdataset'))"
     echo '```'
 } > "$REPORT"
 FAILED=0
-
-# 1. Speed: eager bf16 for every model first (quick), then compiled, each bench under its own limit and
-#    all within the script's budget, so that a slow compile costs only its own table.
 START=$(date +%s)
-BUDGET=${BUDGET_S:-540}   # seconds for the whole script; 200 of them are kept for the flex and training checks
-bench() {  # title, model, batch, limit, bench options...
-    local title=$1 model=$2 batch=$3 limit=$4; shift 4
-    local left=$(( BUDGET - 200 - ($(date +%s) - START) ))
+BUDGET=${BUDGET_S:-540}
+
+section() {  # title, limit, command...: run the command under its limit (cut to what the budget has left)
+    local title=$1 limit=$2; shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) ))
     [ "$limit" -gt "$left" ] && limit=$left
-    if [ "$limit" -lt 20 ]; then echo "- $model, $title: skipped, the time budget is spent" >> "$REPORT"; return; fi
-    local name="bench-$title-$model"
-    timeout "$limit" $PYTHON -m trivit bench speed --models "$model" --batch "$batch" --precision bf16 \
-        --repeats 3 --steps 3 --warmup 2 --out "$OUT/$name" --overwrite "$@" > "$OUT/$name.log" 2>&1
-    if [ -f "$OUT/$name/speed.md" ]; then
-        echo -e "\n### $model, $title\n" >> "$REPORT"; cat "$OUT/$name/speed.md" >> "$REPORT"
+    echo -e "\n## $title" >> "$REPORT"
+    if [ "$limit" -lt 15 ]; then echo "- SKIP: the time budget is spent" >> "$REPORT"; return; fi
+    local log="$OUT/$(echo "$title" | tr -c 'a-zA-Z0-9\n' '_' | cut -c1-40).log"
+    timeout "$limit" "$@" >> "$REPORT" 2> "$log"
+    local code=$?
+    [ $code = 0 ] && return
+    FAILED=1
+    [ $code = 124 ] && echo "- FAIL: not finished within ${limit} s (see $log)" >> "$REPORT" \
+        || echo "- FAIL: exit code $code (see $log)" >> "$REPORT"
+}
+
+section "1. SDPA kernels, masked and unmasked" 40 $PYTHON benchmarks/gpu_check.py kernels
+section "2. flex_attention tiles skipped, and flex against SDPA" 80 $PYTHON benchmarks/gpu_check.py flex
+section "3. vit_large, all three levels, FSDP2 on one rank" 100 $PYTHON benchmarks/gpu_check.py fsdp
+if has webdataset; then
+    section "4. Host syncs per training step" 60 $PYTHON benchmarks/gpu_check.py syncs
+else
+    echo -e "\n## 4. Host syncs per training step\n\n- SKIP: webdataset is not installed (WHEELS=...)" >> "$REPORT"
+fi
+
+# 5. ZeRO-3 through the real command, at precision auto (what torchrun without a JSON resolves) and bf16.
+SHARDS="$OUT/shards"
+COMMON=(data.train_urls="$SHARDS" data.val_urls="$SHARDS" data.batch_size=32 data.eval_batch_size=64
+        data.num_workers=2 data.mean=[0.3] data.std=[0.3] data.auto_augment=null model.img_size=32
+        model.patch_size=4 model.in_chans=1 "model.timm_kwargs={embed_dim: 192, depth: 4, num_heads: 3}"
+        optim.ema_decay=null schedule.epochs=2 schedule.warmup_epochs=0 checkpoint.every_steps=6
+        logging.every_steps=1 logging.progress_bar=false sparsity.tokens.keep_rate=0.7
+        sparsity.attention.keep_rate=0.2 sparsity.schedule.start_epochs=0 sparsity.schedule.span_epochs=0.5
+        sparsity.examples.policy=forgetting sparsity.examples.refresh_every_epochs=1
+        engine.backend=deepspeed engine.zero_stage=3)
+zero3() {  # precision: 6 steps, then resumed to 12; prints one line
+    local precision=$1 run="$OUT/zero3_$1"
+    for steps in 6 12; do
+        $PYTHON -m torch.distributed.run --nproc-per-node 1 -m trivit train run_dir="$run" "${COMMON[@]}" \
+            engine.precision="$precision" schedule.max_steps=$steps >> "$OUT/zero3_$precision.log" 2>&1 \
+            || { echo "- FAIL ZeRO-3 precision $precision (steps $steps): see zero3_$precision.log"; return 1; }
+    done
+    if grep -q "resumed from .*step_00000006" "$OUT/zero3_$precision.log" && [ -f "$run/model.safetensors" ]; then
+        echo "- PASS ZeRO-3 precision $precision (resolved $(grep -m1 -o 'precision: [a-z0-9]*' "$run/config.yaml")): stopped at 6, resumed to 12; losses: $($PYTHON -c "
+import sys
+from trivit.engine.metrics import read_metrics
+print([round(r['loss'], 4) for r in read_metrics(sys.argv[1]) if 'loss' in r])" "$run")"
     else
-        echo "- $model, $title: not finished within ${limit} s; how far it got: $(grep -c 'ready in' "$OUT/$name.log") of its variants ready (see $name.log)" >> "$REPORT"
+        echo "- FAIL ZeRO-3 precision $precision: no resume from step 6 or no model.safetensors; see zero3_$precision.log"
+        return 1
     fi
 }
-echo -e "\n## trivit bench speed (bf16)" >> "$REPORT"
-MODELS=${BENCH_MODELS:-deit_small_patch16_224:64 deit_base_patch16_224:64 vit_large_patch16_224:32}
-for spec in $MODELS; do
-    IFS=: read -r model batch <<< "$spec"
-    bench eager "$model" "$batch" 90 --variants tokens0.7 tokens0.7+attention0.2 all3 semantic16
-done
-for spec in $MODELS; do
-    IFS=: read -r model batch <<< "$spec"
-    bench compiled "$model" "$batch" 200 --compile on --variants tokens0.7 all3
-done
-
-# 1b. sparsity.attention.kernel=flex on CUDA (compiled) against sdpa: one training step's loss and gradients.
-echo -e "\n## flex_attention on CUDA against SDPA\n" >> "$REPORT"
-timeout 150 $PYTHON - >> "$REPORT" 2> "$OUT/flex.log" <<'PYEOF' || echo "- FAIL flex: see flex.log" >> "$REPORT"
-import torch
-from trivit.sparse import create_vit
-results = {}
-for kernel in ("sdpa", "flex"):
-    torch.manual_seed(0)
-    sparsity = {"tokens": {"keep_rate": 0.7, "locations": [1, 2]}, "attention": {"keep_rate": 0.2, "kernel": kernel}}
-    model = create_vit("deit_small_patch16_224", sparsity, depth=4, num_classes=10, drop_path_rate=0.0).cuda()
-    images, labels = torch.randn(8, 3, 224, 224, device="cuda"), torch.arange(8, device="cuda")
-    loss = torch.nn.functional.cross_entropy(torch.compile(model, dynamic=False)(images), labels)
-    loss.backward()
-    results[kernel] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
-(sdpa_loss, sdpa_grad), (flex_loss, flex_grad) = results["sdpa"], results["flex"]
-error = ((flex_grad - sdpa_grad).norm() / sdpa_grad.norm()).item()
-verdict = "PASS" if abs(flex_loss - sdpa_loss) < 1e-4 and error < 1e-3 else "FAIL"
-print(f"- {verdict} flex: compiled fp32 step, loss {flex_loss:.6f} vs sdpa {sdpa_loss:.6f}, gradient relative error {error:.1e}")
-PYEOF
-
-# 1c. NViT's block latency table of deit_base on this GPU (trivit prune's latency model).
-echo -e "\n## NViT block latency table (deit_base, fp32, batch 64)\n" >> "$REPORT"
-timeout 90 $PYTHON -m trivit bench latency-table --model deit_base_patch16_224 --device cuda --batch 64 \
-    --out "$OUT/latency-deit_base.json" >> "$REPORT" 2> "$OUT/latency.log" \
-    || echo "- FAIL latency table: see latency.log" >> "$REPORT"
-
-# 2. Training, stopped and resumed.
-SHARDS="$OUT/shards"
-$PYTHON - "$SHARDS" <<'PYEOF'
+zero3_both() {
+    $PYTHON - "$SHARDS" <<'PYEOF' || return 1
 import sys
 from pathlib import Path
 from tests.conftest import NUM_CLASSES, synthetic_samples
@@ -102,43 +112,21 @@ splits = {"train": write_split(synthetic_samples(512, size=32), folder, "train",
           "val": write_split(synthetic_samples(128, size=32, seed=1), folder, "val", 32)}
 write_index(folder, splits, [f"class{i}" for i in range(NUM_CLASSES)])
 PYEOF
-COMMON=(data.train_urls="$SHARDS" data.val_urls="$SHARDS" data.batch_size=32 data.eval_batch_size=64
-        data.num_workers=2 data.mean=[0.3] data.std=[0.3] data.auto_augment=null model.img_size=32
-        model.patch_size=4 model.in_chans=1 "model.timm_kwargs={embed_dim: 192, depth: 4, num_heads: 3}"
-        optim.ema_decay=null schedule.epochs=2 schedule.warmup_epochs=0 checkpoint.every_steps=6
-        logging.every_steps=1 logging.progress_bar=false sparsity.tokens.keep_rate=0.7
-        sparsity.attention.keep_rate=0.2 sparsity.schedule.start_epochs=0 sparsity.schedule.span_epochs=0.5
-        sparsity.examples.policy=forgetting sparsity.examples.refresh_every_epochs=1)
-echo -e "\n## Training with all three levels: 6 steps, stopped, resumed to 12\n" >> "$REPORT"
-run_check() {  # name, processes, trivit overrides...
-    local name=$1 procs=$2; shift 2
-    local run="$OUT/$name"
-    if [ "$procs" -gt "$GPUS" ]; then
-        echo "- SKIP $name: needs $procs GPUs (NCCL takes one per rank), this machine has $GPUS" >> "$REPORT"; return
-    fi
-    if [ "$name" = zero3_bf16 ] && ! $PYTHON -c "import deepspeed" 2>/dev/null; then
-        echo "- SKIP $name: deepspeed is not installed" >> "$REPORT"; return
-    fi
-    for steps in 6 12; do
-        timeout 150 $PYTHON -m torch.distributed.run --nproc-per-node "$procs" -m trivit train run_dir="$run" \
-            "${COMMON[@]}" "$@" schedule.max_steps=$steps >> "$OUT/$name.log" 2>&1 \
-            || { echo "- FAIL $name (steps $steps): see $name.log" >> "$REPORT"; FAILED=1; return; }
-    done
-    if grep -q "resumed from .*step_00000006" "$OUT/$name.log" && [ -f "$run/model.safetensors" ]; then
-        echo "- PASS $name: $procs process(es), stopped at 6, resumed to 12; losses: $($PYTHON -c "
-import sys
-from trivit.engine.metrics import read_metrics
-print([round(r['loss'], 4) for r in read_metrics(sys.argv[1])])" "$run")" >> "$REPORT"
-    else
-        echo "- FAIL $name: no resume from step 6 or no model.safetensors; see $name.log" >> "$REPORT"; FAILED=1
-    fi
+    zero3 auto && zero3 bf16
 }
-if [ "$GPUS" -ge 2 ]; then
-    run_check ddp_nccl_bf16 2 engine.backend=ddp engine.precision=bf16
+if has deepspeed && has webdataset; then
+    section "5. ZeRO-3 at precision auto and bf16, stopped and resumed" 140 zero3_both
 else
-    run_check one_gpu_bf16 1 engine.precision=bf16
+    echo -e "\n## 5. ZeRO-3 at precision auto and bf16\n\n- SKIP: deepspeed or webdataset is not installed (WHEELS=...)" >> "$REPORT"
 fi
-run_check fsdp_bf16 2 engine.backend=fsdp engine.precision=bf16
-run_check zero3_bf16 2 engine.backend=deepspeed engine.zero_stage=3 engine.precision=bf16
+
+bench_compiled() {
+    $PYTHON -m trivit bench speed --models deit_base_patch16_224 --batch 128 --precision bf16 --compile on \
+        --variants tokens0.7 all3 --repeats 3 --steps 3 --warmup 2 --out "$OUT/bench-compiled" --overwrite \
+        > "$OUT/bench-compiled.log" 2>&1 && cat "$OUT/bench-compiled/speed.md"
+}
+section "6. Compiled bf16 deit_base at batch 128: tokens 0.7 and all three against compiled timm dense" 120 bench_compiled
+
+echo -e "\nSection budgets used: $(( $(date +%s) - START )) s of $BUDGET s." >> "$REPORT"
 cat "$REPORT"
 exit $FAILED

@@ -27,7 +27,7 @@ class DataConfig:
     batch_size: int = 256
     """Global batch size, summed over all ranks."""
     eval_batch_size: int = 256
-    """Global evaluation batch size."""
+    """Global evaluation batch size: each rank forwards ceil(eval_batch_size / world size) images at a time."""
     num_workers: int = 2
     """Loader worker processes per rank. Resuming a run needs the same value (the sample order depends on it)."""
     shuffle_buffer: int = 2000

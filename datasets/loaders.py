@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from trivit.datasets.stream import (Batch, EvalStream, SampleDecoder, StreamLayout, StreamPosition, TrainStream,
-                                    full_batches_position, mix_seed)
+                                    full_batches_position, mix_seed, set_shard_note)
 
 
 class ShardLoader(DataLoader):
@@ -35,22 +35,54 @@ class ShardLoader(DataLoader):
     A worker that ignored SIGTERM for good would make the process hang at exit.
     """
 
-    def __init__(self, dataset: IterableDataset, **kwargs: Any):
+    def __init__(self, dataset: IterableDataset, timeout_s: float | None = None, **kwargs: Any):
         context = worker_context()
+        workers = kwargs.get("num_workers") or 0
         self.released = context.Event()
-        super().__init__(dataset, batch_size=None, worker_init_fn=functools.partial(_worker_signals, self.released),
-                         multiprocessing_context=context if kwargs.get("num_workers") else None, **kwargs)
+        self.reading = context.Array("c", READING_SLOT * max(1, workers), lock=False)
+        """Each worker's shard being read (what a stalled read is reported with)."""
+        super().__init__(dataset, batch_size=None, worker_init_fn=functools.partial(_worker_setup, self.released,
+                                                                                    self.reading),
+                         multiprocessing_context=context if workers else None,
+                         timeout=timeout_s if workers and timeout_s else 0, **kwargs)
 
     @contextmanager
     def batches(self) -> Iterator[Iterator[Batch]]:
-        iterator = iter(self)
+        with _sigterm_blocked():  # a worker forked now gets a SIGTERM only once it ignores it (_worker_setup)
+            iterator = iter(self)
         try:
-            yield iterator
+            yield self._bounded(iterator)
         finally:
             self.released.set()
             shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
             if shutdown is not None:
                 shutdown()
+
+    def _bounded(self, iterator: Iterator[Batch]) -> Iterator[Batch]:
+        """``iterator``, where a worker that sends nothing for ``timeout`` seconds ends the run naming its shard."""
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as error:
+                if "DataLoader timed out" not in str(error):
+                    raise
+                raise TimeoutError(
+                    f"no batch from the data loader in {self.timeout:g} s (engine.timeout_s): its workers were "
+                    f"reading {self.shards_being_read() or 'no shard yet'}. A pipe: command or a filesystem read "
+                    "stalled there: check that shard's source, or raise engine.timeout_s") from None
+            yield batch
+
+    def shards_being_read(self) -> list[str]:
+        raw = bytes(self.reading[:])
+        slots = (raw[i:i + READING_SLOT].rstrip(b"\0").decode(errors="replace")
+                 for i in range(0, len(raw), READING_SLOT))
+        return [slot for slot in slots if slot]
+
+
+READING_SLOT = 1024
+"""Bytes of a worker's shard URL kept for the stall report (longer ones are cut)."""
 
 
 FORK_SAFE_PYTHON = (3, 11, 8)
@@ -89,15 +121,39 @@ def start_worker_server() -> None:
         multiprocessing.forkserver.ensure_running()
 
 
-def _worker_signals(released: Event, worker_id: int) -> None:
-    """In a loader worker: ignore SIGTERM until the loader is released, then exit on it; and, when the
-    worker came from the fork server, let the server outlive only the training process."""
+def _worker_setup(released: Event, reading: Any, worker_id: int) -> None:
+    """In a loader worker: ignore SIGTERM until the loader is released, then exit on it; record the shard
+    it reads in its slot of ``reading``; and, when the worker came from the fork server, let the server
+    outlive only the training process."""
+    def note(url: str) -> None:
+        encoded = url.encode()[:READING_SLOT - 1]
+        start = worker_id * READING_SLOT
+        reading[start:start + READING_SLOT] = encoded + b"\0" * (READING_SLOT - len(encoded))
+
+    set_shard_note(note)
+
     def on_sigterm(signum: int, frame: Any) -> None:
         if released.is_set():
             os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _release_fork_server()
+
+
+@contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    """SIGTERM held back in this thread (and so in the workers forked meanwhile) for the block.
+
+    A scheduler signals the whole process group; a worker that received it between its fork and
+    :func:`_worker_setup` would die of it (torch's worker handler re-raises it), failing the step the
+    trainer is finishing. Held back, it reaches the worker once its own handler is in place, and the
+    training process as soon as the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _release_fork_server() -> None:
@@ -131,7 +187,7 @@ def check_enough_shards(layout: StreamLayout) -> None:
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
                  shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
                  active: np.ndarray | None = None, id_offsets: dict[str, int] | None = None,
-                 pin_memory: bool = False) -> ShardLoader:
+                 pin_memory: bool = False, timeout_s: float | None = None) -> ShardLoader:
     """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
 
     ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
@@ -139,7 +195,7 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
     before it was readable (:func:`full_batches_position`), the trainer passes the exact one.
     ``active`` (a boolean array over sample ids) drops every other sample before decoding;
     ``id_offsets`` (per shard URL) moves joined sources' ids into one space; ``pin_memory`` when
-    training on CUDA.
+    training on CUDA; ``timeout_s`` bounds the wait for each batch (with workers).
 
     Workers are started for each epoch rather than kept (``persistent_workers``): an epoch's
     streams depend on what is decided when it begins (the shard permutation, the example
@@ -154,15 +210,15 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
                           position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer,
                           active=active, id_offsets=id_offsets)
     return ShardLoader(dataset, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
-                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
+                       timeout_s=timeout_s, generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
 
 
 def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int,
-                num_workers: int, pin_memory: bool = False) -> ShardLoader:
+                num_workers: int, pin_memory: bool = False, timeout_s: float | None = None) -> ShardLoader:
     """Loader over every sample of this rank's share of ``urls``.
 
     Its own generator keeps the global RNG untouched, so evaluating never changes training.
     """
     dataset = EvalStream(urls, decode, batch_size=batch_size, rank=rank, world_size=world_size)
-    return ShardLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
+    return ShardLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, timeout_s=timeout_s,
                        generator=torch.Generator().manual_seed(0))

@@ -110,6 +110,22 @@ class SampleDecoder:
         return pixels, label, sample_id
 
 
+_shard_note: Callable[[str], None] | None = None
+"""Set in a loader worker: records the shard it is about to read (datasets/loaders.py)."""
+
+
+def set_shard_note(note: Callable[[str], None] | None) -> None:
+    global _shard_note
+    _shard_note = note
+
+
+def noted_shard(shard: dict[str, Any]) -> dict[str, Any]:
+    """A stage before a shard is opened: tell the loader which shard this worker reads now."""
+    if _shard_note is not None:
+        _shard_note(shard["url"])
+    return shard
+
+
 class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
@@ -293,6 +309,7 @@ class TrainStream(IterableDataset):
         if self.layout.resampled:
             yield from wds.DataPipeline(
                 lambda: ({"url": rng.choice(shards)} for _ in itertools.count()),
+                wds.map(noted_shard),
                 wds.tarfile_to_samples(handler=bad.shard),
                 wds.map(self._global_id),
                 wds.select(self._is_active),
@@ -303,6 +320,7 @@ class TrainStream(IterableDataset):
             presented = 0
             for sample in wds.DataPipeline(
                 wds.SimpleShardList(order),
+                wds.map(noted_shard),
                 wds.tarfile_to_samples(handler=bad.shard),
                 wds.map(self._global_id),
                 wds.select(self._is_active),
@@ -358,5 +376,6 @@ class EvalStream(IterableDataset):
         bad = BadData()
         if not shards:
             return iter(())
-        samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=bad.shard))
+        samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.map(noted_shard),
+                                   wds.tarfile_to_samples(handler=bad.shard))
         return decoded_batches(iter(samples), lambda s: self.decode(s, 0), self.batch_size, True, bad)

@@ -6,11 +6,16 @@ before sharding, as torchtitan does, so that the per-block all-gathers stay outs
 
 A compiled model specialises on the keep rates (they fix the kept-token counts, hence the
 shapes; ``dynamic=False`` keeps dynamo from tracing them as symbols, which would give slower
-kernels and cannot pass through activation checkpointing): one graph per distinct rate in training, one for evaluation at the targets, one for the
-evaluation's odd batch sizes. With the ramp quantised to ``levels`` rates below 1.0 the whole
-run compiles at most ``graph_bound(levels)`` graphs of the model's forward.
+kernels and cannot pass through activation checkpointing): one graph per distinct rate in training,
+and for evaluation at the targets one per batch size it forwards (the full batch, each loader
+worker's last one, the placeholder image of a rank that ran out) and per evaluated model (the EMA
+too). With the ramp quantised to ``levels`` rates below 1.0 the whole run compiles at most
+``graph_bound(levels, ...)`` graphs of the model's forward; dynamo's recompile limit is raised to
+that bound, and a function that still reaches it (and would run eager from then on) is reported.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch._dynamo
@@ -19,26 +24,59 @@ from torch._dynamo.utils import counters
 
 from trivit.config import ConfigError
 
-
-def graph_bound(levels: int) -> int:
-    """Graphs of the whole-model forward over a run: train at 1.0 and each level, evaluate at the
-    targets at the full and at a dynamic batch size."""
-    return levels + 1 + 2
+log = logging.getLogger(__name__)
 
 
-def allow_recompiles(levels: int, locations: int) -> None:
-    """Raise dynamo's per-function recompile limit to the run's bound, so no rate falls back to eager.
+def graph_bound(levels: int, eval_shapes: int = 2, eval_models: int = 1) -> int:
+    """Graphs of the whole-model forward over a run: train at 1.0 and each level, evaluate each of the
+    ``eval_models`` at the targets at each of ``eval_shapes`` batch sizes."""
+    return levels + 1 + eval_models * eval_shapes
+
+
+def allow_recompiles(levels: int, locations: int, eval_shapes: int, eval_models: int) -> None:
+    """Raise dynamo's per-function recompile limit to the run's bound, so no rate nor evaluation batch
+    falls back to eager, and report any function that reaches it all the same.
 
     Under FSDP2 the blocks share one compiled ``forward`` and one ``forward_routed``, specialised
     on each sequence length (one before and one after each of the ``locations``), hence the product.
     """
-    raise_recompile_limit(graph_bound(levels) * (locations + 1))
+    raise_recompile_limit(graph_bound(levels, eval_shapes, eval_models) * (locations + 1))
+    report_recompile_limit()
 
 
 def raise_recompile_limit(needed: int) -> None:
     """Let dynamo compile a function ``needed`` times before it falls back to eager (never lowers it)."""
     if torch._dynamo.config.recompile_limit < needed:
         torch._dynamo.config.recompile_limit = needed
+
+
+class _RecompileLimitReport(logging.Filter):
+    """Turns dynamo's note that a function hit its recompile limit into trivit's warning (once per function)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "hit config." in str(record.msg) and len(record.args or ()) >= 3:
+            limit, value, function = (str(arg) for arg in record.args[:3])
+            if function not in self.reported:
+                self.reported.add(function)
+                log.warning("torch.compile: %s reached dynamo's %s (%s graphs) and runs EAGER from now on: its "
+                            "inputs took more shapes than trivit counted (keep rates, evaluation batch sizes). Set "
+                            "sparsity.schedule.levels lower, or see which shapes with TORCH_LOGS=recompiles",
+                            function, limit, value)
+        return True
+
+
+_REPORT = _RecompileLimitReport()
+
+
+def report_recompile_limit() -> None:
+    """Log a warning when dynamo stops compiling a function at its recompile limit (idempotent)."""
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if _REPORT not in dynamo_log.filters:
+        dynamo_log.addFilter(_REPORT)
 
 
 def check_backend(name: str) -> None:

@@ -39,6 +39,11 @@ class PlainInputs:
         return images.to(self.device, non_blocking=True)
 
 
+def rank_eval_batch(eval_batch_size: int, world_size: int) -> int:
+    """Images a rank forwards at a time: ``data.eval_batch_size`` is global, shared over the ranks (rounded up)."""
+    return -(-eval_batch_size // world_size)
+
+
 class Evaluator:
     """Evaluates models (a run's trained model, its EMA) on validation shards ``val_urls``."""
 
@@ -46,6 +51,13 @@ class Evaluator:
                  inputs: InputPath, decoder: SampleDecoder):
         self.config, self.world, self.device, self.val_urls = config, world, device, val_urls
         self.inputs, self.decoder = inputs, decoder
+        self.batch_size = rank_eval_batch(config.data.eval_batch_size, world.world_size)
+        self.num_workers = min(config.data.num_workers, len(val_urls))
+
+    def batch_shapes(self) -> int:
+        """The most batch sizes one evaluation forwards on a rank: the full batch, each loader worker's last
+        (partial) one, and under a launcher the placeholder image of a rank that has run out."""
+        return 1 + max(1, self.num_workers) + int(self.world.distributed)
 
     def evaluate_all(self, models: dict[str, nn.Module]) -> dict[str, Any]:
         """Each model at the schedule's final keep rates; a model's metrics carry its suffix (``eval_top1_ema``)."""
@@ -69,10 +81,10 @@ class Evaluator:
         (FSDP, ZeRO-3) always have every rank.
         """
         inputs, world, device, val_urls = self.inputs, self.world, self.device, self.val_urls
-        data, model_config = self.config.data, self.config.model
-        loader = eval_loader(val_urls, self.decoder, batch_size=data.eval_batch_size, rank=world.rank,
-                             world_size=world.world_size, num_workers=min(data.num_workers, len(val_urls)),
-                             pin_memory=device.type == "cuda")
+        model_config = self.config.model
+        loader = eval_loader(val_urls, self.decoder, batch_size=self.batch_size, rank=world.rank,
+                             world_size=world.world_size, num_workers=self.num_workers,
+                             pin_memory=device.type == "cuda", timeout_s=self.config.engine.timeout_s)
         was_training = model.training
         model.eval()
         locations = sorted(model.blocks.locations)

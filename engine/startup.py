@@ -68,7 +68,11 @@ def resolve_run(config: TrainConfig, world: World | None = None) -> RunSetup:
     world = world or world_from_env()
     config = resolve_engine(config, world)
     device, amp_dtype = resolve_device(config, world)
-    config = resolve_compiled_path(config, device)
+    config = resolve_compiled_path(with_precision(config, amp_dtype), device)
+    if config.engine.backend == "deepspeed":
+        from trivit.engine.backends.zero import deepspeed_config
+
+        deepspeed_config(config, world)  # the JSON against the resolved precision, before any process waits
     data = config.data
     micro_batch = micro_batch_size(config, world)
     shards = resolve_shards(data)
@@ -96,20 +100,43 @@ def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, tor
         raise ConfigError("engine.device", "got 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     use_cuda = engine.device == "cuda" or (engine.device == "auto" and cuda)
     device = torch.device("cuda", world.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
-    precision = engine.precision
-    if precision == "auto":  # an accelerate config's mixed_precision, if trivit was launched with one
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
-        precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(launched, "auto")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(config, device)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("engine.precision", "got 'fp16' on the CPU; use 'fp32' or 'bf16' there")
     return device, PRECISION_DTYPES[precision]
 
 
+def resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    """``engine.precision`` made concrete: 'auto' is an accelerate config's mixed_precision if trivit was
+    launched with one, else bf16 on a GPU that computes it natively (compute capability 8 and up), fp16
+    with loss scaling on an older GPU (fp32 under FSDP, which has no scaler here), fp32 on the CPU.
+
+    ``torch.cuda.is_bf16_supported()`` alone also counts emulated bf16 (V100, T4), which is slower than
+    fp32 there: the capability decides."""
+    precision = config.engine.precision
+    if precision == "auto":
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
+        precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(launched, "auto")
+    if precision != "auto" or device.type != "cuda":
+        return "fp32" if precision == "auto" else precision
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    fallback = "fp32" if config.engine.backend == "fsdp" else "fp16"
+    log.warning("engine.precision=auto: %s (compute capability %d.%d) has no native bf16; training in %s%s",
+                torch.cuda.get_device_name(device), major, minor, fallback,
+                " (fsdp has no loss scaler for fp16 here)" if fallback == "fp32" else " with loss scaling")
+    return fallback
+
+
 def precision_name(amp_dtype: torch.dtype | None) -> str:
     """The ``engine.precision`` name of an autocast dtype."""
     return next(name for name, dtype in PRECISION_DTYPES.items() if dtype == amp_dtype)
+
+
+def with_precision(config: TrainConfig, amp_dtype: torch.dtype | None) -> TrainConfig:
+    """``config`` with ``engine.precision`` the resolved one, which every backend reads (never 'auto')."""
+    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, precision=precision_name(amp_dtype)))
 
 
 def resolve_compiled_path(config: TrainConfig, device: torch.device) -> TrainConfig:

@@ -1,15 +1,25 @@
-"""The decisions every rank takes together at each micro-batch: skip or stop on a non-finite loss,
-stop on SIGTERM, stop on too much bad data.
+"""The decisions every rank takes together at each step: skip or stop on a non-finite loss, stop on
+SIGTERM, stop on too much bad data.
 
 One all-reduce per micro-batch carries [loss, stop requested, seen, skipped, bad shards], summed
 over ranks, so every rank sees the same numbers and decides the same thing at the same step.
+
+Reading those numbers on the host makes the CPU wait for the GPU. So with ``engine.nonfinite_loss:
+stop`` (the default) a step's numbers are copied to the host without waiting and read one step
+later, once the next step's work is queued: the GPU is never left idle while the host decides. A
+stop (non-finite loss, SIGTERM, bad data) then acts one step late, which loses nothing: before a
+checkpoint, a log line or an evaluation the trainer calls :meth:`StepGuard.settle`, which reads
+every step so far. ``skip`` must decide before the update, so it reads each micro-batch's loss at
+once (one wait per micro-batch).
 """
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,7 +29,35 @@ from trivit.engine.distributed import sum_tensor
 log = logging.getLogger(__name__)
 
 
+class _Pending(NamedTuple):
+    step: int
+    values: torch.Tensor
+    """[loss summed over ranks and micro-batches, stop votes, seen, skipped, bad shards], on the host."""
+    ready: torch.cuda.Event | None
+    """Recorded after the copy to the host (CUDA); None: already there."""
+
+
+class HostStaging:
+    """Small host values sent to the device each step without a wait: two pinned buffers used in turn
+    on CUDA. A buffer is written again two steps after its copy was queued, and by then the guard has
+    waited for that step's numbers, so the copy has finished."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.device = device
+        pinned = device.type == "cuda"
+        self.buffers = [torch.zeros(size, dtype=torch.float64, pin_memory=pinned) for _ in range(2)]
+        self.turn = 0
+
+    def to_device(self, values: list[float]) -> torch.Tensor:
+        buffer = self.buffers[self.turn]
+        self.turn = 1 - self.turn
+        buffer.copy_(torch.tensor(values, dtype=torch.float64))
+        return buffer.to(self.device, non_blocking=True)
+
+
 class StepGuard:
+    FIELDS = 5
+
     def __init__(self, config: TrainConfig, train_samples: int, world_size: int, device: torch.device,
                  saved_checkpoints: Callable[[], list[tuple[int, Path]]]):
         self.config, self.train_samples, self.world_size, self.device = config, train_samples, world_size, device
@@ -30,22 +68,68 @@ class StepGuard:
         self.nonfinite_steps = 0
         self.data_counts = {"seen": 0, "skipped": 0, "bad_shards": 0}
         """Training samples read, unreadable samples skipped, unreadable shards (cumulative, all ranks)."""
+        self.deferred = config.engine.nonfinite_loss == "stop"
+        """Whether a step's numbers are read one step late (see the module's docstring)."""
+        self.staging = HostStaging(self.FIELDS, device)
+        self.step_sums: torch.Tensor | None = None
+        """The current step's shared vectors summed over its micro-batches (on the device)."""
+        self.pending: deque[_Pending] = deque()
 
     def share(self, loss: torch.Tensor, batch_counts: tuple[int, int, int] | None) -> torch.Tensor:
-        """The micro-batch's loss averaged over ranks, after the all-reduce that also carries the stop
-        requests and (for a step's first micro-batch) its ``(seen, skipped, bad shards)`` counts."""
-        local = torch.tensor([0.0, float(self.stop_requested), *(batch_counts or (0, 0, 0))], dtype=torch.float64,
-                             device=self.device)
-        local[0] = loss.detach().double()
-        shared = sum_tensor(local)
+        """The micro-batch's loss averaged over ranks, after the all-reduce that also carries this rank's
+        stop request and (for a step's first micro-batch) its ``(seen, skipped, bad shards)`` counts.
+        Nothing is read on the host here."""
         if batch_counts is not None:
-            self._count_data(shared[2:])
-        self.preempted = self.preempted or shared[1].item() > 0
+            extra = self.staging.to_device([0.0, float(self.stop_requested), *batch_counts])
+        else:
+            extra = torch.zeros(self.FIELDS, dtype=torch.float64, device=self.device)
+        shared = sum_tensor(torch.cat([loss.detach().double().reshape(1), extra[1:]]))
+        self.step_sums = shared if self.step_sums is None else self.step_sums + shared
         return shared[0] / self.world_size
 
-    def _count_data(self, counts: torch.Tensor) -> None:
+    def finite_now(self, step_loss: torch.Tensor, step: int) -> bool:
+        """``skip`` mode: whether a micro-batch's shared loss is finite, read at once (a host wait); a
+        non-finite one is counted, or stops the run past ``engine.max_nonfinite_steps``."""
+        if torch.isfinite(step_loss):
+            return True
+        self.nonfinite(step_loss.item(), step)
+        return False
+
+    def end_step(self, step: int, settle: bool) -> None:
+        """Queue the step's numbers for the host; act on the previous step's (all of them with ``settle``,
+        and always in ``skip`` mode)."""
+        sums, self.step_sums = self.step_sums, None
+        if sums is not None:
+            self.pending.append(self._to_host(step, sums))
+        keep = 1 if self.deferred and not settle else 0
+        while len(self.pending) > keep:
+            self._act(self.pending.popleft())
+
+    def settle(self) -> None:
+        """Act on every step so far (before a checkpoint, a log line, an evaluation)."""
+        while self.pending:
+            self._act(self.pending.popleft())
+
+    def _to_host(self, step: int, sums: torch.Tensor) -> _Pending:
+        if sums.device.type != "cuda":
+            return _Pending(step, sums, None)
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Pending(step, host, ready)
+
+    def _act(self, pending: _Pending) -> None:
+        if pending.ready is not None:
+            pending.ready.synchronize()  # the step is long queued behind: this waits for it alone
+        loss, stop, seen, skipped, bad_shards = pending.values.tolist()
+        self.preempted = self.preempted or stop > 0
+        self._count_data(int(seen), int(skipped), int(bad_shards))
+        if self.deferred and not math.isfinite(loss):
+            self.nonfinite(loss / self.world_size, pending.step)
+
+    def _count_data(self, seen: int, skipped: int, bad_shards: int) -> None:
         """Add a step's sample and bad-data counts (summed over ranks); too much bad data stops training."""
-        seen, skipped, bad_shards = (int(c) for c in counts.tolist())
         total = self.data_counts
         total["seen"] += seen
         total["skipped"] += skipped
@@ -57,12 +141,12 @@ class StepGuard:
                              f"than data.max_bad_fraction={limit}; the warnings above name their shards and keys. "
                              "Repair the shards (trivit shards checks every image) or raise data.max_bad_fraction")
 
-    def nonfinite(self, loss: torch.Tensor, step: int) -> None:
+    def nonfinite(self, loss: float, step: int) -> None:
         """Stop on a NaN/inf loss at ``step``, or skip the update and count it (``engine.nonfinite_loss``)."""
         engine = self.config.engine
         saved = self.saved_checkpoints()
         kept = f"the last checkpoint {saved[-1][1]} is intact" if saved else "no checkpoint was written yet"
-        where = f"loss is {loss.item()} (mean over all ranks) at step {step}; {kept}"
+        where = f"loss is {loss} (mean over all ranks) at step {step}; {kept}"
         if engine.nonfinite_loss == "stop":
             raise FloatingPointError(f"{where} (engine.nonfinite_loss=skip skips such steps instead)")
         self.nonfinite_steps += 1
@@ -73,6 +157,7 @@ class StepGuard:
                                      "rate or check the data")
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         return {"data_counts": dict(self.data_counts), "nonfinite_steps": self.nonfinite_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

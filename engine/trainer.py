@@ -79,8 +79,6 @@ class Trainer:
         self.backend.setup(self._build_model(self.num_classes).to(self.device),
                            lambda module: build_optimizer(module, config.optim, data.batch_size))
         self.model = self.backend.module
-        if config.engine.compile:  # before the first (compiling) forward
-            allow_recompiles(config.sparsity.schedule.levels, len(self.model.blocks.locations))
         self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.ema = build_ema(self.model, config.optim.ema_decay) if config.optim.ema_decay else None
@@ -91,6 +89,9 @@ class Trainer:
         self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode)
         eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
         self.evaluator = Evaluator(config, self.world, self.device, self.shards.val_urls, self.backend, eval_decoder)
+        if config.engine.compile:  # before the first (compiling) forward
+            allow_recompiles(config.sparsity.schedule.levels, len(self.model.blocks.locations),
+                             self.evaluator.batch_shapes(), 1 + (self.ema is not None))
 
         examples = config.sparsity.examples
         num_ids = self.shards.num_ids
@@ -98,7 +99,7 @@ class Trainer:
         if examples.policy != "none":
             self.selector = ExampleSelector(examples, num_ids, config.schedule.epochs, config.seed, self.device)
             self.model.blocks.record_cls_attention = examples.policy == "forgetting"
-        self.plan = EpochPlan(active=torch.ones(num_ids, dtype=torch.bool), weights=torch.ones(num_ids))
+        self._set_plan(EpochPlan(active=torch.ones(num_ids, dtype=torch.bool), weights=torch.ones(num_ids)))
         self.epochs = EpochTracker()
         self.stream_position: StreamPosition = []
         """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
@@ -155,7 +156,7 @@ class Trainer:
         set_rng_state(rank_state["rng"])
         self.epochs.load_state_dict(state["epochs"])
         self.guard.load_state_dict(state)
-        self.plan = EpochPlan(active=state["plan"]["active"], weights=state["plan"]["weights"])
+        self._set_plan(EpochPlan(active=state["plan"]["active"], weights=state["plan"]["weights"]))
         if self.selector is not None:
             self.selector.load_state_dict(state["examples"])
         self.objective.load_state_dict(state.get("objective"))
@@ -201,7 +202,9 @@ class Trainer:
                 **({"compiled_graphs": compiled_graphs()} if self.config.engine.compile else {})}
 
     def _train_step(self, batch: Batch) -> torch.Tensor:
-        """One optimizer step on this rank's batch, micro-batch by micro-batch; returns the global mean loss."""
+        """One optimizer step on this rank's batch, micro-batch by micro-batch; returns the global mean loss.
+
+        Nothing here waits for the device (see engine/step_guard.py), except ``engine.nonfinite_loss=skip``."""
         backend, accum = self.backend, self.config.engine.grad_accum_steps
         backend.model.train()
         set_keep_rates(self.model, *self.keep_rates(self.epochs.progress(self.step)))
@@ -210,20 +213,20 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         parts = zip(batch.images.chunk(accum), batch.labels.chunk(accum), batch.ids.chunk(accum))
         for index, (images, labels, ids) in enumerate(parts):
-            loss, logits, losses, labels = self._micro_batch_loss(images, labels, ids, rank_batch)
+            device_ids = ids.to(self.device, non_blocking=True)
+            loss, logits, losses, labels = self._micro_batch_loss(images, labels, ids, device_ids, rank_batch)
             counts = (len(batch.ids), batch.skipped, batch.bad_shards) if index == 0 else None
             step_loss = self.guard.share(loss, counts)
-            if not torch.isfinite(step_loss):
+            if not self.guard.deferred and not self.guard.finite_now(step_loss, self.step + 1):
                 backend.zero_grad()
                 self.objective.zero_grad()
-                self.guard.nonfinite(step_loss, self.step + 1)
                 total = step_loss  # logged as null; the update is skipped
                 break
             backend.backward(loss, last_micro_batch=index == accum - 1)
             self.objective.backward()
             if self.selector is not None:
-                self.selector.stats.update(ids.to(self.device), logits.detach(), labels,
-                                           self.model.blocks.last_cls_attention, losses.detach())
+                self.selector.stats.update(device_ids, logits.detach(), labels, self.model.blocks.last_cls_attention,
+                                           losses.detach())
             total += step_loss
         else:
             backend.step()
@@ -233,7 +236,8 @@ class Trainer:
         self.scheduler.step(self.epochs.progress(self.step + 1))
         return total
 
-    def _micro_batch_loss(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, rank_batch: int):
+    def _micro_batch_loss(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
+                          device_ids: torch.Tensor, rank_batch: int):
         """Forward one micro-batch: its share of the rank's mean weighted loss, logits, per-sample losses, labels."""
         images, labels = self.backend.prepare_inputs(images), labels.to(self.device, non_blocking=True)
         if self.mixer is not None:
@@ -244,15 +248,20 @@ class Trainer:
             outputs = self.backend.model(images, **self.objective.model_inputs(ids, self.step))
         class_logits, distillation_logits = split_heads(outputs)
         losses = per_sample_cross_entropy(class_logits, targets)  # the student's own: what the example level scores
-        weights = self.plan.weights[ids].to(self.device) / rank_batch
+        weights = self.plan_weights[device_ids] / rank_batch
         loss = self.objective.loss(losses, outputs, images, targets, weights)
         return loss, prediction(class_logits, distillation_logits), losses, labels
+
+    def _set_plan(self, plan: EpochPlan) -> None:
+        """The epoch's plan, with its loss weights also on the device (looked up there at every step)."""
+        self.plan = plan
+        self.plan_weights = plan.weights.to(self.device)
 
     def _begin_epoch(self) -> None:
         """Plan the next epoch (its active set, hence its length) and record where it starts."""
         epoch = self.epochs.current + 1
         if self.selector is not None:
-            self.plan = self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks)
+            self._set_plan(self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks))
         active = self._active_samples()
         check_epoch_length(self.config, active, epoch)
         self.epochs.begin(self.step, active // self.config.data.batch_size)
@@ -355,6 +364,8 @@ class Trainer:
         self._advance_stream(batch)
         self.step += 1
         throughput.add(len(batch.ids) * self.world.world_size)
+        self.guard.end_step(self.step, settle=self._is_eval_step() or self.finished()
+                            or not self.step % config.logging.every_steps or not self.step % config.checkpoint.every_steps)
         record = None
         evaluate = self._is_eval_step() and bool(self.shards.val_urls) and not self.guard.preempted
         if evaluate or self.guard.preempted or self.step % config.logging.every_steps == 0:
@@ -394,4 +405,4 @@ class Trainer:
                             start=offset, stop=stop, position=[list(p) for p in self.stream_position],
                             shuffle_buffer=data.shuffle_buffer,
                             num_workers=data.num_workers, active=active, id_offsets=self.shards.id_offsets,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", timeout_s=config.engine.timeout_s)

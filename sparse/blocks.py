@@ -40,18 +40,34 @@ class Links(NamedTuple):
     """Fraction of the kept patch-to-patch links the mask lets through, over the batch (for the logs)."""
     block_mask: BlockMask | None = None
     """The same links for ``flex_attention`` (kernel 'flex'); None runs SDPA with ``mask``."""
+    bias: torch.Tensor | None = None
+    """On CUDA, the same links as SDPA's additive mask (0 or -inf) in the queries' dtype, built once at
+    the location for every block up to the next: a boolean mask would be turned into one in every block."""
 
 
-def build_links(mask: torch.Tensor, kernel: str, density: torch.Tensor | None = None) -> Links:
-    """:class:`Links` for ``mask`` (B, 1, L, L) and the kernel 'sdpa' or 'flex'."""
+def build_links(mask: torch.Tensor, kernel: str, density: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> Links:
+    """:class:`Links` for ``mask`` (B, 1, L, L) and the kernel 'sdpa' or 'flex'; ``dtype`` is the
+    queries' (the autocast dtype, else the tokens')."""
     if kernel != "flex":
-        return Links(mask, density)
+        return Links(mask, density, bias=additive_mask(mask, dtype) if takes_additive_mask(mask.device) else None)
     batch, _, length, _ = mask.shape
 
     def kept_link(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return mask[b, 0, q, kv]
 
     return Links(mask, density, create_block_mask(kept_link, batch, None, length, length, device=mask.device))
+
+
+def takes_additive_mask(device: torch.device) -> bool:
+    """Whether SDPA gets the links as an additive mask on ``device``: on CUDA, where a boolean one would be
+    converted inside every call; the CPU kernels take the boolean mask as it is."""
+    return device.type == "cuda"
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` (True = attend) as an additive one: CUDA's memory-efficient and cuDNN kernels take it."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def checkpointed(enabled: bool, function: Callable[..., Any], *args: Any) -> Any:
@@ -192,6 +208,6 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, links: L
     if links.block_mask is not None:
         return flex_attention(q, k, v, block_mask=links.block_mask, scale=scale)
     mask = links.mask
-    if q.is_cuda:  # an additive mask in the query's dtype keeps CUDA's memory-efficient kernel
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    if takes_additive_mask(q.device):
+        mask = links.bias if links.bias is not None and links.bias.dtype == q.dtype else additive_mask(mask, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

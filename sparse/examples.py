@@ -100,8 +100,8 @@ class ExampleStats:
     def update(self, ids: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                cls_attention: torch.Tensor | None, losses: torch.Tensor) -> None:
         """Record one training step: ``labels`` are the original ones (before mixup/cutmix)."""
-        ids = ids.to(self.presentations.device)
-        correct = (logits.argmax(dim=-1) == labels).to(ids.device, torch.int32)
+        ids = ids.to(self.presentations.device, non_blocking=True)
+        correct = (logits.argmax(dim=-1) == labels).int()
         previously = self.last_correct[ids] * (self.presentations[ids] > 0)
         self.forgetting.index_add_(0, ids, previously * (1 - correct))
         self.correct.index_add_(0, ids, correct)
@@ -109,9 +109,9 @@ class ExampleStats:
         self.last_correct[ids] = correct
         self.seen[ids] = True
         self.touched[ids] = True
-        self.loss[ids] = losses.detach().float().to(ids.device)
+        self.loss[ids] = losses.detach().float()
         if cls_attention is not None:
-            self.attention_variance[ids] = cls_attention.detach().float().var(dim=-1).to(ids.device)
+            self.attention_variance[ids] = cls_attention.detach().float().var(dim=-1)
 
     @torch.no_grad()
     def synchronize(self, all_reduce: AllReduce) -> None:

@@ -133,8 +133,15 @@ class RoutedBlocks(nn.Sequential):
             return x, None, kept if pruned else None
         suffix = x.shape[1] - prefix - kept.shape[1]
         mask = build_attention_mask(attention, kept, self.attention_keep_rate, prefix, suffix)
-        links = build_links(mask, self.sparsity.attention.kernel, patch_link_density(mask, prefix, suffix))
+        links = build_links(mask, self.sparsity.attention.kernel, patch_link_density(mask, prefix, suffix),
+                            query_dtype(x))
         return x, links, kept if pruned else None
+
+
+def query_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a block's queries will have for tokens ``x``: autocast's where it is on, else the tokens'."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _unchanged(x: torch.Tensor, attention: torch.Tensor,

@@ -86,14 +86,14 @@ COMMANDS = [
      "optim.ema_decay=null", None, "deepspeed", torch.bfloat16, 3, 8),
     ("deepspeed --num_gpus 8 --no_local_rank --module trivit train --config $CONFIG engine.backend=deepspeed "
      "engine.deepspeed_config=launch/deepspeed/zero2_bf16.json", launched_env(1), "deepspeed", torch.bfloat16, 2, 8),
-    ("torchrun --nproc-per-node 8 -m trivit train --config $CONFIG engine.backend=fsdp optim.ema_decay=null",
+    ("torchrun --nproc-per-node 8 --max-restarts 3 -m trivit train --config $CONFIG engine.backend=fsdp optim.ema_decay=null",
      launched_env(1), "fsdp", None, None, 8),
     ("accelerate launch --config_file launch/accelerate/multi_node.yaml --machine_rank 2 --main_process_ip 10.0.0.1 "
      "-m trivit train --config $CONFIG", None, "ddp", torch.bfloat16, None, 32),
     ("deepspeed --hostfile launch/hostfile --master_addr 10.0.0.1 --no_local_rank --module trivit train --config "
      "$CONFIG engine.backend=deepspeed engine.deepspeed_config=launch/deepspeed/zero3_bf16.json optim.ema_decay=null",
      launched_env(4, 3), "deepspeed", torch.bfloat16, 3, 32),
-    ("torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 --rdzv-id exp1 "
+    ("torchrun --nnodes 4 --nproc-per-node 8 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 --rdzv-id exp1 "
      "-m trivit train --config $CONFIG engine.backend=ddp", launched_env(4, 1), "ddp", None, None, 32),
     ("srun --nodes=4 --ntasks-per-node=8 --gpus-per-task=1 python -m trivit train --config $CONFIG",
      {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "32", "SLURM_JOB_ID": "5",

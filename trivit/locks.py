@@ -6,6 +6,7 @@ alone, so children it forks (loader workers) do not keep a lock alive after it d
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -55,9 +56,23 @@ def _lock_file(path: str | Path) -> Iterator[int]:
         os.close(fd)
 
 
+HELD = (errno.EAGAIN, errno.EACCES)
+"""What ``lockf`` answers when another process holds the lock."""
+UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+"""What it answers on a filesystem without POSIX locks (some NFS mounts, FUSE, object-store mounts)."""
+
+
 def _try_lock(fd: int) -> bool:
+    """Take the lock if free; False if another process holds it. A filesystem that cannot lock at all
+    is reported once as a warning and counts as taken (the run goes on unprotected)."""
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
+    except OSError as error:
+        if error.errno in UNSUPPORTED:
+            log.warning("this filesystem cannot lock files (%s): trivit cannot stop two runs from sharing the "
+                        "folder; make sure only one runs there", os.strerror(error.errno))
+            return True
+        if error.errno in HELD:
+            return False
+        raise
     return True
