@@ -117,6 +117,14 @@ def split_filter(good: list[ImageFile], spec: UnlearnableSpec, num_classes: int,
     return SplitFilter(filters, chosen, max(maxima))
 
 
+def check_output_folder(root: Path, dest: Path) -> None:
+    """Shards written inside the image tree would become an extra class of it on the next run."""
+    root, dest = root.resolve(), dest.expanduser().resolve()
+    if dest == root or root in dest.parents:
+        raise ValueError(f"the output folder {dest} is inside the image tree {root}: its shards would become an "
+                         "extra class on the next run; write them outside the tree")
+
+
 def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None = None,
                       max_shard_bytes: int | None = None, workers: int = 1, seed: int = 0,
                       progress: bool = True, unlearnable: UnlearnableSpec | None = None
@@ -133,9 +141,7 @@ def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None =
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     root, dest = root.resolve(), dest.resolve()
-    if dest == root or root in dest.parents:
-        raise ValueError(f"the output folder {dest} is inside the image tree {root}: its shards would become an "
-                         "extra class on the next run; write them outside the tree")
+    check_output_folder(root, dest)
     splits = find_splits(root)
     if unlearnable is not None and "train" not in splits:
         raise ValueError(f"--unlearnable filters the training split, and {root} has none (only "

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
+from trivit.locks import exclusive_or_fail
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 
@@ -78,3 +85,64 @@ def read_index(path: str | Path) -> dict[str, Any]:
             "(set data.index to its path)"
         )
     return json.loads(path.read_text())
+
+
+@contextmanager
+def replacing_folder(dest: Path) -> Iterator[Path]:
+    """A new folder to write a whole shard set into, put in ``dest``'s place only once the block ends.
+
+    Readers find shards through the index, so a shard set must change as a whole: shards are written
+    into ``.<name>.new`` beside ``dest`` (same filesystem), then ``dest`` is renamed away and the new
+    folder renamed into its place. A writer killed at any point leaves ``dest`` either as it was or
+    complete; the next writer finishes or undoes an interrupted swap (the new folder is complete when
+    it holds its index, written last). A lock beside ``dest`` keeps two writers out of one folder.
+    """
+    dest = dest.expanduser().absolute()
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"{dest} is a file; trivit shards writes a folder of shards and index.json: "
+                                 "give a folder path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    new, old = (dest.with_name(f".{dest.name}.{suffix}") for suffix in ("new", "old"))
+    with exclusive_or_fail(dest.with_name(f".{dest.name}.lock"), f"shard folder {str(dest)!r}"):
+        _finish_interrupted_swap(dest, new, old)
+        _check_only_shards(dest)
+        shutil.rmtree(new, ignore_errors=True)
+        new.mkdir()
+        try:
+            yield new
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        if not (new / INDEX_NAME).is_file():
+            raise RuntimeError(f"internal: {new} was not finished with its {INDEX_NAME}")
+        replaced = dest.exists()
+        if replaced:
+            os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        if replaced:
+            log.info("replaced the shards that were in %s", dest)
+
+
+def _finish_interrupted_swap(dest: Path, new: Path, old: Path) -> None:
+    """A writer killed between its two renames left no ``dest``: put the complete folder in place."""
+    if dest.exists() or not old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    complete = new if (new / INDEX_NAME).is_file() else old
+    os.replace(complete, dest)
+    log.warning("an earlier trivit shards into %s was interrupted while swapping folders; %s", dest,
+                "its complete new shards are now in place" if complete == new else "the previous shards are back")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_only_shards(dest: Path) -> None:
+    """``dest`` is replaced as a whole, so it may hold nothing but a shard set."""
+    if not dest.is_dir():
+        return
+    foreign = sorted(p.name for p in dest.iterdir()
+                     if not (p.is_file() and (p.suffix == ".tar" or p.name == INDEX_NAME or p.name.endswith(".tmp"))))
+    if foreign:
+        raise FileExistsError(f"{dest} holds files that are not trivit shards ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); trivit shards replaces its output folder as a "
+                              "whole: write into a new or empty folder")

@@ -1,6 +1,9 @@
 """Built-in data sources that trivit can turn into shards by name."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 import re
 from collections.abc import Callable
@@ -44,6 +47,13 @@ class ShardSet:
     """Size of the global sample-id space: the sum over sources of their training split's size."""
     id_offsets: dict[str, int] = field(default_factory=dict)
     """Per training URL, what is added to its samples' ids so that joined sources never share an id."""
+
+    def fingerprint(self) -> str:
+        """A digest of what the indexes say of the training data (shard names, sample and id counts, classes):
+        a checkpoint records it, so data swapped under a run is noticed at resume."""
+        names = [url.rsplit("/", 1)[-1] for url in self.train_urls]
+        text = json.dumps([names, self.train_samples, self.num_ids, self.classes, sorted(self.id_offsets.values())])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

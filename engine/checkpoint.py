@@ -180,7 +180,14 @@ def check_compatible(state: dict[str, Any], source: Path, model_name: str, backe
     if state["model_name"] != model_name:
         raise ValueError(f"checkpoint {source} is of model {state['model_name']!r}, this run builds "
                          f"{model_name!r}; use a new run_dir or resume=never")
-    changed = {k: (state["data"][k], v) for k, v in data_settings.items() if state["data"][k] != v}
+    saved = state["data"]  # older checkpoints lack the later keys: those are not compared
+    changed = {k: (saved[k], v) for k, v in data_settings.items() if k in saved and saved[k] != v}
+    if "classes" in changed or "index_fingerprint" in changed:
+        old, new = changed.get("classes", (None, None))
+        detail = f"classes {old} -> {new}" if "classes" in changed else "the same classes, other shards or counts"
+        raise ValueError(f"the training data changed under this run: checkpoint {source} was trained on other data "
+                         f"({detail}). Point data.train_urls back at that data to continue, or start a new run_dir "
+                         f"(model.init_from={source} starts from its weights)")
     if "world_size" in changed:
         old, new = changed["world_size"]
         raise ValueError(f"checkpoint {source} was written by {old} processes, this run has {new}; relaunch "

@@ -7,6 +7,7 @@ The file is safetensors, which timm reads with
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -52,7 +53,10 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     state_dict of the backbone. Beside it go what ``model.init_from`` finds there: a pruned model's
     architecture (``arch.json``) and a DCAL model's GLCA branch (``glca.safetensors``; DCAL's
     training-only loss weights are not exported)."""
-    out = Path(out)
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: trivit writes safetensors; name the file *.safetensors (timm reads it by "
+                         "that suffix)")
     out.parent.mkdir(parents=True, exist_ok=True)
     weights, arch = consolidated(checkpoint)
     glca = entries_under(weights, GLCA_PREFIX)
@@ -66,6 +70,21 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``path`` whole or not at all, readable as the umask allows (safetensors alone writes 0600: a
+    colleague on a shared cluster could not read the model)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~current_umask())
+        tmp.replace(path)
+    except Exception as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write {path} ({type(error).__name__}: {error}); free disk space or write "
+                      "elsewhere (trivit export CHECKPOINT --out FILE), the checkpoints are intact") from None
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 
+METRICS_FILE = "metrics.jsonl"
+
 class MetricsLogger:
     """Appends records to ``<run_dir>/metrics.jsonl`` and mirrors numeric values to TensorBoard."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = None
         if tensorboard:
@@ -43,7 +45,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl in the order written, each evaluation's line (``step`` and
     ``eval_*``) merged into its step's training record written just before it."""
     records: list[dict[str, Any]] = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines():
         if not line.strip():
             continue
         record = json.loads(line)

@@ -52,7 +52,8 @@ class RunSetup:
         return {"train_samples": self.shards.train_samples, "num_workers": config.data.num_workers,
                 "batch_size": config.data.batch_size, "seed": config.seed,
                 "examples_policy": config.sparsity.examples.policy, "world_size": self.world.world_size,
-                "grad_accum_steps": config.engine.grad_accum_steps}
+                "grad_accum_steps": config.engine.grad_accum_steps, "classes": list(self.shards.classes),
+                "index_fingerprint": self.shards.fingerprint()}
 
     def layout(self, epoch: int) -> StreamLayout:
         """How ``epoch``'s batches are laid out over this rank's slots and loader workers."""

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -40,9 +39,11 @@ from trivit.engine.evaluation import Evaluator
 from trivit.engine.epochs import EpochTracker
 from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
-from trivit.engine.metrics import MetricsLogger, Throughput
+from trivit.engine.metrics import METRICS_FILE, MetricsLogger, Throughput
 from trivit.engine.models import arch_record, build_training_model, model_arch
 from trivit.engine.optim import build_optimizer, build_scheduler, peak_group_lr
+from trivit.engine.resume_check import check_resumed_settings
+from trivit.engine.run_dir import check_config_file, check_fresh_start, write_config
 from trivit.engine.run_lock import lock_run_dir
 from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.engine.startup import check_epoch_length, resolve_run
@@ -138,10 +139,12 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "arch": arch_record(self.model),
             "train_seconds": self.throughput.total_seconds,
+            "config": to_dict(self.config),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         check_compatible(state, source, self.config.model.name, self.backend.name, self.setup.data_settings())
+        check_resumed_settings(state.get("config"), self.config, source)
         try:
             self.backend.load(source, state)
         except RuntimeError as error:
@@ -165,13 +168,17 @@ class Trainer:
         self.stream_position = rank_state.get("stream_position") or full_batches_position(
             self.setup.layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Load the checkpoint ``resume`` asks for, after every check a start makes (``--dry-run`` calls it too)."""
+        check_config_file(self.run_dir)
         found = agreed_resume(lambda: pick_checkpoint(self.config.resume, self.checkpoints), self.world.is_main)
-        if found is not None:
-            self.load_state_dict(*found)
-            log.info("resumed from %s at step %d", found[1], self.step)
-            if self.config.model.init_from:
-                log.info("model.init_from is not used: the resumed checkpoint's weights replace it")
+        if found is None:
+            check_fresh_start(self.run_dir, WEIGHTS_FILE, METRICS_FILE)
+            return
+        self.load_state_dict(*found)
+        log.info("resumed from %s at step %d", found[1], self.step)
+        if self.config.model.init_from:
+            log.info("model.init_from is not used: the resumed checkpoint's weights replace it")
 
     # -- loop --------------------------------------------------------------------------------
 
@@ -307,12 +314,6 @@ class Trainer:
         log.info("saved %s", path)
         return path
 
-    def _write_config(self) -> None:
-        if not self.world.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
-
     def train(self) -> dict[str, Any]:
         """Train from the current (or resumed) step to the end; returns the last metrics record.
 
@@ -323,8 +324,9 @@ class Trainer:
             return self._train()
 
     def _train(self) -> dict[str, Any]:
-        self._resume()
-        self._write_config()
+        self.resume()
+        if self.world.is_main and not self.finished():
+            write_config(self.run_dir, self.config)
         config = self.config
         metrics = MetricsLogger(self.run_dir, config.logging.tensorboard) if self.world.is_main else None
         if metrics is not None and self.step == 0 and self.init_record:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from trivit.config import ConfigError, load
 
@@ -27,6 +28,7 @@ def train(args: argparse.Namespace) -> int:
         main = trainer.world.is_main
         if args.dry_run:
             check_run_dir_free(trainer.run_dir, trainer.world)
+            trainer.resume()
             if main:
                 evaluation = (f"{len(trainer.shards.val_urls)} validation shards" if trainer.shards.val_urls
                               else "no validation data: training runs without evaluation")
@@ -80,6 +82,12 @@ def prune(args: argparse.Namespace) -> int:
         destroy_process_group()
 
 
+def refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
+    """A command's output file that exists is replaced only when asked (``--overwrite``)."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it, or choose another file")
+
+
 def export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -87,6 +95,8 @@ def export(args: argparse.Namespace) -> int:
 
     checkpoint = find_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint / WEIGHTS_FILE
+    if args.out:  # the default file in the checkpoint holds that checkpoint's weights: writing it again is harmless
+        refuse_existing(out, args.overwrite, "--out")
     print(f"{export(checkpoint, out)}: weights of {checkpoint}")
     return 0
 
@@ -95,7 +105,8 @@ def shards(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from trivit.datasets import fashion_mnist
-    from trivit.datasets.imagefolder import write_imagefolder
+    from trivit.datasets.imagefolder import check_output_folder, write_imagefolder
+    from trivit.datasets.shards import replacing_folder
     from trivit.datasets.sources import SOURCES
     from trivit.datasets.unlearnable import UnlearnableSpec
 
@@ -106,14 +117,17 @@ def shards(args: argparse.Namespace) -> int:
     if args.src in SOURCES:
         if args.src != "fashion-mnist" or args.max_shard_bytes:
             raise ValueError(f"built-in source {args.src!r} takes --samples-per-shard only")
-        splits = fashion_mnist.write_shards(dest, samples_per_shard=args.samples_per_shard or 5000, unlearnable=cuda)
+        with replacing_folder(dest) as out:
+            splits = fashion_mnist.write_shards(out, samples_per_shard=args.samples_per_shard or 5000, unlearnable=cuda)
         skipped = []
     else:
         if not Path(args.src).is_dir():
             raise FileNotFoundError(f"{args.src!r} is neither a folder nor a built-in source ({', '.join(SOURCES)})")
-        splits, skipped = write_imagefolder(Path(args.src), dest, samples_per_shard=args.samples_per_shard,
-                                            max_shard_bytes=args.max_shard_bytes, workers=args.workers,
-                                            seed=args.seed, progress=not args.quiet, unlearnable=cuda)
+        check_output_folder(Path(args.src), dest)
+        with replacing_folder(dest) as out:
+            splits, skipped = write_imagefolder(Path(args.src), out, samples_per_shard=args.samples_per_shard,
+                                                max_shard_bytes=args.max_shard_bytes, workers=args.workers,
+                                                seed=args.seed, progress=not args.quiet, unlearnable=cuda)
     for split, entry in splits.items():
         print(f"{split}: {entry['total']} samples in {len(entry['shards'])} shards: {dest / entry['urls']}")
         if "unlearnable" in entry:
@@ -162,7 +176,11 @@ def latency_table(args: argparse.Namespace) -> int:
 
     overrides = [f"model.name={args.model}"] if args.model else []
     config = load(TrainConfig, args.config, list(args.overrides) + overrides)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; measure on the GPU you will train on, or "
+                         "use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    refuse_existing(Path(args.out or f"latency-{config.model.name}-{device.type}.json"), args.overwrite, "--out")
     arguments = config.model.timm_arguments()
     narrowest = group_sizes(full_widths(config, arguments.get("num_classes", 1000)))
     table = measure_latency_table(config.model.name, arguments, narrowest, device, args.batch, args.repeats)
@@ -216,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser = commands.add_parser("export", help="write a checkpoint's whole model as one timm-loadable file")
     export_parser.add_argument("checkpoint", help="a checkpoint folder (step_XXXXXXXX) or a run_dir (its latest)")
     export_parser.add_argument("--out", help="output .safetensors file (default: model.safetensors in the checkpoint)")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export_parser.set_defaults(run=export)
 
     bench_parser = commands.add_parser("bench", help="benchmarks; 'trivit bench speed' times the sparsity variants")
@@ -253,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--batch", type=positive_int, default=16, help="images per timed forward pass")
     table.add_argument("--repeats", type=positive_int, default=5, help="timed rounds over the grid (the median is kept)")
     table.add_argument("--out", help="the table's JSON file (default: latency-<model>-<device>.json)")
+    table.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     table.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (model.*)")
     table.set_defaults(run=latency_table)
 
@@ -338,6 +358,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+INTERRUPTED_NOTES = {
+    "train": " (the last checkpoint is intact; resume=auto continues from it)",
+    "prune": " (the last checkpoint is intact; the same command continues from it)",
+    "shards": " (the output folder is as it was before; nothing was replaced)",
+}
+"""What an interrupted command left, by command."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -349,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trivit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("trivit: interrupted (the last checkpoint is intact; resume=auto continues from it)", file=sys.stderr)
+        print(f"trivit: interrupted{INTERRUPTED_NOTES.get(args.command, '')}", file=sys.stderr)
         return INTERRUPTED_EXIT
 
 

@@ -1,6 +1,10 @@
 """The trainer end to end on tiny shards: it learns, checkpoints, and resumes exactly."""
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+
 import pytest
 import torch
 import yaml
@@ -90,8 +94,38 @@ def test_resume_refuses_a_checkpoint_with_other_data_settings(tiny_shards, tmp_p
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_shards, tmp_path):
     train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "4"})
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(ValueError, match="other settings that a resume cannot apply \\(model.timm_kwargs: "
+                                         "\\{'embed_dim': 32, .*\\} -> \\{'embed_dim': 48"):
         train(tiny_shards, tmp_path / "other", resume=str(checkpoint), **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
+    state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+    del state["config"]  # a checkpoint from before the config was recorded: the weights themselves do not fit
+    torch.save(state, checkpoint / "trainer.pt")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(tiny_shards, tmp_path / "older", resume=str(checkpoint), **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
+
+
+def test_resume_refuses_settings_it_cannot_apply_and_applies_the_others(tiny_shards, tmp_path, caplog):
+    """A new learning rate or a longer schedule would be ignored (the scheduler continues as checkpointed)
+    while config.yaml claimed it: the run stops naming them; max_steps and logging apply, and are logged."""
+    train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "4"})
+    config_before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="optim.lr: 0.001 -> 0.002; schedule.epochs: 3 -> 6"):
+        train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "8", "optim.lr": "2e-3", "schedule.epochs": "6"})
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_before, "config.yaml states what the run does"
+    with caplog.at_level(logging.INFO):
+        trainer, _ = train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "6", "logging.every_steps": "2"})
+    assert trainer.step == 6 and "resumed with logging.every_steps changed: 1 -> 2" in caplog.text
+
+
+def test_resume_refuses_data_swapped_under_the_run(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "4"})
+    index = json.loads((tiny_shards / "index.json").read_text())
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_shards, swapped)
+    index["classes"] = ["cat", "dog", "fox", "owl"]
+    (swapped / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"the training data changed under this run: .*classes \['class0'"):
+        train(swapped, tmp_path / "run", **{"schedule.max_steps": "8"})
 
 
 ALL_LEVELS = {
@@ -133,7 +167,7 @@ def test_an_ema_switched_on_at_resume_starts_from_the_resumed_weights(tiny_shard
     trainer = Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path / "run",
                                                              **{"schedule.max_steps": "8", "optim.ema_decay": "0.9"})))
     initial = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
-    trainer._resume()
+    trainer.resume()
     resumed, ema = trainer.model.state_dict(), trainer.ema.module.state_dict()
     assert all(torch.equal(ema[k], resumed[k]) for k in resumed)
     assert not torch.equal(initial["head.weight"], ema["head.weight"]), "not the random initial weights"

@@ -78,5 +78,5 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_shards, tmp_path):
     Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path / "a", **{"schedule.max_steps": "4"}))).train()
     other = tiny_overrides(tiny_shards, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoints" / "step_00000004"),
                            **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(ValueError, match="other settings that a resume cannot apply \\(model.timm_kwargs"):
         Trainer(load(TrainConfig, None, other)).train()

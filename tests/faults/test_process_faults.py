@@ -136,7 +136,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_shard
     latest.write_bytes(latest.read_bytes()[:1000])
     trainer = Trainer(load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{"schedule.max_steps": "8"})))
     with caplog.at_level(logging.WARNING):
-        trainer._resume()
+        trainer.resume()
     assert trainer.step == 4
     assert "step_00000008 is unreadable" in caplog.text
 
