@@ -52,7 +52,7 @@ def run_variant(variant: str, seed: int, runs: Path, teacher: Path | None, overr
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{variant} seed {seed} failed:\n{result.stderr[-3000:]}")
-    last = json.loads(result.stdout.strip().splitlines()[-1])
+    last = read_metrics(run_dir)[-1]
     batch = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["batch_size"]
     step_seconds = [batch / r["img_per_s"] for r in read_metrics(run_dir)[1:] if r.get("img_per_s")]
     return {"variant": variant, "seed": seed, "top1": last["eval_top1"], "seconds": seconds,

@@ -1,13 +1,19 @@
 """The run configuration: one nested dataclass per concern, loaded from YAML plus overrides."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from trivit.config import check, finite
 from trivit.datasets.config import DataConfig
 from trivit.sparse.config import SparsityConfig
 from trivit.sparse.dcal import DCALConfig
+
+
+OWN_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "drop_path_rate")
+"""timm arguments that model.* sets itself; model.timm_kwargs may not repeat them."""
 
 
 @dataclass(kw_only=True)
@@ -45,6 +51,12 @@ class ModelConfig:
         check(self.in_chans in (1, 3), "in_chans", self.in_chans, "1 or 3")
         check(self.num_classes is None or self.num_classes > 0, "num_classes", self.num_classes, "a positive integer")
         check(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "a rate in [0, 1)")
+        for key in OWN_KEYS:
+            check(key not in self.timm_kwargs, "timm_kwargs", self.timm_kwargs,
+                  f"no {key!r}: it is model.{key}'s to set (the model.* key would win silently); set model.{key}")
+        check(not self.timm_kwargs.get("pretrained"), "timm_kwargs", self.timm_kwargs,
+              "no 'pretrained': trivit never downloads (it would wait for a hub it may not reach); use "
+              "model.init_from=timm, which reads timm's weights from the local cache")
 
     def timm_arguments(self) -> dict[str, Any]:
         """Keyword arguments for ``create_vit``."""
@@ -311,6 +323,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         check(bool(self.run_dir), "run_dir", self.run_dir, "a folder path")
+        self.run_dir = os.path.expanduser(self.run_dir)  # '~/x' from YAML or quoted reaches no shell to expand it
+        check(not Path(self.run_dir).is_file(), "run_dir", self.run_dir, "a folder path, not a file")
+        check(len(os.fsencode(Path(self.run_dir).name)) < 200, "run_dir", self.run_dir,
+              "a folder name under 200 bytes (checkpoint paths inside it must fit the filesystem's limit)")
         check(len(self.data.mean) == self.model.in_chans, "data.mean", self.data.mean,
               f"one value per input channel (model.in_chans={self.model.in_chans})")
         peak = self.optim.peak_lr(self.data.batch_size)

@@ -44,18 +44,36 @@ def world_from_env() -> World:
     env = os.environ
     if "RANK" not in env and "SLURM_STEP_NUM_TASKS" in env:
         return _world_from_slurm(env)
-    world = World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    world = World(_env_int(env, "RANK", 0), _env_int(env, "WORLD_SIZE", 1), _env_int(env, "LOCAL_RANK", 0))
+    launcher = "start trivit through a launcher (torchrun, accelerate launch, deepspeed), see launch/README.md"
+    if world.world_size < 1 or not 0 <= world.rank < world.world_size or world.local_rank < 0:
+        raise ValueError(f"RANK={world.rank}, WORLD_SIZE={world.world_size}, LOCAL_RANK={world.local_rank} cannot be: "
+                         f"ranks run from 0 to WORLD_SIZE - 1. Unset them for one process, or {launcher}")
+    if world.distributed and "RANK" not in env:
+        raise ValueError(f"WORLD_SIZE={world.world_size} but RANK is not set: this process does not know which rank "
+                         f"it is, and would wait for the others until engine.timeout_s; {launcher}")
     if world.distributed and not {"MASTER_ADDR", "MASTER_PORT"} <= env.keys():
-        raise ValueError(f"WORLD_SIZE={world.world_size} but MASTER_ADDR/MASTER_PORT are not set; start trivit "
-                         "through a launcher (torchrun, accelerate launch, deepspeed), see launch/README.md")
+        raise ValueError(f"WORLD_SIZE={world.world_size} but MASTER_ADDR/MASTER_PORT are not set; {launcher}")
     return world
+
+
+def _env_int(env: os._Environ | dict[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer; launchers set it (torchrun, accelerate launch, "
+                         f"deepspeed): unset it to run one process") from None
 
 
 def _world_from_slurm(env: os._Environ) -> World:
     """An ``srun`` task as a rank. Its place is exported as torchrun's variables too (Accelerate and
     DeepSpeed read those); ``MASTER_ADDR``/``MASTER_PORT`` are derived unless given: the step's
     first host, and 29000 + job id mod 1000."""
-    world = World(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    world = World(_env_int(env, "SLURM_PROCID", 0), _env_int(env, "SLURM_STEP_NUM_TASKS", 1),
+                  _env_int(env, "SLURM_LOCALID", 0))
     env.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank))
     if world.distributed:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")

@@ -86,11 +86,23 @@ def resolve_run(config: TrainConfig, world: World | None = None) -> RunSetup:
                                                f"the shard index; use null (the index's count) or at least "
                                                f"{len(shards.classes)}")
     setup = RunSetup(config, world, device, amp_dtype, micro_batch, shards, num_classes)
+    log_launch(config, world, device)
     check_enough_shards(setup.layout(0))
     check_example_level(config, shards)
     if not shards.val_urls:
         log.warning("no validation shards (data.val_urls is empty): this run trains without evaluation")
     return setup
+
+
+def log_launch(config: TrainConfig, world: World, device: torch.device) -> None:
+    """Say how the run was launched: backend, processes, device, precision (and a launch that looks off)."""
+    engine = config.engine
+    if world.is_main:
+        log.info("backend %s on %d process(es), %s, precision %s", engine.backend, world.world_size, device,
+                 engine.precision)
+    if not world.distributed and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        log.warning("accelerate launch --cpu started ONE process (it ignores --num_processes); for N processes on "
+                    "the CPU use torchrun --nproc-per-node N or accelerate launch --multi_gpu --num_processes N")
 
 
 def resolve_device(config: TrainConfig, world: World) -> tuple[torch.device, torch.dtype | None]:

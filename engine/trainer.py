@@ -327,6 +327,9 @@ class Trainer:
         self.resume()
         if self.world.is_main and not self.finished():
             write_config(self.run_dir, self.config)
+        elif self.world.is_main and self.checkpoints.saved() and not (self.run_dir / WEIGHTS_FILE).is_file():
+            # a finished run whose final export had failed (disk full): write it now
+            log.info("wrote %s", export(self.checkpoints.saved()[-1][1], self.run_dir / WEIGHTS_FILE))
         config = self.config
         metrics = MetricsLogger(self.run_dir, config.logging.tensorboard) if self.world.is_main else None
         if metrics is not None and self.step == 0 and self.init_record:

@@ -1,7 +1,6 @@
 """The command line, run as a user runs it: a real subprocess."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_overrides
 from trivit.engine.checkpoint import load_trainer_state
+from trivit.engine.metrics import read_metrics
 
 DEMO = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
 
@@ -25,8 +25,13 @@ def test_train_through_the_cli_and_resume_a_finished_run(tiny_shards, tmp_path):
     overrides = tiny_overrides(tiny_shards, tmp_path / "run", **{"schedule.max_steps": "6"})
     result = run_cli("train", "--config", DEMO, *overrides)
     assert result.returncode == 0, result.stderr
-    last = json.loads(result.stdout.strip().splitlines()[-1])
+    last = read_metrics(tmp_path / "run")[-1]
     assert last["step"] == 6 and "eval_top1" in last
+    run_dir = tmp_path / "run"
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"trained to step 6: test top-1 {last['eval_top1']:.2f}% (EMA {last['eval_top1_ema']:.2f}%). The model is "
+        f"{run_dir / 'model.safetensors'}, the curves {run_dir / 'metrics.jsonl'}; view them with: tensorboard "
+        f"--logdir {run_dir / 'tensorboard'}")
     again = run_cli("train", "--config", DEMO, *overrides)
     assert again.returncode == 0
     assert "finished at step 6" in again.stdout

@@ -42,12 +42,22 @@ def train(args: argparse.Namespace) -> int:
             print(f"trivit: {stop}", file=sys.stderr)
             return PREEMPTED_EXIT
         if main and last:
-            print(json.dumps(last))
+            print(closing_sentence(last, trainer.run_dir, config.logging.tensorboard))
         elif main:
             print(f"nothing to train: {config.run_dir} finished at step {trainer.step}; use a new run_dir to train again")
         return 0
     finally:
         destroy_process_group()
+
+
+def closing_sentence(last: dict, run_dir: Path, tensorboard: bool) -> str:
+    """How a training run ended, in one sentence (its metrics stay in metrics.jsonl)."""
+    accuracy = (f"test top-1 {last['eval_top1']:.2f}%" + (f" (EMA {last['eval_top1_ema']:.2f}%)"
+                                                         if "eval_top1_ema" in last else "")
+                if "eval_top1" in last else "no evaluation (no validation data)")
+    curves = f"; view them with: tensorboard --logdir {run_dir / 'tensorboard'}" if tensorboard else ""
+    return (f"trained to step {last['step']}: {accuracy}. The model is {run_dir / 'model.safetensors'}, the curves "
+            f"{run_dir / 'metrics.jsonl'}{curves}")
 
 
 def prune(args: argparse.Namespace) -> int:

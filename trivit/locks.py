@@ -48,8 +48,11 @@ def exclusive_or_fail(path: str | Path, what: str) -> Iterator[None]:
 @contextmanager
 def _lock_file(path: str | Path) -> Iterator[int]:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise OSError(f"cannot create {path} ({error.strerror or error}): choose a folder you can write") from None
     try:
         yield fd
     finally:

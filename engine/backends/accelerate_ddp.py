@@ -25,7 +25,7 @@ class AccelerateBackend(Backend):
             compile_model(model, self.config.engine.compile_backend)
         self.optimizer = make_optimizer(model)
         self.model, self.wrapped_optimizer = self.accelerator.prepare(model, self.optimizer)
-        self.module = self.accelerator.unwrap_model(self.model)
+        self.module = model  # what DDP wraps; accelerate's unwrap_model would import DeepSpeed (and its warnings)
 
     def autocast(self) -> AbstractContextManager:
         return self.accelerator.autocast()
