@@ -65,8 +65,10 @@ class ShardLoader(DataLoader):
                 batch = next(iterator)
             except StopIteration:
                 return
-            except RuntimeError as error:
-                if "DataLoader timed out" not in str(error):
+            except Exception as error:
+                if "in DataLoader worker process" in str(error):  # the worker's own error, without its traceback
+                    raise worker_error(error) from None
+                if not isinstance(error, RuntimeError) or "DataLoader timed out" not in str(error):
                     raise
                 raise TimeoutError(
                     f"no batch from the data loader in {self.timeout:g} s (engine.timeout_s): its workers were "
@@ -79,6 +81,17 @@ class ShardLoader(DataLoader):
         slots = (raw[i:i + READING_SLOT].rstrip(b"\0").decode(errors="replace")
                  for i in range(0, len(raw), READING_SLOT))
         return [slot for slot in slots if slot]
+
+
+def worker_error(error: Exception) -> Exception:
+    """An error torch re-raised from a loader worker ("Caught X in DataLoader worker process N. Original
+    Traceback ... X: message") as the same kind of error with the original message alone."""
+    last = str(error).strip().splitlines()[-1]
+    message = last.split(": ", 1)[1] if ": " in last else last
+    try:
+        return type(error)(message)
+    except Exception:  # noqa: BLE001 - an error type that takes other arguments
+        return RuntimeError(message)
 
 
 READING_SLOT = 1024

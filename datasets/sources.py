@@ -47,6 +47,8 @@ class ShardSet:
     """Size of the global sample-id space: the sum over sources of their training split's size."""
     id_offsets: dict[str, int] = field(default_factory=dict)
     """Per training URL, what is added to its samples' ids so that joined sources never share an id."""
+    shard_counts: dict[str, int] = field(default_factory=dict)
+    """Per training URL, the samples its index says it holds."""
 
     def fingerprint(self) -> str:
         """A digest of what the indexes say of the training data (shard names, sample and id counts, classes):
@@ -69,6 +71,8 @@ class Source:
     id_offsets: dict[str, int]
     """Per URL, the offset of its split within the source."""
     classes: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+    """Per URL, the samples the index says it holds."""
 
 
 def resolve_shards(data: DataConfig) -> ShardSet:
@@ -104,7 +108,8 @@ def resolve_shards(data: DataConfig) -> ShardSet:
         base += source.num_ids
     return ShardSet(train_urls=[url for source in sources for url in source.urls], val_urls=val_urls,
                     train_samples=sum(source.samples for source in sources), classes=sources[0].classes,
-                    num_ids=base, id_offsets={url: o for url, o in offsets.items() if o})
+                    num_ids=base, id_offsets={url: o for url, o in offsets.items() if o},
+                    shard_counts={url: n for source in sources for url, n in source.counts.items()})
 
 
 def resolve_val_urls(val: str, key: str = "data.val_urls") -> list[str]:
@@ -132,7 +137,8 @@ def resolve_source(pattern: str, index_path: str) -> Source:
                          "rewrite the index with 'trivit shards' or point data.index at the right one")
     check_index_complete(index, urls)
     return Source(urls=urls, samples=sum(counts[shard_name(url)] for url in urls), num_ids=num_ids,
-                  id_offsets={url: split_offsets[shard_name(url)] for url in urls}, classes=list(index["classes"]))
+                  id_offsets={url: split_offsets[shard_name(url)] for url in urls}, classes=list(index["classes"]),
+                  counts={url: counts[shard_name(url)] for url in urls})
 
 
 TRAIN_SPLITS = ("train",)
@@ -145,6 +151,9 @@ def source_urls(pattern: str, splits: tuple[str, ...], index_path: str = "") -> 
     folder = Path(pattern)
     if not folder.is_dir():
         return expand_urls(pattern)
+    if not index_path and not (folder / INDEX_NAME).is_file() and any(p.is_dir() for p in folder.iterdir()):
+        raise FileNotFoundError(f"{folder} holds folders but no {INDEX_NAME}: an image folder, not shards? trivit reads "
+                                f"WebDataset shards: run 'trivit shards {folder} DEST' first, then point at DEST")
     index = read_index(index_path or folder / INDEX_NAME)
     split = next((name for name in splits if name in index["splits"]), None)
     if split is None:

@@ -95,6 +95,8 @@ class SampleDecoder:
     transform: Callable[[Image.Image], torch.Tensor]
     mode: str
     """PIL mode the image is converted to ('L' or 'RGB')."""
+    num_classes: int | None = None
+    """The model's classes: a label outside 0 .. num_classes - 1 makes the sample bad data (None: unchecked)."""
 
     def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, int, int]:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -103,6 +105,10 @@ class SampleDecoder:
         if missing:
             raise ValueError(f"no {' or '.join(missing)} field")
         sample_id, label = int(sample["id"]), int(sample["cls"])
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} is outside the model's {self.num_classes} classes (0 .. "
+                             f"{self.num_classes - 1}): the shard and its index disagree, or model.num_classes is "
+                             "too small")
         with Image.open(io.BytesIO(sample[key])) as image:
             image = to_mode(image, self.mode)
         with seeded_rng(mix_seed(seed, sample_id), restore=get_worker_info() is None):
@@ -151,15 +157,20 @@ class BadData:
         self.skipped = 0
         self.bad_shards = 0
         self.reported = 0
+        self.decoded = 0
+        """Samples decoded so far (never reset): a pass that adds none has nothing usable."""
+        self.last_error = ""
 
     def sample(self, sample: dict[str, Any], error: Exception) -> None:
         self.skipped += 1
-        self._warn(f"skipping sample {sample.get('__key__')!r} of {sample.get('__url__')!r}: {error}")
+        self.last_error = f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r}: {error}"
+        self._warn(f"skipping {self.last_error}")
 
     def shard(self, error: Exception) -> bool:
         """webdataset's handler for errors opening or reading a tar file: count, warn, go on."""
         self.bad_shards += 1
-        self._warn(f"skipping the rest of a shard: {type(error).__name__}: {error}")
+        self.last_error = f"{type(error).__name__}: {error}"
+        self._warn(f"skipping the rest of a shard: {self.last_error}")
         return True
 
     def take(self) -> tuple[int, int]:
@@ -185,6 +196,7 @@ def decoded_batches(samples: Iterator[dict[str, Any]], decode: Callable[[dict[st
         except Exception as error:  # noqa: BLE001 - a bad sample must not stop a week-long run
             bad.sample(sample, error)
             continue
+        bad.decoded += 1
         if len(pending) == batch_size:
             yield collate(pending, bad, consumed)
             pending, consumed = [], 0
@@ -317,7 +329,7 @@ class TrainStream(IterableDataset):
             )
         order = list(shards)
         while True:
-            presented = 0
+            presented, decoded = 0, bad.decoded
             for sample in wds.DataPipeline(
                 wds.SimpleShardList(order),
                 wds.map(noted_shard),
@@ -331,6 +343,9 @@ class TrainStream(IterableDataset):
             if presented == 0:
                 raise ValueError(f"training shards {order} hold no (active) samples for this stream; "
                                  "check data.train_urls")
+            if bad.decoded == decoded:  # the stream would read these shards forever without a batch
+                raise ValueError(f"no sample of the training shards {order[:3]}{' ...' if len(order) > 3 else ''} "
+                                 f"could be used, in a whole pass over them; the last: {bad.last_error}")
             rng.shuffle(order)
 
     def _global_id(self, sample: dict[str, Any]) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[s
     model.to(device)
     inputs = PlainInputs(device, amp_dtype)
     size, channels = config.model.img_size, config.model.in_chans
-    decoder = SampleDecoder(eval_transform(config.data, size), image_mode(channels))
+    decoder = SampleDecoder(eval_transform(config.data, size), image_mode(channels), model.num_classes)
     evaluator = Evaluator(config, world, device, val_urls, inputs, decoder)
     images = torch.randn(config.data.eval_batch_size, channels, size, size, generator=torch.Generator().manual_seed(0))
     images = images.to(device)
@@ -124,13 +124,17 @@ def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[s
             metrics = evaluator.evaluate(model, per_class=request.per_class)
             rows.append({"keep_rate": tokens, "attention_keep_rate": attention, "top1": metrics.get("eval_top1"),
                          "top5": metrics.get("eval_top5"), "loss": metrics.get("eval_loss"),
-                         "samples": metrics["eval_samples"],
+                         "samples": metrics["eval_samples"], "skipped": metrics["eval_skipped"],
                          "img_per_s": inference_img_per_s(model, inputs, images, request.repeats),
                          **({"top1_per_class": metrics.get("eval_top1_per_class")} if request.per_class else {})})
+            if not metrics["eval_samples"]:
+                raise ValueError(f"no readable validation sample in {val}: all {metrics['eval_skipped']} were skipped "
+                                 "(the warnings above say why: labels outside the model's classes, unreadable images)")
     dense = next((r["img_per_s"] for r in rows if r["keep_rate"] == r["attention_keep_rate"] == 1.0), None)
     for row in rows:
         row["speedup"] = row["img_per_s"] / dense if dense else None
-    header = (f"{config.model.name} from {described}; {rows[0]['samples'] if rows else 0} validation images; "
+    skipped = f" ({rows[0]['skipped']} skipped as unreadable, named in the warnings)" if rows and rows[0]["skipped"] else ""
+    header = (f"{config.model.name} from {described}; {rows[0]['samples'] if rows else 0} validation images{skipped}; "
               f"throughput: batch {config.data.eval_batch_size}, {precision_name(amp_dtype)}, {device}, "
               f"median of {request.repeats}")
     return rows, header

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from trivit.config import ConfigError
+from trivit.datasets.checks import check_shards
 from trivit.datasets.sources import ShardSet, resolve_shards
 from trivit.datasets.loaders import check_enough_shards
 from trivit.datasets.stream import StreamLayout
@@ -77,6 +78,7 @@ def resolve_run(config: TrainConfig, world: World | None = None) -> RunSetup:
     data = config.data
     micro_batch = micro_batch_size(config, world)
     shards = resolve_shards(data)
+    check_shards(shards, config.model.in_chans, config.model.img_size)
     if shards.train_samples < data.batch_size:
         raise ConfigError("data.batch_size", f"got {data.batch_size}, larger than the {shards.train_samples} "
                                              "training samples")

@@ -87,8 +87,8 @@ class Trainer:
         seed_everything(config.seed + self.world.rank)  # each rank its own dropout, drop-path and mixup draws
         self.mixer = batch_mixer(data, self.num_classes)
         mode = image_mode(config.model.in_chans)
-        self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode)
-        eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode)
+        self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode, self.num_classes)
+        eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode, self.num_classes)
         self.evaluator = Evaluator(config, self.world, self.device, self.shards.val_urls, self.backend, eval_decoder)
         if config.engine.compile:  # before the first (compiling) forward
             allow_recompiles(config.sparsity.schedule.levels, len(self.model.blocks.locations),

@@ -143,3 +143,88 @@ def test_the_run_ends_with_one_plain_sentence(tiny_shards, tmp_path, capsys):
     code, out, _ = cli("train", *short(tiny_shards, run), capsys=capsys)
     last = read_metrics(run)[-1]
     assert code == 0 and out.strip().splitlines()[-1].startswith(f"trained to step 4: test top-1 {last['eval_top1']:.2f}%")
+
+
+def shard_folder(folder: Path, samples: int = 128, classes: int = 4, rgb: bool = False, label_shift: int = 0,
+                 counts_factor: int = 1) -> Path:
+    """Shards of ``synthetic_samples`` written as a user's tools might leave them."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import synthetic_samples
+    from trivit.datasets.shards import write_index, write_split
+
+    def tweak(sample):
+        if rgb:
+            gray = np.asarray(Image.open(io.BytesIO(sample["png"])))
+            buffer = io.BytesIO()
+            Image.fromarray(np.stack([gray] * 3, axis=-1)).resize((32, 32)).save(buffer, format="PNG")
+            sample = {**sample, "png": buffer.getvalue()}
+        return {**sample, "cls": sample["cls"] + label_shift}
+
+    splits = {"train": write_split(map(tweak, synthetic_samples(samples)), folder, "train", 32),
+              "val": write_split(map(tweak, synthetic_samples(64, seed=1)), folder, "val", 32)}
+    splits["train"]["counts"] = [n * counts_factor for n in splits["train"]["counts"]]
+    splits["train"]["total"] *= counts_factor
+    write_index(folder, splits, [f"class{i}" for i in range(classes)])
+    return folder
+
+
+def data_overrides(folder: Path, run_dir: Path, **extra: str) -> list[str]:
+    return short(folder, run_dir, **{"data.train_urls": str(folder), "data.val_urls": str(folder), **extra})
+
+
+def test_an_index_that_does_not_describe_its_shards_is_refused(tmp_path, capsys):
+    folder = shard_folder(tmp_path / "tenfold", counts_factor=10)
+    code, _, err = cli("train", "--dry-run", *data_overrides(folder, tmp_path / "run"), capsys=capsys)
+    assert code == 2 and "the index says" in err and "holds 320 samples; it holds 32" in err
+
+
+def test_an_empty_listed_shard_is_refused(tmp_path, capsys):
+    folder = shard_folder(tmp_path / "cut")
+    import tarfile
+    with tarfile.open(folder / "train-000002.tar", "w"):
+        pass
+    code, _, err = cli("train", "--dry-run", *data_overrides(folder, tmp_path / "run"), capsys=capsys)
+    assert code == 2 and "1 training shards hold no sample although the index lists samples in them" in err
+    assert "train-000002.tar, 32 listed" in err
+
+
+def test_validation_shards_of_another_class_list_are_refused(tiny_shards, tmp_path, capsys):
+    other = shard_folder(tmp_path / "other", classes=5)
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "run", **{"data.val_urls": str(other)}),
+                       capsys=capsys)
+    assert code == 2 and "lists other classes than the training shards'" in err
+
+
+def test_rgb_shards_into_a_grayscale_model_are_said(tmp_path, capsys, caplog):
+    import logging
+    folder = shard_folder(tmp_path / "rgb", rgb=True)
+    with caplog.at_level(logging.INFO):
+        code, _, err = cli("train", "--dry-run", *data_overrides(folder, tmp_path / "run"), capsys=capsys)
+    assert code == 0, err
+    assert "the shards hold RGB images of 3 channel(s) (train-000000.tar, 32x32); the model takes 1 channel(s)" in caplog.text
+    assert "the shards' images are 32x32 (train-000000.tar); the model takes 16x16" in caplog.text
+
+
+def test_labels_beyond_the_models_classes_are_bad_data_never_a_traceback(tmp_path, capsys):
+    """Every label shifted past the 4 classes: each sample is skipped as bad data, and a stream that can use
+    none of its shards stops with one line (it would otherwise read them forever without a batch)."""
+    folder = shard_folder(tmp_path / "shifted", label_shift=4, classes=4)
+    code, _, err = cli("train", *data_overrides(folder, tmp_path / "run"), capsys=capsys)
+    assert code == 2 and "could be used, in a whole pass over them; the last: sample" in err
+    assert "is outside the model's 4 classes (0 .. 3)" in err and "Traceback" not in err
+    good = shard_folder(tmp_path / "good")
+    assert cli("train", *data_overrides(good, tmp_path / "ok"), capsys=capsys)[0] == 0
+    code, _, err = cli("eval", str(tmp_path / "ok"), "--data", str(folder), "--keep-rates", "1.0", capsys=capsys)
+    assert code == 2 and "no readable validation sample" in err and "labels outside the model's classes" in err
+
+
+def test_an_image_folder_given_as_shards_says_to_write_shards_first(tmp_path, capsys):
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    code, _, err = cli("train", "--dry-run", *short(images, tmp_path / "run", **{"data.train_urls": str(images)}),
+                       capsys=capsys)
+    assert code == 2 and f"run 'trivit shards {images} DEST' first" in err
