@@ -93,6 +93,18 @@ def build_teacher(config: DistillConfig, num_classes: int) -> nn.Module:
     return teacher.eval().requires_grad_(False)
 
 
+def check_teacher_inputs(teacher: nn.Module, img_size: int, in_chans: int) -> None:
+    """The teacher runs on the student's very images: it must take their size and channels."""
+    embed = teacher.patch_embed
+    size, channels = tuple(embed.img_size), embed.proj.in_channels
+    resizes = getattr(embed, "dynamic_img_size", False)
+    if (size != (img_size, img_size) and not resizes) or channels != in_chans:
+        raise ValueError(f"distill.teacher takes {size[0]}x{size[1]} images of {channels} channel(s), the student "
+                         f"{img_size}x{img_size} of {in_chans}: the teacher sees the student's very images. Use a "
+                         f"teacher trained at the student's size and channels, or set distill.teacher_kwargs "
+                         f"(img_size: {img_size}, in_chans: {in_chans}, or dynamic_img_size: true)")
+
+
 WEAK_SMOOTHING = 0.1
 """The weak classifier learns 0.9/0.1-smoothed labels (USKD)."""
 
@@ -300,7 +312,9 @@ def _distillation_objective(config: TrainConfig, model: nn.Module, num_classes: 
     if distill.loss in TEACHER_LOSSES:
         if distilled:
             model.set_distilled_training(True)
-        return Distiller(distill, build_teacher(distill, num_classes).to(device), amp_dtype)
+        teacher = build_teacher(distill, num_classes)
+        check_teacher_inputs(teacher, config.model.img_size, config.model.in_chans)
+        return Distiller(distill, teacher.to(device), amp_dtype)
     if distill.loss == "uskd":
         if distilled:
             raise ConfigError("distill.loss", f"got 'uskd' with {config.model.name}, whose distillation token needs a "

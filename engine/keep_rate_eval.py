@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 class EvalRequest:
     source: str
     """A run_dir, a checkpoint folder or a weights file."""
-    keep_rates: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5)
+    keep_rates: tuple[float, ...] | None = None
+    """Token keep rates; None: 1.0, 0.9, 0.7 and 0.5 (1.0 alone for a semantic-token model)."""
     attention_keep_rates: tuple[float, ...] = (1.0,)
     data: str | None = None
     """Validation shards; None: the run's data.val_urls."""
@@ -54,9 +55,17 @@ class EvalRequest:
 
 def run_config(request: EvalRequest) -> TrainConfig:
     """The run's config (with ``request.overrides``), or one built from ``--model`` for a bare file."""
-    found = find_run_config(Path(request.source).expanduser())
+    source = Path(request.source).expanduser()
+    if request.source != "timm" and not source.exists():
+        raise FileNotFoundError(f"trivit eval: {request.source} does not exist; give a run_dir, a checkpoint folder "
+                                "or a weights file")
+    found = find_run_config(source)
     if found is not None:
         config = load(TrainConfig, found, list(request.overrides))
+        if request.model is not None and request.model != config.model.name:
+            raise ConfigError("--model", f"got {request.model!r}, but {request.source} is a trivit run of "
+                                         f"{config.model.name} (its {found}); --model names the architecture of a "
+                                         "bare weights file: drop it")
         return replace(config, model=replace(config.model, init_from=None),
                        distill=replace(config.distill, loss="none", teacher=None))
     if request.model is None:
@@ -93,6 +102,20 @@ def inference_img_per_s(model: nn.Module, inputs: PlainInputs, images: torch.Ten
     return images.shape[0] / statistics.median(seconds)
 
 
+def token_keep_rates(request: EvalRequest, config: TrainConfig) -> tuple[float, ...]:
+    """The token keep rates to evaluate at; a semantic-token model has a fixed token count, no keep rate."""
+    if not config.sparsity.semantic.enabled:
+        return request.keep_rates or DEFAULT_KEEP_RATES
+    if request.keep_rates not in (None, (1.0,)):
+        raise ConfigError("--keep-rates", f"got {list(request.keep_rates)}, but {request.source} has semantic tokens "
+                                          "(sparsity.semantic), a fixed number of tokens that no keep rate changes; "
+                                          "evaluate it at 1.0 (leave --keep-rates out)")
+    return (1.0,)
+
+
+DEFAULT_KEEP_RATES = (1.0, 0.9, 0.7, 0.5)
+
+
 def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[str, Any]], str]:
     """One row per (attention, token) keep rate: top-1, top-5, loss, img/s and the speed-up over 1.0 / 1.0."""
     config = run_config(request)
@@ -106,6 +129,7 @@ def evaluate_keep_rates(request: EvalRequest, world: World) -> tuple[list[dict[s
         raise ConfigError("--data", "no validation shards: the run has no data.val_urls; pass --data with shards "
                                     "or a folder written by 'trivit shards'")
     config = replace(config, data=replace(config.data, eval_batch_size=request.batch or config.data.eval_batch_size))
+    request = replace(request, keep_rates=token_keep_rates(request, config))
     if config.model.dcal.enabled and min(request.keep_rates + request.attention_keep_rates) < 1:
         raise ConfigError("--keep-rates", "the run has DCAL (model.dcal), whose rollout needs every token: evaluate it "
                                           "at keep rate 1.0 only (--keep-rates 1.0 --attention 1.0)")

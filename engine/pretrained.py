@@ -61,11 +61,28 @@ def read_weights(source: str, model_name: str, timm_kwargs: Mapping[str, Any]) -
                                 f"({', '.join(WEIGHT_SUFFIXES)}), a trivit run_dir or checkpoint folder, or 'timm'")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"model.init_from: {source!r} is not a weights file this reads ({', '.join(WEIGHT_SUFFIXES)})")
-    state = load_state_dict(str(path), use_ema=False)
+    state = read_weights_file(path)
     beside = path.parent / GLCA_FILE
     if beside.is_file() and beside != path:  # a DCAL model's GLCA branch, exported beside its backbone
-        state.update({GLCA_PREFIX + key: value for key, value in load_state_dict(str(beside)).items()})
+        state.update({GLCA_PREFIX + key: value for key, value in read_weights_file(beside).items()})
     return state, f"weights file {path}"
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """timm's reading of a weights file, with one line naming the file when it is not what its name says."""
+    try:
+        state = load_state_dict(str(path), use_ema=False)
+    except Exception as error:  # noqa: BLE001 - pickle, safetensors and zip each raise their own
+        with path.open("rb") as file:
+            safetensors = file.read(9)[8:9] == b"{"  # an 8-byte header length, then its JSON
+        hint = ("; its bytes are safetensors: name it *.safetensors" if safetensors and path.suffix != ".safetensors"
+                else "")
+        raise ValueError(f"model.init_from: {path} cannot be read as weights ({type(error).__name__}: "
+                         f"{str(error)[:160]}){hint}; give a timm-format weights file, a trivit run_dir or 'timm'"
+                         ) from None
+    if not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"model.init_from: {path} holds no state dict of tensors; give a timm-format weights file")
+    return state
 
 
 def timm_weights_file(model_name: str, timm_kwargs: Mapping[str, Any]) -> Path:
@@ -127,9 +144,13 @@ def check_fits(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
             raise ValueError(f"model.init_from: the weights have no {key!r} (shape {list(value.shape)} here); they are "
                              "not this architecture (model.name, model.timm_kwargs)")
         if state[key].shape != value.shape:
+            narrower = state[key].dim() == value.dim() and all(a <= b for a, b in zip(state[key].shape, value.shape))
+            pruned = (" They look pruned (narrower than the model here): a pruned model is read with its arch.json, "
+                      "which trivit export writes beside the weights; keep it beside them or name it with "
+                      "model.arch=PATH." if narrower and ".blocks." in f".{key}" else "")
             raise ValueError(f"model.init_from: {key!r} has shape {list(state[key].shape)} in the weights but "
                              f"{list(value.shape)} here; the weights are not this architecture (model.name, "
-                             "model.timm_kwargs)")
+                             f"model.timm_kwargs).{pruned}")
     extra = [key for key in state if key not in target]
     if extra:
         raise ValueError(f"model.init_from: the weights hold {extra[0]!r} (shape {list(state[extra[0]].shape)}), which "

@@ -208,7 +208,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from trivit.engine.distributed import destroy_process_group, world_from_env
     from trivit.engine.keep_rate_eval import EvalRequest, evaluate_keep_rates, markdown, write_outputs
 
-    request = EvalRequest(args.source, keep_rates=tuple(args.keep_rates), attention_keep_rates=tuple(args.attention),
+    request = EvalRequest(args.source, keep_rates=tuple(args.keep_rates) if args.keep_rates else None,
+                          attention_keep_rates=tuple(args.attention),
                           data=args.data, model=args.model, overrides=tuple(args.overrides), batch=args.batch,
                           repeats=args.repeats, per_class=args.per_class)
     world = world_from_env()
@@ -302,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser = commands.add_parser("eval", help="top-1/top-5 and inference img/s of a trained model at several "
                                                    "keep rates (the off-the-shelf table)")
     eval_parser.add_argument("source", help="a run_dir, a checkpoint folder, or a weights file (with --model)")
-    eval_parser.add_argument("--keep-rates", nargs="+", type=keep_rate, default=[1.0, 0.9, 0.7, 0.5],
-                             help="token keep rates to evaluate at (at the run's sparsity.tokens.locations)")
+    eval_parser.add_argument("--keep-rates", nargs="+", type=keep_rate,
+                             help="token keep rates to evaluate at (at the run's sparsity.tokens.locations; default "
+                                  "1.0 0.9 0.7 0.5, or 1.0 for a semantic-token model)")
     eval_parser.add_argument("--attention", nargs="+", type=keep_rate, default=[1.0],
                              help="attention keep rates; every token rate is evaluated at each")
     eval_parser.add_argument("--data", help="validation shards or a 'trivit shards' folder (default: the run's "
@@ -349,6 +351,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         extra = [item for item in extra if item not in overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    configs = [item for item in getattr(args, "overrides", []) if "=" not in item and item.endswith((".yaml", ".yml"))]
+    if configs:
+        parser.error(f"{configs[0]} looks like a config file; pass it as --config {configs[0]} (the other words "
+                     "are key.sub=value overrides)")
     return args
 
 

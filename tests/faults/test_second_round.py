@@ -228,3 +228,73 @@ def test_an_image_folder_given_as_shards_says_to_write_shards_first(tmp_path, ca
     code, _, err = cli("train", "--dry-run", *short(images, tmp_path / "run", **{"data.train_urls": str(images)}),
                        capsys=capsys)
     assert code == 2 and f"run 'trivit shards {images} DEST' first" in err
+
+
+def test_init_from_a_file_that_is_not_what_its_name_says(tiny_shards, tmp_path, capsys, tiny_teacher_file):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not weights")
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "a", **{"model.init_from": str(text)}),
+                       capsys=capsys)
+    assert code == 2 and f"model.init_from: {text} cannot be read as weights" in err
+    misnamed = tmp_path / "teacher.pt"
+    misnamed.write_bytes(tiny_teacher_file.read_bytes())
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "b", **{"model.init_from": str(misnamed)}),
+                       capsys=capsys)
+    assert code == 2 and "its bytes are safetensors: name it *.safetensors" in err
+
+
+def test_weights_narrower_than_the_model_point_to_their_arch_file(tiny_shards, tmp_path, capsys, tiny_teacher_file):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tiny_teacher_file)
+    state["blocks.0.mlp.fc1.weight"] = state["blocks.0.mlp.fc1.weight"][:64]
+    state["blocks.0.mlp.fc1.bias"] = state["blocks.0.mlp.fc1.bias"][:64]
+    state["blocks.0.mlp.fc2.weight"] = state["blocks.0.mlp.fc2.weight"][:, :64].contiguous()
+    save_file(state, str(tmp_path / "pruned.safetensors"))
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "run", **{
+        "model.init_from": str(tmp_path / "pruned.safetensors"), "model.timm_kwargs": "{embed_dim: 32, depth: 2, "
+        "num_heads: 2, mlp_ratio: 4}"}), capsys=capsys)
+    assert code == 2 and "They look pruned" in err and "model.arch=PATH" in err
+
+
+def test_a_teacher_of_another_image_size_is_refused_at_start_up(tiny_shards, tmp_path, capsys):
+    """A teacher trained at 32 px for a 16 px student failed at the first step; now at start-up."""
+    import timm
+    from safetensors.torch import save_file
+
+    teacher = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                                num_heads=2, num_classes=4)
+    save_file(teacher.state_dict(), str(tmp_path / "teacher32.safetensors"))
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "run", **{
+        "distill.loss": "soft", "distill.teacher": "deit_tiny_patch16_224",
+        "distill.teacher_weights": str(tmp_path / "teacher32.safetensors"),
+        "distill.teacher_kwargs": "{img_size: 32, patch_size: 4, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2}"}),
+        capsys=capsys)
+    assert code == 2 and "distill.teacher takes 32x32 images of 1 channel(s), the student 16x16 of 1" in err
+
+
+def test_a_config_file_without_its_flag_is_named(tmp_path, capsys):
+    code, _, err = cli("train", "configs/demo.yaml", "run_dir=x", capsys=capsys)
+    assert code == 2 and "configs/demo.yaml looks like a config file; pass it as --config configs/demo.yaml" in err
+
+
+def test_trivit_eval_names_the_real_mistake(tiny_shards, tmp_path, capsys):
+    code, _, err = cli("eval", str(tmp_path / "nowhere"), capsys=capsys)
+    assert code == 2 and "trivit eval:" in err and "does not exist" in err and "--model" not in err
+    run = tmp_path / "run"
+    assert cli("train", *short(tiny_shards, run), capsys=capsys)[0] == 0
+    code, _, err = cli("eval", str(run), "--model", "vit_small_patch16_224", capsys=capsys)
+    assert code == 2 and "is a trivit run of deit_tiny_patch16_224" in err and "drop it" in err
+
+
+def test_trivit_eval_of_a_semantic_token_model_takes_no_keep_rate(tiny_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    semantic = {"sparsity.semantic.num_tokens": "4", "sparsity.semantic.after_block": "0",
+                "model.timm_kwargs": "{embed_dim: 32, depth: 3, num_heads: 2}"}
+    code, _, err = cli("train", *short(tiny_shards, run, **semantic), capsys=capsys)
+    assert code == 0, err
+    code, _, err = cli("eval", str(run), "--keep-rates", "1.0", "0.7", capsys=capsys)
+    assert code == 2 and "has semantic tokens (sparsity.semantic), a fixed number of tokens" in err
+    code, out, err = cli("eval", str(run), capsys=capsys)
+    assert code == 0, err
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| 1.0")] == ["1.0"]
