@@ -11,9 +11,10 @@ import multiprocessing.forkserver
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,16 +36,21 @@ class ShardLoader(DataLoader):
     A worker that ignored SIGTERM for good would make the process hang at exit.
     """
 
-    def __init__(self, dataset: IterableDataset, timeout_s: float | None = None, **kwargs: Any):
+    def __init__(self, dataset: IterableDataset, timeout_s: float | None = None,
+                 stop_requested: Callable[[], bool] = lambda: False, **kwargs: Any):
         context = worker_context()
         workers = kwargs.get("num_workers") or 0
         self.released = context.Event()
         self.reading = context.Array("c", READING_SLOT * max(1, workers), lock=False)
         """Each worker's shard being read (what a stalled read is reported with)."""
+        self.timeout_s = timeout_s if workers else None
+        """The longest wait for one batch; None: unbounded (no workers: the read runs in this process)."""
+        self.stop_requested = stop_requested
+        """Asked while waiting for a batch: True (SIGTERM) ends the wait with :class:`DataWaitStopped`."""
         super().__init__(dataset, batch_size=None, worker_init_fn=functools.partial(_worker_setup, self.released,
                                                                                     self.reading),
                          multiprocessing_context=context if workers else None,
-                         timeout=timeout_s if workers and timeout_s else 0, **kwargs)
+                         timeout=min(POLL_S, timeout_s) if self.timeout_s else 0, **kwargs)
 
     @contextmanager
     def batches(self) -> Iterator[Iterator[Batch]]:
@@ -59,21 +65,31 @@ class ShardLoader(DataLoader):
                 shutdown()
 
     def _bounded(self, iterator: Iterator[Batch]) -> Iterator[Batch]:
-        """``iterator``, where a worker that sends nothing for ``timeout`` seconds ends the run naming its shard."""
+        """``iterator``, where a worker that sends nothing for ``timeout_s`` seconds ends the run naming its shard,
+        and a stop request (SIGTERM) ends the wait. DataLoader waits in slices of ``POLL_S``; a slice that
+        runs out leaves its iterator as it was, so the next ``next`` waits on for the same batch."""
         while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except Exception as error:
-                if "in DataLoader worker process" in str(error):  # the worker's own error, without its traceback
-                    raise worker_error(error) from None
-                if not isinstance(error, RuntimeError) or "DataLoader timed out" not in str(error):
-                    raise
-                raise TimeoutError(
-                    f"no batch from the data loader in {self.timeout:g} s (engine.timeout_s): its workers were "
-                    f"reading {self.shards_being_read() or 'no shard yet'}. A pipe: command or a filesystem read "
-                    "stalled there: check that shard's source, or raise engine.timeout_s") from None
+            waited = 0.0
+            while True:
+                try:
+                    batch = next(iterator)
+                    break
+                except StopIteration:
+                    return
+                except Exception as error:
+                    if "in DataLoader worker process" in str(error):  # the worker's own error, not its traceback
+                        raise worker_error(error) from None
+                    if not isinstance(error, RuntimeError) or "DataLoader timed out" not in str(error):
+                        raise
+                waited += self.timeout
+                if self.stop_requested():
+                    raise DataWaitStopped(f"SIGTERM while waiting {waited:g} s for a batch; its workers were "
+                                          f"reading {self.shards_being_read() or 'no shard yet'}")
+                if waited >= self.timeout_s:
+                    raise TimeoutError(
+                        f"no batch from the data loader in {waited:g} s (engine.timeout_s): its workers were "
+                        f"reading {self.shards_being_read() or 'no shard yet'}. A pipe: command or a filesystem read "
+                        "stalled there: check that shard's source, or raise engine.timeout_s")
             yield batch
 
     def shards_being_read(self) -> list[str]:
@@ -94,6 +110,12 @@ def worker_error(error: Exception) -> Exception:
         return RuntimeError(message)
 
 
+class DataWaitStopped(Exception):
+    """A stop was requested (SIGTERM) while the loader waited for a batch."""
+
+
+POLL_S = 5.0
+"""How often a wait for a batch looks at the stop request and the time waited."""
 READING_SLOT = 1024
 """Bytes of a worker's shard URL kept for the stall report (longer ones are cut)."""
 
@@ -147,11 +169,32 @@ def _worker_setup(released: Event, reading: Any, worker_id: int) -> None:
 
     def on_sigterm(signum: int, frame: Any) -> None:
         if released.is_set():
+            kill_descendants(os.getpid())  # a pipe: shard's shell and its command would outlive the worker
             os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _release_fork_server()
+
+
+def kill_descendants(pid: int) -> None:
+    """SIGKILL every process below ``pid``, the deepest first (Linux's /proc; elsewhere nothing)."""
+    for child in child_pids(pid):
+        kill_descendants(child)
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
 
 
 @contextmanager
@@ -200,7 +243,8 @@ def check_enough_shards(layout: StreamLayout) -> None:
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
                  shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
                  active: np.ndarray | None = None, id_offsets: dict[str, int] | None = None,
-                 pin_memory: bool = False, timeout_s: float | None = None) -> ShardLoader:
+                 pin_memory: bool = False, timeout_s: float | None = None,
+                 stop_requested: Callable[[], bool] = lambda: False) -> ShardLoader:
     """Loader over steps ``start..stop-1`` of ``layout``'s epoch; ``num_workers`` must match the layout.
 
     ``batch_size`` is one slot's micro-batch; each item holds one per slot of the rank.
@@ -208,7 +252,8 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
     before it was readable (:func:`full_batches_position`), the trainer passes the exact one.
     ``active`` (a boolean array over sample ids) drops every other sample before decoding;
     ``id_offsets`` (per shard URL) moves joined sources' ids into one space; ``pin_memory`` when
-    training on CUDA; ``timeout_s`` bounds the wait for each batch (with workers).
+    training on CUDA; ``timeout_s`` bounds the wait for each batch (with workers), which ``stop_requested``
+    (SIGTERM) may end sooner.
 
     Workers are started for each epoch rather than kept (``persistent_workers``): an epoch's
     streams depend on what is decided when it begins (the shard permutation, the example
@@ -223,7 +268,7 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
                           position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer,
                           active=active, id_offsets=id_offsets)
     return ShardLoader(dataset, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
-                       timeout_s=timeout_s, generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
+                       timeout_s=timeout_s, stop_requested=stop_requested, generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
 
 
 def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int,

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from trivit.config import to_dict
-from trivit.datasets.loaders import train_loader
+from trivit.datasets.loaders import DataWaitStopped, train_loader
 from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend
@@ -349,6 +349,10 @@ class Trainer:
                         if self.finished():  # before the epoch's end: a pruning run's target (engine/prune.py)
                             break
                         throughput.start()
+        except DataWaitStopped as stalled:  # between two steps: the last one taken is checkpointed
+            saved = self._save()
+            raise Preempted(f"{stalled}; checkpoint written at step {self.step} in {saved.parent}; run the same "
+                            "command (resume=auto) to continue") from None
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             bar.close()
@@ -410,4 +414,5 @@ class Trainer:
                             start=offset, stop=stop, position=[list(p) for p in self.stream_position],
                             shuffle_buffer=data.shuffle_buffer,
                             num_workers=data.num_workers, active=active, id_offsets=self.shards.id_offsets,
-                            pin_memory=self.device.type == "cuda", timeout_s=config.engine.timeout_s)
+                            pin_memory=self.device.type == "cuda", timeout_s=config.engine.timeout_s,
+                            stop_requested=lambda: self.guard.stop_requested)

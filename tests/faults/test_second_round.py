@@ -298,3 +298,23 @@ def test_trivit_eval_of_a_semantic_token_model_takes_no_keep_rate(tiny_shards, t
     code, out, err = cli("eval", str(run), capsys=capsys)
     assert code == 0, err
     assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| 1.0")] == ["1.0"]
+
+
+def test_sigterm_while_a_pipe_shard_stalls_ends_the_run_with_its_checkpoint(tiny_shards, tmp_path):
+    """The loader waits on a `pipe:` command that never delivers: SIGTERM still ends the run within seconds,
+    with a checkpoint, where before it hung until the collective timeout (and a worker started the next shard)."""
+    import signal
+    import time
+
+    urls = "::".join([f"pipe:sleep 300; cat {tiny_shards}/train-{{000000..000007}}.tar"])
+    process = subprocess.Popen([sys.executable, "-m", "trivit", "train", *tiny_overrides(tiny_shards, tmp_path, **{
+        "data.train_urls": urls, "data.index": str(tiny_shards / "index.json"), "engine.timeout_s": "600"})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(8)
+    started = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert "SIGTERM while waiting" in stderr and "pipe:sleep 300; cat" in stderr
+    assert "checkpoint written at step 0" in stderr
