@@ -341,8 +341,9 @@ class TrainStream(IterableDataset):
                 presented += 1
                 yield sample
             if presented == 0:
-                raise ValueError(f"training shards {order} hold no (active) samples for this stream; "
-                                 "check data.train_urls")
+                error = f" (the last error: {bad.last_error})" if bad.last_error else ""
+                raise ValueError(f"training shards {order[:3]}{' ...' if len(order) > 3 else ''} hold no (active) "
+                                 f"samples for this stream{error}; check data.train_urls")
             if bad.decoded == decoded:  # the stream would read these shards forever without a batch
                 raise ValueError(f"no sample of the training shards {order[:3]}{' ...' if len(order) > 3 else ''} "
                                  f"could be used, in a whole pass over them; the last: {bad.last_error}")

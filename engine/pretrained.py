@@ -152,6 +152,10 @@ def check_fits(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
                              f"{list(value.shape)} here; the weights are not this architecture (model.name, "
                              f"model.timm_kwargs).{pruned}")
     extra = [key for key in state if key not in target]
+    if "global_centres" in extra:
+        raise ValueError("model.init_from: the weights are of a semantic-token model (they hold 'global_centres'), "
+                         "this model has none: give the source run's sparsity.semantic settings (or its config.yaml "
+                         "as --config)")
     if extra:
         raise ValueError(f"model.init_from: the weights hold {extra[0]!r} (shape {list(state[extra[0]].shape)}), which "
                          f"this model has not; they are not this architecture (model.name, model.timm_kwargs)")

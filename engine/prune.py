@@ -109,12 +109,17 @@ class PruningObjective(Distiller):
 
     def state_dict(self) -> dict[str, Any]:
         return {UNIT_MASKS: {g: m.clone() for g, m in self.masks.items()}, "meter": self.meter.state_dict(),
-                "steps": self.steps, "history": self.history}
+                "steps": self.steps, "history": self.history, "latency_table": dataclasses.asdict(self.table)}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if state is None or UNIT_MASKS not in state:
             raise ValueError("the checkpoint to resume was not written by `trivit prune` (it holds no unit masks); "
                              "prune into a new run_dir")
+        table = state.get("latency_table")
+        if table is not None and table != dataclasses.asdict(self.table):
+            raise ValueError("the latency table this pruning run started with differs from the one it would resume "
+                             f"with ({self.prune.latency_table or TABLE_FILE}); its pruning steps so far were chosen "
+                             "by the first: restore that table to continue, or prune into a new run_dir")
         self.masks = {g: m.clone().float() for g, m in state[UNIT_MASKS].items()}
         self.meter.load_state_dict(state["meter"])
         self.steps, self.history = state["steps"], list(state["history"])

@@ -102,7 +102,17 @@ def log_launch(config: TrainConfig, world: World, device: torch.device) -> None:
     if world.is_main:
         log.info("backend %s on %d process(es), %s, precision %s", engine.backend, world.world_size, device,
                  engine.precision)
-    if not world.distributed and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+    if world.is_main and config.optim.lr is not None:
+        log.info("optim.lr=%g is the peak learning rate as given; optim.base_lr=%g (scaled by the global batch) is "
+                 "not used", config.optim.lr, config.optim.base_lr)
+    env = os.environ
+    accelerate_gpus = "ACCELERATE_MIXED_PRECISION" in env and env.get("ACCELERATE_USE_CPU", "").lower() != "true"
+    if world.is_main and world.distributed and device.type == "cpu" and accelerate_gpus:
+        log.warning("an accelerate config for GPUs started %d processes, and no GPU is visible: they share this "
+                    "machine's CPU cores (gloo). On a GPU node, check that the GPUs are visible (nvidia-smi, "
+                    "CUDA_VISIBLE_DEVICES); on a CPU machine start the processes with torchrun --nproc-per-node N",
+                    world.world_size)
+    if not world.distributed and env.get("ACCELERATE_USE_CPU", "").lower() == "true":
         log.warning("accelerate launch --cpu started ONE process (it ignores --num_processes); for N processes on "
                     "the CPU use torchrun --nproc-per-node N or accelerate launch --multi_gpu --num_processes N")
 

@@ -96,7 +96,40 @@ def deepspeed_config(config: TrainConfig, world: World) -> dict[str, Any]:
         section[keys[-1]] = value
     ds.setdefault("zero_allow_untested_optimizer", True)  # trivit hands DeepSpeed a torch optimizer
     ds.setdefault("steps_per_print", 10**9)
+    check_deepspeed_keys(ds, path or "engine.deepspeed_options")
     return ds
+
+
+SECTIONS = ("zero_optimization", "activation_checkpointing", "flops_profiler", "comms_logger", "monitor",
+            "tensorboard", "wandb", "csv_monitor", "compression_training", "data_efficiency", "aio", "elasticity",
+            "autotuning", "pipeline", "amp", "sparse_gradients", "curriculum_learning", "nebula", "hybrid_engine",
+            "eigenvalue", "progressive_layer_drop", "weight_quantization", "sparse_attention", "quantize_training",
+            "compile", "timers", "checkpoint", "data_types", "optimizer", "scheduler")
+"""DeepSpeed's config sections (its constants module names the scalar keys)."""
+
+
+def check_deepspeed_keys(ds: dict[str, Any], source: str) -> None:
+    """DeepSpeed ignores an unknown top-level key and rejects an unknown ZeRO key deep inside its start-up:
+    both are named here, with the closest DeepSpeed option."""
+    import difflib
+
+    import deepspeed.runtime.constants as constants
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    known = {value for name, value in vars(constants).items() if name.isupper() and isinstance(value, str)}
+    known.update(SECTIONS)
+    zero_known = set(DeepSpeedZeroConfig.model_fields) | {f.alias for f in DeepSpeedZeroConfig.model_fields.values()
+                                                            if f.alias}
+    unknown = [(key, known) for key in ds if key not in known]
+    unknown += [(f"zero_optimization.{key}", {f"zero_optimization.{k}" for k in zero_known})
+                for key in ds.get("zero_optimization", {}) if key not in zero_known]
+    if unknown:
+        key, candidates = unknown[0]
+        close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)
+        raise ConfigError("engine.deepspeed_options" if source == "engine.deepspeed_options" else "engine.deepspeed_config",
+                          f"{source} sets {key!r}, which DeepSpeed does not know"
+                          + (f" (did you mean {close[0]!r}?)" if close else "") + "; DeepSpeed would ignore it or stop "
+                          "deep in its start-up")
 
 
 class DeepSpeedBackend(Backend):

@@ -119,6 +119,18 @@ def test_pruning_resumes_exactly(tiny_shards, source_run, table_file, pruned_run
     assert PrunedArch.load(tmp_path / "arch.json") == PrunedArch.load(pruned_run / "arch.json")
 
 
+def test_a_latency_table_changed_under_a_pruning_run_is_refused_at_resume(tiny_shards, source_run, tmp_path, capsys):
+    """The steps so far were chosen by the first table: a resume with another one would mix two pruning runs."""
+    table = flops_table(tmp_path / "table.json")
+    assert main(prune_args(tiny_shards, tmp_path / "run", source_run, table, **{"schedule.max_steps": "2"})) == 1
+    changed = json.loads(table.read_text())
+    changed["mlp_ms"] = [[2 * value for value in row] for row in changed["mlp_ms"]]
+    table.write_text(json.dumps(changed))
+    capsys.readouterr()
+    assert main(prune_args(tiny_shards, tmp_path / "run", source_run, table, **{"schedule.max_steps": "4"})) == 2
+    assert "the latency table this pruning run started with differs" in capsys.readouterr().err
+
+
 def test_what_cannot_compose_with_pruning_is_refused_at_start_up(tiny_shards, source_run, table_file, tmp_path):
     def config(**extra: str) -> TrainConfig:
         settings = {**PRUNE, "model.init_from": str(source_run), "prune.latency_table": str(table_file), **extra}

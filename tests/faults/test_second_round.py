@@ -318,3 +318,76 @@ def test_sigterm_while_a_pipe_shard_stalls_ends_the_run_with_its_checkpoint(tiny
     assert time.monotonic() - started < 30
     assert "SIGTERM while waiting" in stderr and "pipe:sleep 300; cat" in stderr
     assert "checkpoint written at step 0" in stderr
+
+
+def test_a_deepspeed_option_typo_names_the_closest_option(tiny_shards, tmp_path):
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29581"}
+    done = trivit("train", "--dry-run", *short(tiny_shards, tmp_path / "run", **{
+        "engine.backend": "deepspeed", "optim.ema_decay": "null",
+        "engine.deepspeed_options": "{zero_optimization: {overlap_com: true}}"}), env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert ("engine.deepspeed_options sets 'zero_optimization.overlap_com', which DeepSpeed does not know (did you "
+            "mean 'zero_optimization.overlap_comm'?)") in done.stderr
+
+
+def test_a_learning_rate_given_both_ways_says_which_one_acts(tiny_shards, tmp_path, capsys, caplog):
+    import logging
+    with caplog.at_level(logging.INFO):
+        code, _, _ = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "run", **{"optim.base_lr": "1e-2"}),
+                         capsys=capsys)
+    assert code == 0 and "optim.lr=0.001 is the peak learning rate as given; optim.base_lr=0.01" in caplog.text
+
+
+def test_a_gpu_accelerate_config_on_a_machine_without_gpus_is_said(tiny_shards, tmp_path, monkeypatch, caplog):
+    """The README's 8-GPU ddp.yaml on a CPU machine: accelerate starts the processes; trivit says they share
+    the CPU (resolve_run under the environment accelerate gives rank 0)."""
+    import logging
+
+    from trivit.config import load
+    from trivit.engine.config import TrainConfig
+    from trivit.engine.startup import resolve_run
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500", "ACCELERATE_MIXED_PRECISION": "bf16"}.items():
+        monkeypatch.setenv(key, value)
+    with caplog.at_level(logging.WARNING):
+        resolve_run(load(TrainConfig, None, short(tiny_shards, tmp_path, **{"data.num_workers": "1"})))
+    assert "an accelerate config for GPUs started 8 processes, and no GPU is visible" in caplog.text
+
+
+def test_a_semantic_token_run_pruned_without_its_setting_names_it(tiny_shards, tmp_path, capsys):
+    source = tmp_path / "semantic"
+    semantic = {"sparsity.semantic.num_tokens": "4", "sparsity.semantic.after_block": "0",
+                "model.timm_kwargs": "{embed_dim: 32, depth: 3, num_heads: 2}"}
+    assert cli("train", *short(tiny_shards, source, **semantic), capsys=capsys)[0] == 0
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "run", **{
+        "model.init_from": str(source), "model.timm_kwargs": "{embed_dim: 32, depth: 3, num_heads: 2}"}),
+        capsys=capsys)
+    assert code == 2 and "the weights are of a semantic-token model" in err and "sparsity.semantic" in err
+
+
+def test_disk_full_while_writing_the_final_model_is_one_line_and_a_rerun_writes_it(tiny_shards, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import errno
+
+    from trivit.engine import export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(export, "save_file", full)
+        code, _, err = cli("train", *short(tiny_shards, run), capsys=capsys)
+    assert code == 2 and "could not write" in err and "No space left on device" in err and "Traceback" not in err
+    assert not (run / "model.safetensors").exists() and not list(run.glob("*.tmp"))
+    code, out, _ = cli("train", *short(tiny_shards, run), capsys=capsys)
+    assert code == 0 and "nothing to train" in out and (run / "model.safetensors").is_file()
+
+
+def test_a_failing_pipe_command_is_one_line(tiny_shards, tmp_path, capsys):
+    code, _, err = cli("train", *short(tiny_shards, tmp_path / "run", **{
+        "data.train_urls": "pipe:cat /no/such/train-{000000..000007}.tar", "data.index": str(tiny_shards / "index.json")}),
+        capsys=capsys)
+    assert code == 2 and "hold no (active) samples for this stream" in err and "pipe:cat /no/such/train-" in err
+    assert "Traceback" not in err
