@@ -264,6 +264,10 @@ class DistillConfig:
         check(self.lambda_ > 0, "lambda_", self.lambda_, "a positive temperature")
 
 
+MIN_WIDTHS = {"embed": 0.25, "heads": 0.25, "qk": 0.25, "v": 0.25, "mlp": 0.1}
+"""``prune.min_widths``' defaults: a quarter of the embedding, heads and head widths, a tenth of the MLP."""
+
+
 @dataclass(kw_only=True)
 class PruneConfig:
     """NViT's global structural pruning, run by ``trivit prune`` (``trivit train`` ignores it).
@@ -289,9 +293,19 @@ class PruneConfig:
     """Weight of the distillation term; the label loss gets 1 - alpha."""
     table_batch: int = 16
     """Batch size of a latency table measured at start-up."""
+    min_widths: dict[str, float] = field(default_factory=lambda: dict(MIN_WIDTHS))
+    """Per unit kind (embed, heads, qk, v, mlp), the fraction of the unpruned width every layer keeps (at least
+    one group, one head): pruning stops there, with a message, rather than hollow the model out."""
+    min_accuracy: float | None = 0.5
+    """Stop when an evaluation's top-1 falls below this fraction of the unpruned model's (null: never)."""
 
     def __post_init__(self) -> None:
         check(0 < self.target_latency < 1, "target_latency", self.target_latency, "a fraction in (0, 1)")
+        check(set(self.min_widths) <= set(MIN_WIDTHS), "min_widths", self.min_widths,
+              f"keys among {', '.join(MIN_WIDTHS)}")
+        check(all(0 <= v < 1 for v in self.min_widths.values()), "min_widths", self.min_widths, "fractions in [0, 1)")
+        check(self.min_accuracy is None or 0 <= self.min_accuracy <= 1, "min_accuracy", self.min_accuracy,
+              "a fraction in [0, 1] or null")
         check(self.every_steps > 0, "every_steps", self.every_steps, "a positive integer")
         check(0 < self.latency_step <= 1, "latency_step", self.latency_step, "a fraction in (0, 1]")
         check(self.latency_weight >= 0, "latency_weight", self.latency_weight, "a weight >= 0")

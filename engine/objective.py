@@ -45,6 +45,13 @@ class Objective:
     def zero_grad(self) -> None:
         """Drop the gradients of a skipped (non-finite) step."""
 
+    def metrics(self) -> dict[str, Any]:
+        """What the objective adds to each logged step's metrics line."""
+        return {}
+
+    def observe_evaluation(self, results: dict[str, Any]) -> None:
+        """After each evaluation of the trained model, with its metrics (``eval_top1``, ...)."""
+
     def state_dict(self) -> dict[str, Any] | None:
         return None
 

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,8 @@ from trivit.engine.distill import Distiller
 from trivit.engine.models import UNIT_MASKS, build_training_model, model_arch
 from trivit.engine.trainer import Trainer
 from trivit.sparse import create_vit, set_keep_rates
-from trivit.sparse.latency import LatencyTable, measure_latency_table
-from trivit.sparse.nvit import SaliencyMeter, choose_groups, group_sizes, normalised
+from trivit.sparse.latency import LatencyTable, measure_checked_table
+from trivit.sparse.nvit import SaliencyMeter, choose_groups, floor_arch, floor_units, group_sizes, normalised
 from trivit.sparse.pruned import PrunedArch, pruned_entries, set_unit_masks, unit_axes
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,15 @@ class PruningObjective(Distiller):
         self.shapes = {name: getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the whole shape there
                        for name, param in model.named_parameters() if name in self.meter.axes}
         self.base_ms = table.model_ms(arch)
+        self.floors = floor_units(arch, self.sizes, config.min_widths)
+        self.floor_fraction = table.model_ms(floor_arch(arch, self.sizes, self.floors)) / self.base_ms
+        """The block latency of the smallest architecture ``prune.min_widths`` allows, over the unpruned one's."""
         self.steps = 0
         self.history: list[dict[str, Any]] = []
+        self.stopped = ""
+        """Why pruning stopped short of the target (no group left to remove, accuracy collapsed); "" while it goes on."""
+        self.start_top1: float | None = None
+        """The unpruned model's evaluation top-1 (what ``prune.min_accuracy`` is a fraction of)."""
         set_unit_masks(model, self._device_masks())  # all kept: the tensors later steps update in place
 
     @property
@@ -91,7 +99,8 @@ class PruningObjective(Distiller):
         masks = {group: mask.clone() for group, mask in self.masks.items()}
         budget = min(self.prune.latency_step, self.latency_fraction - self.prune.target_latency) * self.base_ms
         scores = normalised(self.meter.saliency(), masks)
-        chosen = choose_groups(scores, masks, self.arch, self.sizes, self.table, self.prune.latency_weight, budget)
+        chosen = choose_groups(scores, masks, self.arch, self.sizes, self.table, self.prune.latency_weight, budget,
+                               self.floors)
         self.masks = _same_on_every_rank(masks)
         set_unit_masks(self.model, self._device_masks())
         self.zero_entries({name: pruned_entries(shape, self.meter.axes[name], self.masks)
@@ -101,15 +110,44 @@ class PruningObjective(Distiller):
                              "removed": [{"group": c.group, "units": len(c.units), "saliency": c.saliency,
                                           "saved_ms": c.saved_ms} for c in chosen],
                              "arch": dataclasses.asdict(self.arch.kept(self.masks))})
-        log.info("pruning step %d: removed %d groups, block latency %.3f of the unpruned model's (target %.3f)",
-                 self.steps, len(chosen), self.latency_fraction, self.prune.target_latency)
+        log.info("pruning step %d: removed %d groups, block latency %.3f of the unpruned model's (target %.3f); %s",
+                 self.steps, len(chosen), self.latency_fraction, self.prune.target_latency,
+                 arch_summary(self.arch.kept(self.masks)))
+        if not chosen:
+            self.stopped = (f"no group can be removed any more without going below prune.min_widths "
+                            f"{self.prune.min_widths}: the block latency stays at {self.latency_fraction:.3f} of the "
+                            f"unpruned model's, above the target {self.prune.target_latency}")
+            log.warning("pruning stops: %s", self.stopped)
+
+    def metrics(self) -> dict[str, Any]:
+        kept = self.arch.kept(self.masks)
+        return {"prune/latency_fraction": self.latency_fraction, "prune/steps": self.steps // self.prune.every_steps,
+                "prune/embed": kept.embed_dim, "prune/heads": sum(b.heads for b in kept.blocks),
+                "prune/mlp": sum(b.mlp_dim for b in kept.blocks)}
+
+    def observe_evaluation(self, results: dict[str, Any]) -> None:
+        """Stop pruning when the model's top-1 falls below ``prune.min_accuracy`` of the unpruned model's."""
+        top1, floor = results.get("eval_top1"), self.prune.min_accuracy
+        if top1 is None or floor is None or self.start_top1 is None:
+            return
+        log.info("pruned model at block latency %.3f: top-1 %.2f%% (the unpruned model's %.2f%%)",
+                 self.latency_fraction, top1, self.start_top1)
+        if top1 < floor * self.start_top1 and not self.stopped:
+            self.stopped = (f"the pruned model's top-1 fell to {top1:.2f}%, below prune.min_accuracy={floor} of the "
+                            f"unpruned model's {self.start_top1:.2f}%, at block latency {self.latency_fraction:.3f}")
+            log.warning("pruning stops: %s", self.stopped)
+
+    def pruned_at(self, step: int) -> bool:
+        """Whether the objective's step ``step`` (1-based) was a pruning step."""
+        return step > 0 and step % self.prune.every_steps == 0
 
     def _device_masks(self) -> dict[str, torch.Tensor]:
         return {group: mask.to(self.device) for group, mask in self.masks.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {UNIT_MASKS: {g: m.clone() for g, m in self.masks.items()}, "meter": self.meter.state_dict(),
-                "steps": self.steps, "history": self.history, "latency_table": dataclasses.asdict(self.table)}
+                "steps": self.steps, "history": self.history, "latency_table": dataclasses.asdict(self.table),
+                "stopped": self.stopped, "start_top1": self.start_top1}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if state is None or UNIT_MASKS not in state:
@@ -123,7 +161,15 @@ class PruningObjective(Distiller):
         self.masks = {g: m.clone().float() for g, m in state[UNIT_MASKS].items()}
         self.meter.load_state_dict(state["meter"])
         self.steps, self.history = state["steps"], list(state["history"])
+        self.stopped = state.get("stopped", "")
+        self.start_top1 = state.get("start_top1", self.start_top1)
         set_unit_masks(self.model, self._device_masks())
+
+
+def arch_summary(arch: PrunedArch) -> str:
+    """An architecture in one line: embedding width, and per block heads / MLP units."""
+    return (f"embed {arch.embed_dim}, heads {[b.heads for b in arch.blocks]}, "
+            f"mlp {[b.mlp_dim for b in arch.blocks]}")
 
 
 def _same_on_every_rank(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,6 +193,7 @@ class Pruner(Trainer):
         table.check_fits(self.arch)
         self.objective = PruningObjective(config.prune, self.teacher.to(self.device), self.amp_dtype, self.model,
                                           self.arch, table, self.device, self.backend.zero_entries)
+        check_target_reachable(config.prune, self.objective.floor_fraction, table)
         self.backend.gradient_hook = self.objective.add_gradients
 
     def _build_model(self, num_classes: int) -> nn.Module:
@@ -166,7 +213,7 @@ class Pruner(Trainer):
             log.info("measuring a block latency table of %s on %s (prune.latency_table names a measured one)",
                      self.config.model.name, self.device)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            table = measure_latency_table(self.config.model.name, self.config.model.timm_arguments(),
+            table = measure_checked_table(self.config.model.name, self.config.model.timm_arguments(),
                                           group_sizes(self.arch), self.device, prune.table_batch, repeats=5)
             table.save(path)
         if dist.is_initialized():
@@ -174,20 +221,42 @@ class Pruner(Trainer):
         return LatencyTable.load(path)
 
     def finished(self) -> bool:
-        """The target is met, or ``schedule.max_steps`` reached (epochs go on until then)."""
+        """The target is met, pruning stopped short of it, or ``schedule.max_steps`` reached (epochs go on until then)."""
         max_steps = self.config.schedule.max_steps
-        return self.objective.target_met() or (max_steps is not None and self.step >= max_steps)
+        return (self.objective.target_met() or bool(self.objective.stopped)
+                or (max_steps is not None and self.step >= max_steps))
+
+    def _is_eval_step(self) -> bool:
+        """Every pruning step is evaluated too, so that a collapse shows while it happens."""
+        return super()._is_eval_step() or self.objective.pruned_at(self.objective.steps)
 
     def prune(self) -> dict[str, Any]:
         """Prune to the target; returns a summary (the history is also in run_dir/prune.json)."""
-        self.train()
         objective = self.objective
+        if self.shards.val_urls and objective.start_top1 is None:
+            objective.start_top1 = self.evaluator.evaluate(self.teacher)["eval_top1"]
+            log.info("the unpruned model's top-1: %.2f%% (prune.min_accuracy=%s of it stops pruning)",
+                     objective.start_top1, self.config.prune.min_accuracy)
+        self.train()
         summary = {"target_met": objective.target_met(), "latency_fraction": objective.latency_fraction,
                    "target_latency": self.config.prune.target_latency, "steps": self.step,
+                   "stopped": objective.stopped, "start_top1": objective.start_top1,
                    "arch": dataclasses.asdict(self.arch.kept(objective.masks)), "history": objective.history}
         if self.world.is_main:
             (self.run_dir / HISTORY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
         return summary
+
+
+def check_target_reachable(prune: PruneConfig, floor: float, table: LatencyTable) -> None:
+    """A target below the latency of the smallest architecture ``prune.min_widths`` allows can never be met."""
+    if prune.target_latency < floor + 1e-9:
+        reachable = math.ceil((floor + 0.02) * 100) / 100
+        raise ConfigError("prune.target_latency", f"got {prune.target_latency}, but the table's floor is {floor:.3f} of "
+                                                  f"the unpruned latency at these sizes (the smallest model "
+                                                  f"prune.min_widths={prune.min_widths} allows; table measured at batch "
+                                                  f"{table.batch_size}, {table.tokens} tokens): ask for >= {reachable}, "
+                                                  "lower prune.min_widths, or measure the table at the batch and token "
+                                                  "count you train with")
 
 
 def full_widths(config: TrainConfig, num_classes: int) -> PrunedArch:

@@ -206,7 +206,8 @@ class Trainer:
                 "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples,
                 "data/skipped": self.guard.data_counts["skipped"],
                 "data/bad_shards": self.guard.data_counts["bad_shards"],
-                **({"compiled_graphs": compiled_graphs()} if self.config.engine.compile else {})}
+                **({"compiled_graphs": compiled_graphs()} if self.config.engine.compile else {}),
+                **self.objective.metrics()}
 
     def _train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's batch, micro-batch by micro-batch; returns the global mean loss.
@@ -391,6 +392,7 @@ class Trainer:
             if metrics is not None:
                 metrics.log({"step": self.step, **results})
             record.update(results)
+            self.objective.observe_evaluation(results)
         if record is not None:
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{record['img_per_s']:.0f}",
                             **({"top1": f"{record['eval_top1']:.2f}"} if "eval_top1" in record else {}))

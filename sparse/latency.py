@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,8 @@ MLP_WIDTHS = ("embed", "mlp")
 GRID_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 """Grid points of each width, as fractions of the unpruned model's (plus the narrowest width pruning leaves)."""
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class LatencyTable:
@@ -151,6 +154,28 @@ def interleaved_medians(runs: Sequence[Callable[[], Any]], repeats: int, device:
             if round_index:
                 timed.append((time.perf_counter() - start) * 1e3)
     return [statistics.median(timed) for timed in times]
+
+
+MAX_CORRECTION = 0.25
+"""The largest monotone correction a measured table may need (25%): beyond it the timings are noise."""
+
+
+def measure_checked_table(name: str, timm_kwargs: dict[str, Any], narrowest: dict[str, int], device: torch.device,
+                          batch_size: int, repeats: int, max_correction: float = MAX_CORRECTION) -> LatencyTable:
+    """:func:`measure_latency_table`, measured again (3x the repeats) when its timings needed a larger monotone
+    correction than ``max_correction``, and refused if they still do: a noisy table would steer pruning at random."""
+    table = measure_latency_table(name, timm_kwargs, narrowest, device, batch_size, repeats)
+    if table.monotone_correction > max_correction:
+        log.warning("the latency table's timings were noisy (largest monotone correction %.0f%%, bound %.0f%%): "
+                    "measuring again with %d repeats", 100 * table.monotone_correction, 100 * max_correction,
+                    3 * repeats)
+        table = measure_latency_table(name, timm_kwargs, narrowest, device, batch_size, 3 * repeats)
+    if table.monotone_correction > max_correction:
+        raise ValueError(f"the latency table's timings are too noisy to steer pruning: a wider block measured faster "
+                         f"than a narrower one by up to {table.monotone_correction:.0%} (bound {max_correction:.0%}). "
+                         f"Measure on a quiet machine, at the batch you train with (--batch, now {batch_size}; tiny "
+                         "batches time launch overhead, not width), with more --repeats")
+    return table
 
 
 def measure_latency_table(name: str, timm_kwargs: dict[str, Any], narrowest: dict[str, int], device: torch.device,

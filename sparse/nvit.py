@@ -13,10 +13,11 @@ saliency less ``latency_weight`` times the latency removing them saves as a frac
 unpruned model's: a share of a kind's saliency against a share of the latency (``prune.latency_weight``
 0.25 by default, the better of 1 and 0.25 on the demo). One global ranking picks the lowest-scoring candidate, the
 candidates are scored again at the new widths, and so on until the pruning step's latency budget
-is spent. Every layer keeps at least one group.
+is spent. Every layer keeps at least one group, and ``prune.min_widths`` of its kind's unpruned width.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,15 +103,33 @@ class Choice:
     saved_ms: float
 
 
+def floor_units(arch: PrunedArch, sizes: Mapping[str, int], min_widths: Mapping[str, float]) -> dict[str, int]:
+    """Per kind, the fewest units a layer may keep: ``min_widths`` of the unpruned width, at least one group."""
+    full = {"embed": arch.embed_dim, "heads": arch.blocks[0].heads, "qk": arch.blocks[0].qk_dim,
+            "v": arch.blocks[0].v_dim, "mlp": arch.blocks[0].mlp_dim}
+    return {kind: max(sizes[kind], math.ceil(min_widths.get(kind, 0.0) * full[kind])) for kind in KINDS}
+
+
+def floor_arch(arch: PrunedArch, sizes: Mapping[str, int], floors: Mapping[str, int]) -> PrunedArch:
+    """The smallest architecture pruning can reach: every layer as few groups as its floor allows."""
+    counts = {}
+    for group, full in arch.unit_counts().items():
+        size = sizes[kind_of(group)]
+        counts[group] = full - size * max(0, (full - floors[kind_of(group)]) // size)
+    return arch.with_counts(counts)
+
+
 def choose_groups(scores: Mapping[str, torch.Tensor], masks: dict[str, torch.Tensor], arch: PrunedArch,
                   sizes: Mapping[str, int], table: LatencyTable, latency_weight: float,
-                  budget_ms: float) -> list[Choice]:
+                  budget_ms: float, floors: Mapping[str, int] | None = None) -> list[Choice]:
     """Remove (in ``masks``, in place) the lowest-scoring groups until ``budget_ms`` of latency is saved.
 
     ``scores``: normalised saliency of the unpruned ``arch``'s units; ``masks`` the current ones. A
     group's score is its units' summed saliency less ``latency_weight`` x the latency its removal
-    saves as a fraction of ``arch``'s. Stops early when no layer can give up a group.
+    saves as a fraction of ``arch``'s. A layer gives up no group below its kind's ``floors`` (units;
+    default: one group). Stops early when no layer can give up a group.
     """
+    floors = floors or dict(sizes)
     base_ms = table.model_ms(arch)
     chosen: list[Choice] = []
     candidates: dict[str, Choice | None] = {group: None for group in masks}
@@ -119,7 +138,8 @@ def choose_groups(scores: Mapping[str, torch.Tensor], masks: dict[str, torch.Ten
     while saved < budget_ms:
         widths = [_widths(block, arch.kept(masks).embed_dim) for block in arch.kept(masks).blocks]
         for group in stale:
-            candidates[group] = _candidate(group, scores[group], masks[group], sizes[kind_of(group)], widths, table)
+            candidates[group] = _candidate(group, scores[group], masks[group], sizes[kind_of(group)],
+                                           floors[kind_of(group)], widths, table)
         ready = [c for c in candidates.values() if c is not None]
         if not ready:
             break
@@ -140,11 +160,11 @@ def _widths(block: Any, embed: int) -> tuple[int, int, int, int, int]:
     return embed, block.heads, block.qk_dim, block.v_dim, block.mlp_dim
 
 
-def _candidate(group: str, scores: torch.Tensor, mask: torch.Tensor, size: int,
+def _candidate(group: str, scores: torch.Tensor, mask: torch.Tensor, size: int, floor: int,
                widths: list[tuple[int, ...]], table: LatencyTable) -> Choice | None:
-    """``group``'s ``size`` lowest-scoring kept units, or None if it keeps too few to give a group up."""
+    """``group``'s ``size`` lowest-scoring kept units, or None if giving them up would leave fewer than ``floor``."""
     kept = mask.bool().nonzero().squeeze(1)
-    if len(kept) < 2 * size:
+    if len(kept) - size < max(floor, size):
         return None
     units = kept[scores[kept].argsort(stable=True)[:size]]
     kind = kind_of(group)

@@ -72,6 +72,12 @@ def prune(args: argparse.Namespace) -> int:
     config = load(TrainConfig, args.config, list(args.overrides) + flags)
     try:
         pruner = Pruner(config)
+        if args.dry_run:
+            pruner.resume()
+            if pruner.world.is_main:
+                print(f"config valid; pruning to {config.prune.target_latency} of the unpruned block latency (the "
+                      f"table's floor at prune.min_widths: {pruner.objective.floor_fraction:.3f})")
+            return 0
         try:
             summary = pruner.prune()
         except Preempted as stop:
@@ -80,6 +86,10 @@ def prune(args: argparse.Namespace) -> int:
         if not pruner.world.is_main:
             return 0 if summary["target_met"] else 1
         print(json.dumps({key: summary[key] for key in ("target_met", "latency_fraction", "steps", "arch")}))
+        if summary["stopped"]:
+            print(f"trivit: prune: stopped short of the target: {summary['stopped']}. {config.run_dir}/model.safetensors "
+                  "holds the model as it was then; the pruning history is in prune.json", file=sys.stderr)
+            return 1
         if not summary["target_met"]:
             print(f"trivit: prune: the target latency {summary['target_latency']} was not reached within "
                   f"schedule.max_steps={config.schedule.max_steps} ({summary['latency_fraction']:.3f} of the unpruned "
@@ -181,7 +191,7 @@ def latency_table(args: argparse.Namespace) -> int:
 
     from trivit.engine.config import TrainConfig
     from trivit.engine.prune import full_widths
-    from trivit.sparse.latency import measure_latency_table
+    from trivit.sparse.latency import measure_checked_table
     from trivit.sparse.nvit import group_sizes
 
     overrides = [f"model.name={args.model}"] if args.model else []
@@ -193,7 +203,8 @@ def latency_table(args: argparse.Namespace) -> int:
     refuse_existing(Path(args.out or f"latency-{config.model.name}-{device.type}.json"), args.overwrite, "--out")
     arguments = config.model.timm_arguments()
     narrowest = group_sizes(full_widths(config, arguments.get("num_classes", 1000)))
-    table = measure_latency_table(config.model.name, arguments, narrowest, device, args.batch, args.repeats)
+    table = measure_checked_table(config.model.name, arguments, narrowest, device, args.batch, args.repeats,
+                                  args.max_correction)
     out = Path(args.out or f"latency-{config.model.name}-{device.type}.json")
     table.save(out)
     print(f"{out}: block latency of {config.model.name} on {device} over {table.grid} (batch {args.batch}, "
@@ -284,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--repeats", type=positive_int, default=5, help="timed rounds over the grid (the median is kept)")
     table.add_argument("--out", help="the table's JSON file (default: latency-<model>-<device>.json)")
     table.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    table.add_argument("--max-correction", type=float, default=0.25,
+                       help="refuse a table whose timings needed a larger monotone correction (default 0.25: 25%%)")
     table.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (model.*)")
     table.set_defaults(run=latency_table)
 
@@ -297,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune_parser.add_argument("--latency-table", help="a table from 'trivit bench latency-table' (default: measure "
                                                       "one at start-up)")
     prune_parser.add_argument("--out", help="the pruning run's run_dir (default: the config's run_dir)")
+    prune_parser.add_argument("--dry-run", action="store_true", help="check the config, the latency table and the "
+                                                                     "target against its floor, then stop")
     prune_parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     prune_parser.set_defaults(run=prune)
 

@@ -2,6 +2,7 @@
 resume, and the pruned model fine-tuned, evaluated and exported."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -119,6 +120,65 @@ def test_pruning_resumes_exactly(tiny_shards, source_run, table_file, pruned_run
     assert PrunedArch.load(tmp_path / "arch.json") == PrunedArch.load(pruned_run / "arch.json")
 
 
+def test_a_target_below_the_tables_floor_is_refused_at_start_up(tiny_shards, source_run, table_file, tmp_path, capsys):
+    """The smallest architecture prune.min_widths allows has a latency: a target below it could never be met
+    (the run hollowed the model out to chance accuracy and trained on)."""
+    args = prune_args(tiny_shards, tmp_path / "run", source_run, table_file)
+    args[args.index("--target-latency") + 1] = "0.05"
+    assert main([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "prune.target_latency': got 0.05, but the table's floor is" in err and "ask for >=" in err
+    assert "measure the table at the batch and token count you train with" in err
+    assert main(args) == 2 and not (tmp_path / "run" / "checkpoints").exists()
+    capsys.readouterr()
+    assert main([*prune_args(tiny_shards, tmp_path / "run", source_run, table_file), "--dry-run"]) == 0
+    assert "config valid; pruning to 0.5 of the unpruned block latency (the table's floor" in capsys.readouterr().out
+
+
+def test_pruning_stops_when_accuracy_collapses_or_nothing_can_go(tiny_shards, source_run, table_file, tmp_path):
+    config = load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
+        **PRUNE, "model.init_from": str(source_run), "prune.latency_table": str(table_file)}))
+    pruner = Pruner(config)
+    objective = pruner.objective
+    objective.start_top1 = 80.0
+    objective.observe_evaluation({"eval_top1": 60.0})
+    assert not objective.stopped and not pruner.finished()
+    objective.observe_evaluation({"eval_top1": 30.0})
+    assert "top-1 fell to 30.00%, below prune.min_accuracy=0.5 of the unpruned model's 80.00%" in objective.stopped
+    assert pruner.finished()
+
+
+def test_every_pruning_step_is_logged_and_evaluated(pruned_run):
+    records = read_metrics(pruned_run)
+    steps = [r for r in records if "prune/latency_fraction" in r]
+    assert steps and all({"prune/embed", "prune/heads", "prune/mlp"} <= r.keys() for r in steps)
+    fractions = [r["prune/latency_fraction"] for r in steps]
+    assert fractions == sorted(fractions, reverse=True) and fractions[0] > fractions[-1]
+    evaluated = {r["step"] for r in records if "eval_top1" in r}
+    assert {2, 4} <= evaluated, "each pruning step (every 2 steps) is evaluated"
+    assert json.loads((pruned_run / "prune.json").read_text())["start_top1"] is not None
+
+
+def test_a_noisy_latency_table_is_measured_again_then_refused(monkeypatch, tmp_path, capsys):
+    from trivit.sparse import latency
+
+    calls = []
+
+    def noisy(*args, **kwargs):
+        calls.append(args[-1])
+        table = LatencyTable.load(flops_table(tmp_path / "t.json"))
+        return dataclasses.replace(table, monotone_correction=187.73)
+
+    monkeypatch.setattr(latency, "measure_latency_table", noisy)
+    assert main(["bench", "latency-table", "--model", "deit_tiny_patch16_224", "--repeats", "3", "--out",
+                 str(tmp_path / "noisy.json"), "model.img_size=16", "model.patch_size=4", "model.in_chans=1",
+                 "model.timm_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "data.mean=[0.3]", "data.std=[0.3]"]) == 2
+    assert calls == [3, 9], "measured again with 3x the repeats"
+    assert "too noisy to steer pruning: a wider block measured faster than a narrower one by up to 18773%" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "noisy.json").exists()
+
+
 def test_a_latency_table_changed_under_a_pruning_run_is_refused_at_resume(tiny_shards, source_run, tmp_path, capsys):
     """The steps so far were chosen by the first table: a resume with another one would mix two pruning runs."""
     table = flops_table(tmp_path / "table.json")
@@ -159,7 +219,7 @@ def test_a_model_arch_that_is_not_the_model_name_is_refused(pruned_run, tiny_sha
 
 def test_the_latency_table_measured_here_is_monotone_and_fits_its_grid(tmp_path):
     assert main(["bench", "latency-table", "--model", "deit_tiny_patch16_224", "--batch", "2", "--repeats", "3",
-                 "--out", str(tmp_path / "t.json"), "model.img_size=16", "model.patch_size=4", "model.in_chans=1",
+                 "--max-correction", "1000", "--out", str(tmp_path / "t.json"), "model.img_size=16", "model.patch_size=4", "model.in_chans=1",
                  "model.timm_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "data.mean=[0.3]", "data.std=[0.3]"]) == 0
     table = LatencyTable.load(tmp_path / "t.json")
     assert table.grid == {"embed": [1, 8, 16, 24, 32], "heads": [1, 2], "qk": [2, 4, 8, 12, 16],
