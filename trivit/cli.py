@@ -209,7 +209,7 @@ def latency_table(args: argparse.Namespace) -> int:
     table.save(out)
     print(f"{out}: block latency of {config.model.name} on {device} over {table.grid} (batch {args.batch}, "
           f"{table.tokens} tokens, median of {args.repeats}); largest monotone correction "
-          f"{table.monotone_correction:.1%}")
+          f"{table.correction_of_full:.1%} of a full part's time ({table.monotone_correction:.1%} of the part's own)")
     return 0
 
 
@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--repeats", type=positive_int, default=5, help="timed rounds over the grid (the median is kept)")
     table.add_argument("--out", help="the table's JSON file (default: latency-<model>-<device>.json)")
     table.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    table.add_argument("--max-correction", type=float, default=0.25,
-                       help="refuse a table whose timings needed a larger monotone correction (default 0.25: 25%%)")
+    table.add_argument("--max-correction", type=float, default=0.5,
+                       help="refuse a table whose timings needed a larger monotone correction, as a share of the "
+                            "full-width part's time (default 0.5)")
     table.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (model.*)")
     table.set_defaults(run=latency_table)
 
