@@ -391,3 +391,19 @@ def test_a_failing_pipe_command_is_one_line(tiny_shards, tmp_path, capsys):
         capsys=capsys)
     assert code == 2 and "hold no (active) samples for this stream" in err and "pipe:cat /no/such/train-" in err
     assert "Traceback" not in err
+
+
+def test_a_run_dir_name_too_long_for_the_filesystem_is_named(tiny_shards, tmp_path, capsys):
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / ("r" * 240)), capsys=capsys)
+    assert code == 2 and "a folder name under 200 bytes" in err
+
+
+def test_a_data_index_of_another_dataset_is_refused(tiny_shards, tmp_path, capsys):
+    other = shard_folder(tmp_path / "other", samples=192)
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "run", **{
+        "data.index": str(other / "index.json")}), capsys=capsys)
+    assert code == 2 and "training shards are not in the index" in err
+    same_names = shard_folder(tmp_path / "same", samples=256, counts_factor=2)
+    code, _, err = cli("train", "--dry-run", *short(tiny_shards, tmp_path / "run", **{
+        "data.index": str(same_names / "index.json")}), capsys=capsys)
+    assert code == 2 and "holds 64 samples; it holds 32" in err
