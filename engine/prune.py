@@ -110,7 +110,7 @@ class PruningObjective(Distiller):
                              "removed": [{"group": c.group, "units": len(c.units), "saliency": c.saliency,
                                           "saved_ms": c.saved_ms} for c in chosen],
                              "arch": dataclasses.asdict(self.arch.kept(self.masks))})
-        log.info("pruning step %d: removed %d groups, block latency %.3f of the unpruned model's (target %.3f); %s",
+        log.info("pruned at step %d: removed %d groups, block latency %.3f of the unpruned model's (target %.3f); %s",
                  self.steps, len(chosen), self.latency_fraction, self.prune.target_latency,
                  arch_summary(self.arch.kept(self.masks)))
         if not chosen:
