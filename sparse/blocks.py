@@ -17,7 +17,7 @@ whatever the training precision, so bf16 rounding does not reorder tokens or lin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,11 @@ class Links(NamedTuple):
 
     mask: torch.Tensor
     """(B, 1, L, L) bool, True = attend; what the next pruning location ranks under."""
-    density: torch.Tensor | None = None
+    density: Optional[torch.Tensor] = None  # noqa: UP007 - TorchScript reads NamedTuple fields, not X | None
     """Fraction of the kept patch-to-patch links the mask lets through, over the batch (for the logs)."""
-    block_mask: BlockMask | None = None
+    block_mask: Optional[BlockMask] = None  # noqa: UP007
     """The same links for ``flex_attention`` (kernel 'flex'); None runs SDPA with ``mask``."""
-    bias: torch.Tensor | None = None
+    bias: Optional[torch.Tensor] = None  # noqa: UP007
     """On CUDA, the same links as SDPA's additive mask (0 or -inf) in the queries' dtype, built once at
     the location for every block up to the next: a boolean mask would be turned into one in every block."""
 
@@ -201,10 +201,23 @@ def _softmax_rows(q: torch.Tensor, k: torch.Tensor, scale: float, links: Links |
         return scores.softmax(dim=-1)
 
 
+# torch.fx traces a routed model at fixed keep rates with these as single calls: their insides read shapes, dtypes
+# and devices as Python values (which the tracer only has as proxies) and change no module state. A dense model
+# calls neither, so its traced graph holds plain ops only (and TorchScript takes it).
+torch.fx.wrap("_softmax_rows")
+torch.fx.wrap("_masked_attention")
+
+
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, links: Links | None,
                      dropout_p: float, scale: float | None) -> torch.Tensor:
     if links is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return _masked_attention(q, k, v, links, dropout_p, scale)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, links: Links,
+                      dropout_p: float, scale: float | None) -> torch.Tensor:
+    """Attention over the attention level's links: flex_attention with their block mask, or SDPA with the mask."""
     if links.block_mask is not None:
         return flex_attention(q, k, v, block_mask=links.block_mask, scale=scale)
     mask = links.mask

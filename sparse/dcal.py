@@ -130,10 +130,29 @@ class DualCrossAttention(nn.Module):
         self.loss_weights = UncertaintyWeights(config.branches)
 
 
+class DCALForward:
+    """What ``add_dcal`` mixes into a model's class: a forward that also takes PWCA's pairs and runs the branches.
+    (The plain model's forward takes the images alone, as timm's, which ``torch.fx`` traces.)"""
+
+    def forward(self, x: torch.Tensor, distractors: torch.Tensor | None = None) -> DCALOutputs | torch.Tensor:
+        return forward_dcal(self, x, distractors)
+
+
 def add_dcal(model: TriLevelViT, config: DCALConfig) -> None:
     """Give ``model`` (built by ``create_vit``) DCAL's branches; raises on a model or setting it cannot compose with."""
     check_dcal_fits(model, config)
     model.dcal = DualCrossAttention(config, model)
+    model.__class__ = dcal_class(type(model))
+
+
+_DCAL_CLASSES: dict[type, type] = {}
+
+
+def dcal_class(base: type) -> type:
+    """``base`` with :class:`DCALForward` mixed in (one class per base)."""
+    if base not in _DCAL_CLASSES:
+        _DCAL_CLASSES[base] = type(f"{base.__name__}DCAL", (DCALForward, base), {"__module__": __name__})
+    return _DCAL_CLASSES[base]
 
 
 def check_dcal_fits(model: TriLevelViT, config: DCALConfig) -> None:

@@ -9,6 +9,7 @@ Parameter names and shapes are timm's, so a timm checkpoint loads strictly in ei
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -25,9 +26,14 @@ from trivit.config import ConfigError, from_dict
 from trivit.sparse.attention import build_attention_mask, patch_link_density
 from trivit.sparse.blocks import Links, TriLevelBlock, build_links, checkpointed
 from trivit.sparse.config import SparsityConfig
-from trivit.sparse.dcal import forward_dcal
 from trivit.sparse.semantic import SemanticTokens, check_semantic_fits
 from trivit.sparse.tokens import select_tokens
+
+
+# torch.fx traces a routed model at fixed keep rates with the routing's kernels as single calls (they compute
+# counts from shapes as Python ints, which the tracer only has as proxies).
+for _leaf in ("select_tokens", "build_attention_mask", "patch_link_density", "build_links", "query_dtype"):
+    torch.fx.wrap(_leaf)
 
 
 class RoutedBlocks(nn.Sequential):
@@ -165,13 +171,25 @@ class TriLevelViT(VisionTransformer):
         if dcal is not None and dcal.glca is not None:
             dcal.glca.grad_checkpointing = enable
 
-    def forward(self, x: torch.Tensor, distractors: torch.Tensor | None = None) -> Any:
-        """timm's forward; with DCAL (``model.dcal``, sparse/dcal.py) its branches, ``distractors`` the PWCA pairs."""
-        if getattr(self, "dcal", None) is not None:
-            return forward_dcal(self, x, distractors)
-        if distractors is not None:
-            raise ValueError("distractors are PWCA's pairs, and this model has no DCAL (model.dcal)")
-        return super().forward(x)
+    def forward(self, x):  # noqa: ANN001, ANN201 - unannotated: torch.fx copies annotations into the code it
+        # generates, and under ``from __future__ import annotations`` they are strings TorchScript cannot read
+        """timm's forward on the images (a tensor) alone: the routing builds its own masks, so ``torch.fx`` traces
+        one input."""
+        return self.forward_head(self.forward_features(x))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` scripts: at keep rates 1.0 the model computes timm's ViT, so timm's own class
+        with these weights (the same outputs); the routing itself cannot be scripted, and says so."""
+        routed = [what for what, present in (
+            ("tokens or attention at keep rates below 1.0", self.blocks.active),
+            ("semantic tokens (sparsity.semantic)", self.blocks.semantic is not None),
+            ("DCAL's branches (model.dcal)", hasattr(self, "dcal"))) if present]
+        if routed:
+            raise RuntimeError(f"TorchScript cannot script trivit's routing ({', '.join(routed)}): it changes the "
+                               "token set inside the forward pass. Use torch.compile (or torch.fx at fixed keep "
+                               "rates), or script the model at keep rates 1.0 (set_keep_rates(model, 1.0, 1.0)), "
+                               "or load its weights (trivit export) into timm's class and script that")
+        return as_timm(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The token sequence the blocks take: patch embedding, position embedding and prefix tokens."""
@@ -212,6 +230,18 @@ ROUTED_CLASSES = {VisionTransformer: TriLevelViT, VisionTransformerDistilled: Tr
 """The timm class of each model trivit routes, and the subclass its instance becomes."""
 
 
+def as_timm(model: TriLevelViT) -> VisionTransformer:
+    """A copy of ``model`` as timm's own class (plain ``Block``s in an ``nn.Sequential``), sharing nothing with it:
+    what the model computes at keep rates 1.0, in a form timm's tools (TorchScript) take."""
+    plain = copy.deepcopy(model)
+    plain.__class__ = next(timm_class for timm_class, routed in ROUTED_CLASSES.items() if isinstance(model, routed))
+    blocks = list(plain.blocks)
+    for block in blocks:
+        block.__class__ = Block
+    plain.blocks = nn.Sequential(*blocks)
+    return plain
+
+
 def set_keep_rates(model: nn.Module, tokens: float, attention: float) -> None:
     """Set the current token and attention keep rates of a model built by :func:`create_vit`.
 
@@ -232,6 +262,11 @@ def create_vit(name: str, sparsity: SparsityConfig | Mapping[str, Any] | None = 
     ``sparsity`` is a :class:`SparsityConfig` or the same as a plain nested dict; None means dense.
     """
     config = sparsity if isinstance(sparsity, SparsityConfig) else _sparsity_from_mapping(sparsity)
+    if timm_kwargs.get("features_only"):
+        raise ValueError(f"features_only: trivit builds the routed classifier. For a feature backbone use "
+                         f"timm.create_model('{name}', features_only=True, pretrained_cfg_overlay={{'file': ...}}) "
+                         "with the weights trivit export writes, or this model's forward_intermediates at keep "
+                         "rates 1.0")
     _check_plain_vit(name, timm_kwargs)
     model = _create_timm(name, block_fn=TriLevelBlock, **timm_kwargs)
     _check_sparsity_fits(model, config)
