@@ -86,3 +86,44 @@ def tiny_teacher_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_file(model.state_dict(), str(path))
     return path
+
+
+SPAWNS_OR_TRAINS = {"Trainer", "Pruner", "Popen", "subprocess", "spawn"}
+"""Names whose use in a test (or in a helper or fixture it uses) means it trains or starts processes."""
+COMMANDS_THAT_TRAIN = {"train", "prune", "shards", "eval"}
+"""``trivit`` commands that, given to the CLI's ``main``, train, write shards or start loader workers."""
+
+
+def _slow_code(code, module_globals: dict, seen: set) -> bool:
+    """Whether ``code`` (or a function of the tests it calls) trains or starts processes."""
+    if code in seen:
+        return False
+    seen.add(code)
+    names = set(code.co_names)
+    if names & SPAWNS_OR_TRAINS:
+        return True
+    strings = {c for c in code.co_consts if isinstance(c, str)}
+    if names & {"main", "cli", "run_cli", "trivit"} and strings & COMMANDS_THAT_TRAIN:
+        return True
+    nested = [c for c in code.co_consts if hasattr(c, "co_names")]
+    helpers = [module_globals[n] for n in names if callable(module_globals.get(n)) and
+               getattr(module_globals[n], "__module__", "").startswith("tests")]
+    return any(_slow_code(c, module_globals, seen) for c in nested) or any(
+        _slow_code(h.__code__, h.__globals__, seen) for h in helpers if hasattr(h, "__code__"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that trains or starts a process, found by what it (its helpers, its fixtures)
+    calls: ``make test-fast`` runs the rest."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is None or item.get_closest_marker("slow"):
+            continue
+        seen: set = set()
+        codes = [(function.__code__, function.__globals__)]
+        for definitions in item._fixtureinfo.name2fixturedefs.values():
+            fixture = definitions[-1].func
+            if getattr(fixture, "__module__", "").startswith("tests"):
+                codes.append((fixture.__code__, fixture.__globals__))
+        if item.get_closest_marker("distributed") or any(_slow_code(c, g, seen) for c, g in codes):
+            item.add_marker(pytest.mark.slow)
