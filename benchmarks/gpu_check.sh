@@ -50,6 +50,19 @@ FAILED=0
 START=$(date +%s)
 BUDGET=${BUDGET_S:-540}
 
+set -m  # each background job its own process group: a section over its limit is stopped whole
+limited() {  # limit, command or shell function...: stopped (with its children) after limit seconds; 124 then
+    local limit=$1; shift
+    "$@" &
+    local job=$!
+    ( sleep "$limit"; kill -TERM -- -"$job" 2> /dev/null ) &
+    local watchdog=$!
+    wait "$job"
+    local code=$?
+    if kill -0 -- -"$watchdog" 2> /dev/null; then kill -- -"$watchdog" 2> /dev/null; else code=124; fi
+    return $code
+}
+
 section() {  # title, limit, command...: run the command under its limit (cut to what the budget has left)
     local title=$1 limit=$2; shift 2
     local left=$(( BUDGET - ($(date +%s) - START) ))
@@ -57,7 +70,7 @@ section() {  # title, limit, command...: run the command under its limit (cut to
     echo -e "\n## $title" >> "$REPORT"
     if [ "$limit" -lt 15 ]; then echo "- SKIP: the time budget is spent" >> "$REPORT"; return; fi
     local log="$OUT/$(echo "$title" | tr -c 'a-zA-Z0-9\n' '_' | cut -c1-40).log"
-    timeout "$limit" "$@" >> "$REPORT" 2> "$log"
+    limited "$limit" "$@" >> "$REPORT" 2> "$log"
     local code=$?
     [ $code = 0 ] && return
     FAILED=1
