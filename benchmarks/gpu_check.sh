@@ -80,11 +80,13 @@ section() {  # title, limit, command...: run the command under its limit (cut to
 
 section "1. SDPA kernels, masked and unmasked" 40 $PYTHON benchmarks/gpu_check.py kernels
 section "2. flex_attention tiles skipped, and flex against SDPA" 80 $PYTHON benchmarks/gpu_check.py flex
-section "3. vit_large, all three levels, FSDP2 on one rank" 100 $PYTHON benchmarks/gpu_check.py fsdp
-if has webdataset; then
+skip() { echo -e "\n## $1\n\n- SKIP: $2 is not installed (WHEELS=...; see the top of this script)" >> "$REPORT"; }
+if has webdataset; then  # trivit.engine reads shards through it
+    section "3. vit_large, all three levels, FSDP2 on one rank" 100 $PYTHON benchmarks/gpu_check.py fsdp
     section "4. Host syncs per training step" 60 $PYTHON benchmarks/gpu_check.py syncs
 else
-    echo -e "\n## 4. Host syncs per training step\n\n- SKIP: webdataset is not installed (WHEELS=...)" >> "$REPORT"
+    skip "3. vit_large, all three levels, FSDP2 on one rank" webdataset
+    skip "4. Host syncs per training step" webdataset
 fi
 
 # 5. ZeRO-3 through the real command, at precision auto (what torchrun without a JSON resolves) and bf16.
@@ -130,7 +132,7 @@ PYEOF
 if has deepspeed && has webdataset; then
     section "5. ZeRO-3 at precision auto and bf16, stopped and resumed" 140 zero3_both
 else
-    echo -e "\n## 5. ZeRO-3 at precision auto and bf16\n\n- SKIP: deepspeed or webdataset is not installed (WHEELS=...)" >> "$REPORT"
+    skip "5. ZeRO-3 at precision auto and bf16, stopped and resumed" "deepspeed or webdataset"
 fi
 
 bench_compiled() {
@@ -138,7 +140,12 @@ bench_compiled() {
         --variants tokens0.7 all3 --repeats 3 --steps 3 --warmup 2 --out "$OUT/bench-compiled" --overwrite \
         > "$OUT/bench-compiled.log" 2>&1 && cat "$OUT/bench-compiled/speed.md"
 }
-section "6. Compiled bf16 deit_base at batch 128: tokens 0.7 and all three against compiled timm dense" 120 bench_compiled
+if has webdataset; then
+    section "6. Compiled bf16 deit_base at batch 128: tokens 0.7 and all three against compiled timm dense" 120 \
+        bench_compiled
+else
+    skip "6. Compiled bf16 deit_base at batch 128" webdataset
+fi
 
 echo -e "\nSection budgets used: $(( $(date +%s) - START )) s of $BUDGET s." >> "$REPORT"
 cat "$REPORT"
