@@ -57,6 +57,7 @@ limited() {  # limit, command or shell function...: stopped (with its children) 
     local job=$!
     ( sleep "$limit"; kill -TERM -- -"$job" 2> /dev/null ) &
     local watchdog=$!
+    disown "$watchdog"  # no job-status line when it is stopped
     wait "$job"
     local code=$?
     if kill -0 -- -"$watchdog" 2> /dev/null; then kill -- -"$watchdog" 2> /dev/null; else code=124; fi
