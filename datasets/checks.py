@@ -52,11 +52,10 @@ def check_no_empty_shards(urls: list[str], counts: dict[str, int]) -> None:
 
 def read_first_shard(url: str) -> tuple[int, Image.Image | None]:
     """The samples (distinct keys with a class) of a local shard, and its first image (header only)."""
-    keys, classes, image = set(), set(), None
+    classes, image = set(), None
     with tarfile.open(url) as tar:
         for member in tar:
             key, _, field = member.name.partition(".")
-            keys.add(key)
             if field == "cls":
                 classes.add(key)
             elif image is None and field in IMAGE_KEYS:

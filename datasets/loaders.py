@@ -268,7 +268,8 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
                           position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer,
                           active=active, id_offsets=id_offsets)
     return ShardLoader(dataset, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
-                       timeout_s=timeout_s, stop_requested=stop_requested, generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
+                       timeout_s=timeout_s, stop_requested=stop_requested,
+                       generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))
 
 
 def eval_loader(urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int,

@@ -125,6 +125,11 @@ def set_shard_note(note: Callable[[str], None] | None) -> None:
     _shard_note = note
 
 
+def named(shards: list[str]) -> str:
+    """A stream's shards in an error message: the first three."""
+    return f"{shards[:3]}{' ...' if len(shards) > 3 else ''}"
+
+
 def noted_shard(shard: dict[str, Any]) -> dict[str, Any]:
     """A stage before a shard is opened: tell the loader which shard this worker reads now."""
     if _shard_note is not None:
@@ -342,11 +347,11 @@ class TrainStream(IterableDataset):
                 yield sample
             if presented == 0:
                 error = f" (the last error: {bad.last_error})" if bad.last_error else ""
-                raise ValueError(f"training shards {order[:3]}{' ...' if len(order) > 3 else ''} hold no (active) "
-                                 f"samples for this stream{error}; check data.train_urls")
+                raise ValueError(f"training shards {named(order)} hold no (active) samples for this stream{error}; "
+                                 "check data.train_urls")
             if bad.decoded == decoded:  # the stream would read these shards forever without a batch
-                raise ValueError(f"no sample of the training shards {order[:3]}{' ...' if len(order) > 3 else ''} "
-                                 f"could be used, in a whole pass over them; the last: {bad.last_error}")
+                raise ValueError(f"no sample of the training shards {named(order)} could be used, in a whole pass "
+                                 f"over them; the last: {bad.last_error}")
             rng.shuffle(order)
 
     def _global_id(self, sample: dict[str, Any]) -> dict[str, Any]:

@@ -74,6 +74,8 @@ class PruningObjective(Distiller):
         """Why pruning stopped short of the target (no group left to remove, accuracy collapsed); "" while it goes on."""
         self.start_top1: float | None = None
         """The unpruned model's evaluation top-1 (what ``prune.min_accuracy`` is a fraction of)."""
+        self.evaluate_teacher: Callable[[], float] | None = None
+        """Evaluates the unpruned model (the pruning run's evaluator on the teacher): once, when first needed."""
         set_unit_masks(model, self._device_masks())  # all kept: the tensors later steps update in place
 
     @property
@@ -128,7 +130,13 @@ class PruningObjective(Distiller):
     def observe_evaluation(self, results: dict[str, Any]) -> None:
         """Stop pruning when the model's top-1 falls below ``prune.min_accuracy`` of the unpruned model's."""
         top1, floor = results.get("eval_top1"), self.prune.min_accuracy
-        if top1 is None or floor is None or self.start_top1 is None:
+        if top1 is None or floor is None:
+            return
+        if self.start_top1 is None and self.evaluate_teacher is not None:
+            self.start_top1 = self.evaluate_teacher()
+            log.info("the unpruned model's top-1: %.2f%% (prune.min_accuracy=%s of it stops pruning)",
+                     self.start_top1, floor)
+        if self.start_top1 is None:
             return
         log.info("pruned model at block latency %.3f: top-1 %.2f%% (the unpruned model's %.2f%%)",
                  self.latency_fraction, top1, self.start_top1)
@@ -194,6 +202,7 @@ class Pruner(Trainer):
         self.objective = PruningObjective(config.prune, self.teacher.to(self.device), self.amp_dtype, self.model,
                                           self.arch, table, self.device, self.backend.zero_entries)
         check_target_reachable(config.prune, self.objective.floor_fraction, table)
+        self.objective.evaluate_teacher = lambda: self.evaluator.evaluate(self.teacher)["eval_top1"]
         self.backend.gradient_hook = self.objective.add_gradients
 
     def _build_model(self, num_classes: int) -> nn.Module:
@@ -233,10 +242,6 @@ class Pruner(Trainer):
     def prune(self) -> dict[str, Any]:
         """Prune to the target; returns a summary (the history is also in run_dir/prune.json)."""
         objective = self.objective
-        if self.shards.val_urls and objective.start_top1 is None:
-            objective.start_top1 = self.evaluator.evaluate(self.teacher)["eval_top1"]
-            log.info("the unpruned model's top-1: %.2f%% (prune.min_accuracy=%s of it stops pruning)",
-                     objective.start_top1, self.config.prune.min_accuracy)
         self.train()
         summary = {"target_met": objective.target_met(), "latency_fraction": objective.latency_fraction,
                    "target_latency": self.config.prune.target_latency, "steps": self.step,

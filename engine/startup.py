@@ -74,7 +74,7 @@ def resolve_run(config: TrainConfig, world: World | None = None) -> RunSetup:
     if config.engine.backend == "deepspeed":
         from trivit.engine.backends.zero import deepspeed_config
 
-        deepspeed_config(config, world)  # the JSON against the resolved precision, before any process waits
+        deepspeed_config(config, world)  # a disagreeing JSON is reported before any process waits for another
     data = config.data
     micro_batch = micro_batch_size(config, world)
     shards = resolve_shards(data)

@@ -37,22 +37,19 @@ class _Pending(NamedTuple):
     """Recorded after the copy to the host (CUDA); None: already there."""
 
 
-class HostStaging:
-    """Small host values sent to the device each step without a wait: two pinned buffers used in turn
-    on CUDA. A buffer is written again two steps after its copy was queued, and by then the guard has
-    waited for that step's numbers, so the copy has finished."""
+class PinnedPair:
+    """Two pinned host buffers used in turn (on CUDA; plain ones elsewhere), for the small copies between host
+    and device each step, without a wait and without pinning new memory every step. A buffer is used again
+    two steps after its copy was queued, and by then the guard has waited for that step, so the copy is done."""
 
     def __init__(self, size: int, device: torch.device):
-        self.device = device
-        pinned = device.type == "cuda"
-        self.buffers = [torch.zeros(size, dtype=torch.float64, pin_memory=pinned) for _ in range(2)]
+        self.buffers = [torch.zeros(size, dtype=torch.float64, pin_memory=device.type == "cuda") for _ in range(2)]
         self.turn = 0
 
-    def to_device(self, values: list[float]) -> torch.Tensor:
+    def next(self) -> torch.Tensor:
         buffer = self.buffers[self.turn]
         self.turn = 1 - self.turn
-        buffer.copy_(torch.tensor(values, dtype=torch.float64))
-        return buffer.to(self.device, non_blocking=True)
+        return buffer
 
 
 class StepGuard:
@@ -70,7 +67,10 @@ class StepGuard:
         """Training samples read, unreadable samples skipped, unreadable shards (cumulative, all ranks)."""
         self.deferred = config.engine.nonfinite_loss == "stop"
         """Whether a step's numbers are read one step late (see the module's docstring)."""
-        self.staging = HostStaging(self.FIELDS, device)
+        self.up = PinnedPair(self.FIELDS - 1, device)
+        """The stop request and the step's counts, on their way to the device."""
+        self.down = PinnedPair(self.FIELDS, device)
+        """The step's sums, on their way to the host."""
         self.step_sums: torch.Tensor | None = None
         """The current step's shared vectors summed over its micro-batches (on the device)."""
         self.pending: deque[_Pending] = deque()
@@ -80,10 +80,12 @@ class StepGuard:
         stop request and (for a step's first micro-batch) its ``(seen, skipped, bad shards)`` counts.
         Nothing is read on the host here."""
         if batch_counts is not None:
-            extra = self.staging.to_device([0.0, float(self.stop_requested), *batch_counts])
+            staged = self.up.next()
+            staged.copy_(torch.tensor([float(self.stop_requested), *batch_counts], dtype=torch.float64))
+            extra = staged.to(self.device, non_blocking=True)
         else:
-            extra = torch.zeros(self.FIELDS, dtype=torch.float64, device=self.device)
-        shared = sum_tensor(torch.cat([loss.detach().double().reshape(1), extra[1:]]))
+            extra = torch.zeros(self.FIELDS - 1, dtype=torch.float64, device=self.device)
+        shared = sum_tensor(torch.cat([loss.detach().double().reshape(1), extra]))
         self.step_sums = shared if self.step_sums is None else self.step_sums + shared
         return shared[0] / self.world_size
 
@@ -113,7 +115,7 @@ class StepGuard:
     def _to_host(self, step: int, sums: torch.Tensor) -> _Pending:
         if sums.device.type != "cuda":
             return _Pending(step, sums, None)
-        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host = self.down.next()
         host.copy_(sums, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()

@@ -200,12 +200,12 @@ def latency_table(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda: no CUDA device is visible here; measure on the GPU you will train on, or "
                          "use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    refuse_existing(Path(args.out or f"latency-{config.model.name}-{device.type}.json"), args.overwrite, "--out")
+    out = Path(args.out or f"latency-{config.model.name}-{device.type}.json")
+    refuse_existing(out, args.overwrite, "--out")
     arguments = config.model.timm_arguments()
     narrowest = group_sizes(full_widths(config, arguments.get("num_classes", 1000)))
     table = measure_checked_table(config.model.name, arguments, narrowest, device, args.batch, args.repeats,
                                   args.max_correction)
-    out = Path(args.out or f"latency-{config.model.name}-{device.type}.json")
     table.save(out)
     print(f"{out}: block latency of {config.model.name} on {device} over {table.grid} (batch {args.batch}, "
           f"{table.tokens} tokens, median of {args.repeats}); largest monotone correction "

@@ -85,10 +85,7 @@ def _check_supported(config: TrainConfig, world: World) -> None:
     if name == "fsdp" and engine.precision == "fp16":
         raise ConfigError("engine.precision", "fsdp trains in bf16 or fp32 here; fp16 needs a loss scaler per "
                                               "shard: use 'bf16'")
-    if name == "deepspeed":
-        from trivit.engine.backends.zero import deepspeed_config
-
-        deepspeed_config(config, world)  # a disagreeing JSON is reported before any process waits for another
+    if name == "deepspeed":  # its JSON is checked once the precision is resolved (engine/startup.py)
         if engine.nonfinite_loss == "skip" and engine.grad_accum_steps > 1:
             raise ConfigError("engine.nonfinite_loss", "'skip' with deepspeed needs engine.grad_accum_steps=1 (a "
                                                        "DeepSpeed engine cannot drop a half-accumulated step); use "
