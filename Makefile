@@ -10,17 +10,21 @@ PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast demo-data
+.PHONY: demo test test-fast lint demo-data
 
 demo: $(VENV)/.installed demo-data
 	$(VENV)/bin/trivit train --config configs/demo.yaml $(ARGS)
 
-test: $(VENV)/.installed demo-data
+test: $(VENV)/.installed demo-data lint
 	$(VENV)/bin/python -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 # While working: every test that neither trains nor starts a process (tests/conftest.py marks the others slow).
-test-fast: $(VENV)/.installed demo-data
+test-fast: $(VENV)/.installed demo-data lint
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# ruff.toml's rules; `make test` (hence .ci/run) runs it first.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)

@@ -37,6 +37,6 @@ setup(
         "pillow<13",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout", "psutil"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "psutil", "ruff>=0.6"]},
     entry_points={"console_scripts": ["trivit = trivit.cli:main"]},
 )

@@ -63,7 +63,7 @@ def step_costs(repeats: int) -> dict[str, float]:
         weights = torch.full((batch,), 1 / batch)
 
         def step(model=model, objective=objective, optimizer=optimizer, images=images, targets=targets,
-                 weights=weights) -> None:
+                 weights=weights, batch=batch) -> None:
             outputs = model(images, **objective.model_inputs(torch.arange(batch), 0))
             losses = per_sample_cross_entropy(split_heads(outputs)[0], targets)
             objective.loss(losses, outputs, images, targets, weights).backward()

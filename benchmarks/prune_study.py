@@ -14,8 +14,9 @@ Per seed, through the real CLI, one after the other:
 
 Reported per model: test top-1 (mean, min-max over seeds), parameters, analytic FLOPs, table
 latency, inference img/s (batch 500) and training-step time (batch 128, AdamW) of the three
-models timed side by side in one process (medians of interleaved rounds), and the per-block widths (``<out>/prune_study.png``, like the paper's figure of
-the redistribution). Outputs: a Markdown table on stdout and ``<out>/prune_study.{md,json,png}``.
+models timed side by side in one process (medians of interleaved rounds), and the per-block widths
+(``<out>/prune_study.png``, like the paper's figure of the redistribution).
+Outputs: a Markdown table on stdout and ``<out>/prune_study.{md,json,png}``.
 
     python benchmarks/prune_study.py --seeds 0 1 --latency-weights 1 0.25 --out benchmarks/results/nvit
 """

@@ -21,8 +21,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from trivit.datasets.stream import (Batch, EvalStream, SampleDecoder, StreamLayout, StreamPosition, TrainStream,
-                                    full_batches_position, mix_seed, set_shard_note)
+from trivit.datasets.stream import (
+    Batch,
+    EvalStream,
+    SampleDecoder,
+    StreamLayout,
+    StreamPosition,
+    TrainStream,
+    full_batches_position,
+    mix_seed,
+    set_shard_note,
+)
 
 
 class ShardLoader(DataLoader):

@@ -11,7 +11,6 @@ from trivit.datasets.config import DataConfig
 from trivit.sparse.config import SparsityConfig
 from trivit.sparse.dcal import DCALConfig
 
-
 OWN_KEYS = ("img_size", "patch_size", "in_chans", "num_classes", "drop_path_rate")
 """timm arguments that model.* sets itself; model.timm_kwargs may not repeat them."""
 

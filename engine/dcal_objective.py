@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from trivit.engine.objective import ModelOutputs, Objective
 from trivit.engine.loss import per_sample_cross_entropy
+from trivit.engine.objective import ModelOutputs, Objective
 from trivit.sparse.dcal import DCALConfig, DCALOutputs, keyed_distractors
 
 

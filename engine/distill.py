@@ -31,9 +31,9 @@ from trivit.engine.config import TEACHER_LOSSES, DistillConfig, OptimConfig, Tra
 from trivit.engine.dcal_objective import DualCrossAttentionObjective
 from trivit.engine.distributed import sum_tensor
 from trivit.engine.loss import per_sample_cross_entropy
+from trivit.engine.objective import ModelOutputs, Objective, split_heads
 from trivit.engine.optim import build_optimizer
 from trivit.engine.pretrained import check_fits, find_run_config, read_weights
-from trivit.engine.objective import Objective, ModelOutputs, split_heads
 from trivit.sparse.dcal import split_branch
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 METRICS_FILE = "metrics.jsonl"
 
 class MetricsLogger:

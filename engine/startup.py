@@ -17,8 +17,8 @@ import torch
 
 from trivit.config import ConfigError
 from trivit.datasets.checks import check_shards
-from trivit.datasets.sources import ShardSet, resolve_shards
 from trivit.datasets.loaders import check_enough_shards
+from trivit.datasets.sources import ShardSet, resolve_shards
 from trivit.datasets.stream import StreamLayout
 from trivit.engine.backends import resolve_engine
 from trivit.engine.compile import check_backend

@@ -32,20 +32,20 @@ from trivit.engine.checkpoint import CheckpointManager, agreed_resume, check_com
 from trivit.engine.compile import allow_recompiles, compiled_graphs
 from trivit.engine.config import TrainConfig
 from trivit.engine.distill import build_objective
-from trivit.engine.objective import prediction, split_heads
 from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
-from trivit.engine.evaluation import Evaluator
 from trivit.engine.epochs import EpochTracker
+from trivit.engine.evaluation import Evaluator
 from trivit.engine.export import WEIGHTS_FILE, export
 from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.metrics import METRICS_FILE, MetricsLogger, Throughput
 from trivit.engine.models import arch_record, build_training_model, model_arch
+from trivit.engine.objective import prediction, split_heads
 from trivit.engine.optim import build_optimizer, build_scheduler, peak_group_lr
 from trivit.engine.resume_check import check_resumed_settings
+from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.engine.run_dir import check_config_file, check_fresh_start, write_config
 from trivit.engine.run_lock import lock_run_dir
-from trivit.engine.rng import rng_state, seed_everything, set_rng_state
 from trivit.engine.startup import check_epoch_length, resolve_run
 from trivit.engine.step_guard import StepGuard
 from trivit.sparse import set_keep_rates

@@ -17,7 +17,7 @@ whatever the training precision, so bf16 rounding does not reorder tokens or lin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,11 @@ class Links(NamedTuple):
 
     mask: torch.Tensor
     """(B, 1, L, L) bool, True = attend; what the next pruning location ranks under."""
-    density: Optional[torch.Tensor] = None  # noqa: UP007 - TorchScript reads NamedTuple fields, not X | None
+    density: torch.Tensor | None = None  # noqa: UP007 - TorchScript reads NamedTuple fields, not X | None
     """Fraction of the kept patch-to-patch links the mask lets through, over the batch (for the logs)."""
-    block_mask: Optional[BlockMask] = None  # noqa: UP007
+    block_mask: BlockMask | None = None  # noqa: UP007
     """The same links for ``flex_attention`` (kernel 'flex'); None runs SDPA with ``mask``."""
-    bias: Optional[torch.Tensor] = None  # noqa: UP007
+    bias: torch.Tensor | None = None  # noqa: UP007
     """On CUDA, the same links as SDPA's additive mask (0 or -inf) in the queries' dtype, built once at
     the location for every block up to the next: a boolean mask would be turned into one in every block."""
 

@@ -102,7 +102,8 @@ def model_flops(model: nn.Module, token_keep_rate: float | None = None, semantic
         counts = [(n, m, 0) for n, m, _ in counts]
     shapes = ([(n, n, n, m, rows) for n, m, rows in counts] if blocks.semantic is None or not semantic
               else semantic_shapes(counts, blocks.semantic, num_patches))
-    patch_pixels = model.patch_embed.proj.in_channels * model.patch_embed.proj.kernel_size[0] * model.patch_embed.proj.kernel_size[1]
+    proj = model.patch_embed.proj
+    patch_pixels = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
     return vit_flops(shapes, model.embed_dim, block_widths(model), num_patches, patch_pixels, model.num_classes)
 
 

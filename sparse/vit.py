@@ -29,7 +29,6 @@ from trivit.sparse.config import SparsityConfig
 from trivit.sparse.semantic import SemanticTokens, check_semantic_fits
 from trivit.sparse.tokens import select_tokens
 
-
 # torch.fx traces a routed model at fixed keep rates with the routing's kernels as single calls (they compute
 # counts from shapes as Python ints, which the tracer only has as proxies).
 for _leaf in ("select_tokens", "build_attention_mask", "patch_link_density", "build_links", "query_dtype"):

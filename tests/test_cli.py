@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-
 from pathlib import Path
 
 import timm
@@ -36,7 +35,8 @@ def test_train_through_the_cli_and_resume_a_finished_run(tiny_shards, tmp_path):
     assert again.returncode == 0
     assert "finished at step 6" in again.stdout
 
-    exported = run_cli("export", str(tmp_path / "run" / "checkpoints" / "step_00000004"), "--out", str(tmp_path / "w4.safetensors"))
+    exported = run_cli("export", str(tmp_path / "run" / "checkpoints" / "step_00000004"),
+                       "--out", str(tmp_path / "w4.safetensors"))
     assert exported.returncode == 0, exported.stderr
     weights = load_file(tmp_path / "w4.safetensors")
     saved = load_trainer_state(tmp_path / "run" / "checkpoints" / "step_00000004")["model"]

@@ -42,8 +42,12 @@ def imagenet_stand_in(tmp_path_factory) -> Path:
 
 def accelerate_env(argv: list[str], local_rank: int = 0) -> tuple[dict[str, str], list[str]]:
     """The environment ``accelerate launch ARGV`` gives a rank (accelerate's own code), and trivit's arguments."""
-    from accelerate.commands.launch import (_validate_launch_command, launch_command_parser,
-                                            prepare_deepspeed_cmd_env, prepare_multi_gpu_env)
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+    )
 
     logging.disable(logging.WARNING)
     try:

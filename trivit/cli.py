@@ -10,17 +10,15 @@ from pathlib import Path
 
 from trivit.config import ConfigError, load
 
-
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect of a job stopped by SIGTERM
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def train(args: argparse.Namespace) -> int:
     from trivit.engine.config import TrainConfig
-    from trivit.engine.trainer import Preempted, Trainer
-
     from trivit.engine.distributed import destroy_process_group
     from trivit.engine.run_lock import check_run_dir_free
+    from trivit.engine.trainer import Preempted, Trainer
 
     config = load(TrainConfig, args.config, args.overrides)
     try:
@@ -161,9 +159,8 @@ def shards(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import time
+    from pathlib import Path
 
     import timm
     import torch

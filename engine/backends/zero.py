@@ -168,8 +168,12 @@ class DeepSpeedBackend(Backend):
     def zero_entries(self, entries: dict[str, torch.Tensor]) -> None:
         """Through DeepSpeed's whole-tensor accessors: the fp32 master weights (the model's copy follows
         at the next step) and Adam's moments."""
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_optimizer_state,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
 
         optimizer = self.engine.optimizer
         if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):

@@ -6,8 +6,8 @@ import pytest
 from tests.conftest import synthetic_samples, tiny_overrides
 from trivit.config import load
 from trivit.datasets.config import DataConfig
-from trivit.datasets.shards import write_index, write_shard
 from trivit.datasets.loaders import eval_loader
+from trivit.datasets.shards import write_index, write_shard
 from trivit.datasets.stream import SampleDecoder, expand_urls
 from trivit.datasets.transforms import eval_transform
 from trivit.engine.config import TrainConfig

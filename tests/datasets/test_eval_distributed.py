@@ -12,7 +12,6 @@ from trivit.datasets.loaders import eval_loader
 from trivit.datasets.stream import SampleDecoder, expand_urls
 from trivit.datasets.transforms import eval_transform
 
-
 PATTERNS = {"train-{000000..000004}.tar": 160, "val-{000000..000001}.tar": 64}
 """An odd number of shards (one rank reads more) and an even one."""
 

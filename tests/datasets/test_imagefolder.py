@@ -11,14 +11,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from tests.datasets.conftest import CLASSES
 from trivit.datasets.config import DataConfig
 from trivit.datasets.imagefolder import write_imagefolder
-from trivit.datasets.shards import read_index
 from trivit.datasets.loaders import train_loader
+from trivit.datasets.shards import read_index
 from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls
 from trivit.datasets.transforms import eval_transform
-from tests.datasets.conftest import CLASSES
-
 
 
 def read_all(dest, split):

@@ -6,11 +6,11 @@ import multiprocessing
 import pytest
 import torch
 
+from tests.datasets.test_stream import CONFIG
 from trivit.datasets import loaders
 from trivit.datasets.loaders import WORKER_SERVER_PRELOAD, forking_can_deadlock, train_loader, worker_context
 from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls
 from trivit.datasets.transforms import train_transform
-from tests.datasets.test_stream import CONFIG
 
 
 @pytest.mark.parametrize("version, affected", [((3, 10, 14), True), ((3, 11, 7), True), ((3, 11, 8), False),

@@ -1,7 +1,6 @@
 """``trivit shards`` on odd image trees: nothing is dropped without a word, nothing good is overwritten."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -9,8 +8,8 @@ from PIL import Image
 
 from trivit.cli import main
 from trivit.datasets.config import DataConfig
-from trivit.datasets.shards import read_index
 from trivit.datasets.loaders import eval_loader
+from trivit.datasets.shards import read_index
 from trivit.datasets.stream import SampleDecoder, expand_urls
 from trivit.datasets.transforms import eval_transform
 

@@ -98,8 +98,8 @@ def test_joined_sources_get_distinct_ids_and_one_table(tiny_shards, second_sourc
 
 
 def test_joined_sources_with_other_classes_are_refused(tiny_shards, tmp_path):
-    from trivit.datasets.shards import write_index, write_split
     from tests.conftest import synthetic_samples
+    from trivit.datasets.shards import write_index, write_split
 
     other = tmp_path / "other"
     write_index(other, {"train": write_split(synthetic_samples(32), other, "train", 32)}, ["a", "b", "c", "d"])

@@ -4,8 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trivit.engine.benchmark import (Measured, Mode, Runner, Variant, build_trainables, overheads, resolve_modes,
-                                     select_variants, summary_rows)
+from trivit.engine.benchmark import (
+    Measured,
+    Mode,
+    Runner,
+    Variant,
+    build_trainables,
+    overheads,
+    resolve_modes,
+    select_variants,
+    summary_rows,
+)
 
 CPU = torch.device("cpu")
 

@@ -5,7 +5,8 @@ On a GPU every read of a device value on the host (``.item()``, ``bool(t)``, ``.
 current one has finished. The CPU cannot show the wait, so the test counts the reads themselves:
 ``aten._local_scalar_dense`` through a dispatch mode, and the other reads by wrapping them, each
 attributed to the trivit line that made it. A copy to a device (``.to(device)``) without
-``non_blocking`` counts too: from pageable memory CUDA makes it wait for the queued work. The optimizer's own CPU step counters are left out.
+``non_blocking`` counts too: from pageable memory CUDA makes it wait for the queued work.
+The optimizer's own CPU step counters are left out.
 Steps N+1..2N are compared with steps 1..N, so start-up and the final checkpoint cancel out.
 """
 from __future__ import annotations

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import tiny_overrides
+from tests.faults.test_process_faults import read_metrics
 from trivit.cli import main
 from trivit.config import ConfigError, load
 from trivit.engine.checkpoint import load_trainer_state
@@ -22,8 +24,6 @@ from trivit.engine.prune import Pruner
 from trivit.engine.trainer import Trainer
 from trivit.sparse.latency import LatencyTable
 from trivit.sparse.pruned import PrunedArch, create_pruned_vit, pruned_entries, unit_axes
-from tests.conftest import tiny_overrides
-from tests.faults.test_process_faults import read_metrics
 
 TOKENS = 17
 MODEL_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=4)
@@ -219,7 +219,8 @@ def test_a_model_arch_that_is_not_the_model_name_is_refused(pruned_run, tiny_sha
 
 def test_the_latency_table_measured_here_is_monotone_and_fits_its_grid(tmp_path):
     assert main(["bench", "latency-table", "--model", "deit_tiny_patch16_224", "--batch", "2", "--repeats", "3",
-                 "--max-correction", "1000", "--out", str(tmp_path / "t.json"), "model.img_size=16", "model.patch_size=4", "model.in_chans=1",
+                 "--max-correction", "1000", "--out", str(tmp_path / "t.json"),
+                 "model.img_size=16", "model.patch_size=4", "model.in_chans=1",
                  "model.timm_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "data.mean=[0.3]", "data.std=[0.3]"]) == 0
     table = LatencyTable.load(tmp_path / "t.json")
     assert table.grid == {"embed": [1, 8, 16, 24, 32], "heads": [1, 2], "qk": [2, 4, 8, 12, 16],

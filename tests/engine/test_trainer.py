@@ -10,13 +10,13 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.conftest import tiny_overrides
 from trivit.config import load
 from trivit.engine.checkpoint import CheckpointManager
 from trivit.engine.config import TrainConfig
 from trivit.engine.evaluation import Evaluator
 from trivit.engine.metrics import read_metrics
 from trivit.engine.trainer import Trainer
-from tests.conftest import tiny_overrides
 
 
 def train(shards, run_dir, **extra):
@@ -96,12 +96,14 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_shards, tmp_path):
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
     with pytest.raises(ValueError, match="other settings that a resume cannot apply \\(model.timm_kwargs: "
                                          "\\{'embed_dim': 32, .*\\} -> \\{'embed_dim': 48"):
-        train(tiny_shards, tmp_path / "other", resume=str(checkpoint), **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
+        train(tiny_shards, tmp_path / "other", resume=str(checkpoint),
+              **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
     state = torch.load(checkpoint / "trainer.pt", weights_only=False)
     del state["config"]  # a checkpoint from before the config was recorded: the weights themselves do not fit
     torch.save(state, checkpoint / "trainer.pt")
     with pytest.raises(ValueError, match="does not fit this model"):
-        train(tiny_shards, tmp_path / "older", resume=str(checkpoint), **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
+        train(tiny_shards, tmp_path / "older", resume=str(checkpoint),
+              **{"model.timm_kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}"})
 
 
 def test_resume_refuses_settings_it_cannot_apply_and_applies_the_others(tiny_shards, tmp_path, caplog):

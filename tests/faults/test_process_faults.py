@@ -113,7 +113,8 @@ def train(shards, run_dir, **extra):
 
 
 def test_a_nonfinite_loss_stops_with_the_step_named_and_the_checkpoint_intact(tiny_shards, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) \(mean over all ranks\) at step \d+; the last checkpoint .* is intact"):
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) \(mean over all ranks\) at step \d+; "
+                                                r"the last checkpoint .* is intact"):
         train(tiny_shards, tmp_path, **{"optim.lr": "1e12", "optim.clip_grad": "null", "schedule.warmup_epochs": "0",
                                         "checkpoint.every_steps": "1", "schedule.max_steps": "40"})
     state, _ = CheckpointManager(tmp_path / "checkpoints", 2).load_latest()

@@ -8,8 +8,16 @@ import torch
 from tests.sparse.test_semantic import layer_norm, reference_block
 from trivit.config import ConfigError
 from trivit.sparse import create_vit, set_keep_rates
-from trivit.sparse.dcal import (DCALConfig, DCALOutputs, add_dcal, cyclic_distractors, keyed_distractors,
-                                rollout_cls_row, run_blocks, summed_probabilities)
+from trivit.sparse.dcal import (
+    DCALConfig,
+    DCALOutputs,
+    add_dcal,
+    cyclic_distractors,
+    keyed_distractors,
+    rollout_cls_row,
+    run_blocks,
+    summed_probabilities,
+)
 
 SMALL = dict(num_classes=5, img_size=24, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0,
              drop_path_rate=0.0)

@@ -6,8 +6,7 @@ import random
 import pytest
 import torch
 
-from trivit.sparse.examples import (ExampleConfig, ExampleSelector, ExampleStats, forgetting_scores,
-                                    least_forgotten)
+from trivit.sparse.examples import ExampleConfig, ExampleSelector, ExampleStats, forgetting_scores, least_forgotten
 
 NO_SYNC = lambda tensor: None  # noqa: E731  (one process: nothing to sum)
 
@@ -109,8 +108,8 @@ def test_forgetting_policy_initial_removal_and_refresh():
 
 
 def reference_infobatch(loss, seen, ratio, pruned):
-    mean = sum(l for l, s in zip(loss, seen) if s) / sum(seen)
-    well = [s and l < mean for l, s in zip(loss, seen)]
+    mean = sum(value for value, s in zip(loss, seen) if s) / sum(seen)
+    well = [s and value < mean for value, s in zip(loss, seen)]
     weights = [1.0 / (1 - ratio) if w and i not in pruned else 1.0 for i, w in enumerate(well)]
     return well, weights
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.sparse.test_pruned import BASE, KWARGS, full_arch
 from trivit.sparse.latency import LatencyTable
 from trivit.sparse.nvit import SaliencyMeter, choose_groups, group_sizes, normalised
 from trivit.sparse.pruned import BlockWidths, PrunedArch, UnitAxis, create_pruned_vit, unit_axes
 from trivit.sparse.vit import create_vit
-from tests.sparse.test_pruned import BASE, KWARGS, full_arch
 
 
 def loop_saliency_sums(model: torch.nn.Module, arch: PrunedArch) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def loop_saliency_sums(model: torch.nn.Module, arch: PrunedArch) -> dict[str, to
     for i, w in enumerate(arch.blocks):
         b, qk_rows = f"blocks.{i}", w.heads * w.qk_dim
 
-        def qkv_rows(rows: list[int]) -> torch.Tensor:
+        def qkv_rows(rows: list[int], b: str = b) -> torch.Tensor:
             return tied(f"{b}.attn.qkv.weight", rows) + tied(f"{b}.attn.qkv.bias", rows)
 
         for h in range(w.heads):
@@ -66,7 +66,7 @@ def test_saliency_equals_a_float64_loop_over_units():
     model = create_pruned_vit(arch, **KWARGS).double()
     meter = SaliencyMeter(unit_axes(model, arch), arch.unit_counts())
     expected = {group: torch.zeros(size, dtype=torch.float64) for group, size in arch.unit_counts().items()}
-    for batch in range(3):
+    for _ in range(3):
         model.zero_grad()
         images, labels = torch.randn(4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (4,))
         F.cross_entropy(model(images), labels).backward()

@@ -7,9 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from trivit.sparse.pruned import (BlockWidths, PrunedArch, create_pruned_vit, set_unit_masks, strip_state,
-                                  unit_axes)
 from trivit.sparse.flops import model_flops
+from trivit.sparse.pruned import BlockWidths, PrunedArch, create_pruned_vit, set_unit_masks, strip_state, unit_axes
 from trivit.sparse.vit import create_vit, set_keep_rates
 
 BASE = "deit_tiny_patch16_224"
@@ -60,7 +59,7 @@ def test_the_stripped_model_gives_the_masked_models_logits(sparsity):
     expected = masked(images)
     torch.testing.assert_close(stripped(images), expected, rtol=0, atol=1e-5)
     if sparsity is not None:
-        assert stripped.blocks.tokens_per_block == masked.blocks.tokens_per_block == [17, 10, 10]  # [CLS], 8 kept patches, the fused one
+        assert stripped.blocks.tokens_per_block == masked.blocks.tokens_per_block == [17, 10, 10]  # [CLS], 8 kept, 1 fused
 
 
 def test_masked_units_receive_no_gradient_and_do_not_change_the_output():
