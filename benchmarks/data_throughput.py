@@ -25,7 +25,7 @@ from trivit.datasets.imagefolder import write_imagefolder
 from trivit.datasets.loaders import train_loader
 from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls
 from trivit.datasets.transforms import train_transform
-from trivit.engine.benchmark import seconds_per_train_step
+from trivit.engine.workflows.benchmark import seconds_per_train_step
 from trivit.sparse import create_vit
 
 

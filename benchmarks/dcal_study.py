@@ -24,10 +24,10 @@ import torch
 from trivit.config import load
 from trivit.datasets.fashion_mnist import CLASSES
 from trivit.engine.config import TrainConfig
-from trivit.engine.dcal_objective import DualCrossAttentionObjective
-from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
-from trivit.engine.models import create_model
-from trivit.engine.objective import Objective, split_heads
+from trivit.engine.model.build import create_model
+from trivit.engine.objectives.base import Objective, split_heads
+from trivit.engine.objectives.dcal import DualCrossAttentionObjective
+from trivit.engine.objectives.losses import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.optim import build_optimizer
 from trivit.sparse.latency import interleaved_medians
 

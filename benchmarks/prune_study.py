@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from trivit.config import load
 from trivit.engine.config import TrainConfig
 from trivit.engine.metrics import read_metrics
-from trivit.engine.prune import full_widths
+from trivit.engine.workflows.prune import full_widths
 from trivit.sparse.flops import model_flops
 from trivit.sparse.latency import LatencyTable, interleaved_medians
 from trivit.sparse.nvit import group_sizes, kind_of

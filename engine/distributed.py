@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from trivit.datasets.loaders import start_worker_server
-from trivit.sparse.examples import sum_across_ranks
 
 
 @dataclass(frozen=True)
@@ -107,6 +106,12 @@ def init_process_group(world: World, device: torch.device, timeout_s: float) -> 
     dist.init_process_group("nccl" if cuda else "gloo", rank=world.rank, world_size=world.world_size,
                             timeout=timedelta(seconds=timeout_s), device_id=device if cuda else None)
     start_worker_server()  # the group's threads can make forking loader workers unsafe
+
+
+def sum_across_ranks(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` in place across ranks (``torch.distributed.all_reduce``) when a process group is up."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
 
 
 def sum_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from trivit.engine.backends import resolve_engine
 from trivit.engine.compile import check_backend
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, world_from_env
+from trivit.methods import check_composition
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class RunSetup:
 def resolve_run(config: TrainConfig, world: World | None = None) -> RunSetup:
     """The concrete run of ``config`` in this process's environment; raises on any start-up problem."""
     world = world or world_from_env()
+    check_composition(config)  # the methods it turns on combine (trivit/methods.py)
     config = resolve_engine(config, world)
     device, amp_dtype = resolve_device(config, world)
     config = resolve_compiled_path(with_precision(config, amp_dtype), device)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from trivit.config import to_dict
@@ -28,28 +27,29 @@ from trivit.datasets.loaders import DataWaitStopped, train_loader
 from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend
-from trivit.engine.checkpoint import CheckpointManager, agreed_resume, check_compatible, pick_checkpoint
 from trivit.engine.compile import allow_recompiles, compiled_graphs
 from trivit.engine.config import TrainConfig
-from trivit.engine.distill import build_objective
 from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
 from trivit.engine.epochs import EpochTracker
 from trivit.engine.evaluation import Evaluator
-from trivit.engine.export import WEIGHTS_FILE, export
-from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.metrics import METRICS_FILE, MetricsLogger, Throughput
-from trivit.engine.models import arch_record, build_training_model, model_arch
-from trivit.engine.objective import prediction, split_heads
+from trivit.engine.model.artefacts import WEIGHTS_FILE
+from trivit.engine.model.build import ModelBuilder, arch_record, build_run_model
+from trivit.engine.model.export import export
+from trivit.engine.objectives.base import Objective, prediction, split_heads
+from trivit.engine.objectives.factory import build_objective
+from trivit.engine.objectives.losses import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.optim import build_optimizer, build_scheduler, peak_group_lr
-from trivit.engine.resume_check import check_resumed_settings
-from trivit.engine.rng import rng_state, seed_everything, set_rng_state
-from trivit.engine.run_dir import check_config_file, check_fresh_start, write_config
-from trivit.engine.run_lock import lock_run_dir
+from trivit.engine.planner import build_planner
 from trivit.engine.startup import check_epoch_length, resolve_run
+from trivit.engine.state.checkpoint import CheckpointManager, agreed_resume, check_compatible, pick_checkpoint
+from trivit.engine.state.resume_check import check_resumed_settings
+from trivit.engine.state.rng import rng_state, seed_everything, set_rng_state
+from trivit.engine.state.run_dir import check_config_file, check_fresh_start, write_config
+from trivit.engine.state.run_lock import lock_run_dir
 from trivit.engine.step_guard import StepGuard
 from trivit.sparse import set_keep_rates
-from trivit.sparse.examples import EpochPlan, ExampleSelector, sum_across_ranks
 from trivit.sparse.flops import dense_fraction
 from trivit.sparse.schedule import scheduled_keep_rate
 
@@ -63,7 +63,9 @@ class Preempted(Exception):
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and trains it; ``state_dict`` is the whole run state."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, build_model: ModelBuilder | None = None):
+        """``build_model``: what builds the model and its starting weights (default :func:`build_run_model`);
+        a workflow (engine/workflows/) gives its own, and its own objective through :meth:`use_objective`."""
         setup = resolve_run(config)
         self.setup = setup
         self.config = config = setup.config
@@ -77,8 +79,8 @@ class Trainer:
         """What ``model.init_from`` loaded from where (logged as the run's step-0 line)."""
         seed_everything(config.seed)  # the same initial weights on every rank
         self.backend = build_backend(config, self.world, self.device, self.amp_dtype)
-        self.backend.setup(self._build_model(self.num_classes).to(self.device),
-                           lambda module: build_optimizer(module, config.optim, data.batch_size))
+        model, self.init_record = (build_model or build_run_model)(config, self.num_classes)
+        self.backend.setup(model.to(self.device), lambda module: build_optimizer(module, config.optim, data.batch_size))
         self.model = self.backend.module
         self.optimizer = self.backend.optimizer
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
@@ -94,13 +96,9 @@ class Trainer:
             allow_recompiles(config.sparsity.schedule.levels, len(self.model.blocks.locations),
                              self.evaluator.batch_shapes(), 1 + (self.ema is not None))
 
-        examples = config.sparsity.examples
-        num_ids = self.shards.num_ids
-        self.selector = None
-        if examples.policy != "none":
-            self.selector = ExampleSelector(examples, num_ids, config.schedule.epochs, config.seed, self.device)
-            self.model.blocks.record_cls_attention = examples.policy == "forgetting"
-        self._set_plan(EpochPlan(active=torch.ones(num_ids, dtype=torch.bool), weights=torch.ones(num_ids)))
+        self.planner = build_planner(config.sparsity.examples, self.shards.num_ids, self.shards.train_samples,
+                                     config.schedule.epochs, config.seed, self.device)
+        self.use_objective(self.objective)
         self.epochs = EpochTracker()
         self.stream_position: StreamPosition = []
         """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
@@ -116,9 +114,12 @@ class Trainer:
         """Steps of an epoch over the whole training set."""
         return self.shards.train_samples // self.config.data.batch_size
 
-    def _build_model(self, num_classes: int) -> nn.Module:
-        model, self.init_record = build_training_model(self.config, num_classes, model_arch(self.config))
-        return model
+    def use_objective(self, objective: Objective) -> None:
+        """Train ``objective``: its loss, what it asks of the forward pass, its hook on the reduced gradients."""
+        self.objective = objective
+        self.taps = self.planner.taps.merged(objective.taps)
+        """What the step's forward hands back beside the outputs (sparse/taps.py)."""
+        self.backend.gradient_hook = objective.gradient_hook
 
     # -- state -------------------------------------------------------------------------------
 
@@ -134,8 +135,7 @@ class Trainer:
             "data": self.setup.data_settings(),
             "epochs": self.epochs.state_dict(),
             **self.guard.state_dict(),
-            "plan": {"active": self.plan.active, "weights": self.plan.weights},
-            "examples": self.selector.state_dict() if self.selector else None,
+            **self.planner.state_dict(),
             "objective": self.objective.state_dict(),
             "arch": arch_record(self.model),
             "train_seconds": self.throughput.total_seconds,
@@ -159,9 +159,7 @@ class Trainer:
         set_rng_state(rank_state["rng"])
         self.epochs.load_state_dict(state["epochs"])
         self.guard.load_state_dict(state)
-        self._set_plan(EpochPlan(active=state["plan"]["active"], weights=state["plan"]["weights"]))
-        if self.selector is not None:
-            self.selector.load_state_dict(state["examples"])
+        self.planner.load_state_dict(state)
         self.objective.load_state_dict(state.get("objective"))
         self.step = state["step"]
         self.throughput.total_seconds = state.get("train_seconds", 0.0)
@@ -193,7 +191,7 @@ class Trainer:
         """The metrics of the step just taken (a skipped non-finite loss is logged as null)."""
         loss_value = loss.item()
         blocks = self.model.blocks
-        active = self._active_samples()
+        active = self.planner.active_samples
         flops = dense_fraction(self.model)
         return {"step": self.step, "epoch": self.epochs.progress(self.step),
                 "loss": loss_value if math.isfinite(loss_value) else None, "nonfinite_steps": self.guard.nonfinite_steps,
@@ -222,7 +220,7 @@ class Trainer:
         parts = zip(batch.images.chunk(accum), batch.labels.chunk(accum), batch.ids.chunk(accum))
         for index, (images, labels, ids) in enumerate(parts):
             device_ids = ids.to(self.device, non_blocking=True)
-            loss, logits, losses, labels = self._micro_batch_loss(images, labels, ids, device_ids, rank_batch)
+            loss, logits, losses, labels, tapped = self._micro_batch_loss(images, labels, ids, device_ids, rank_batch)
             counts = (len(batch.ids), batch.skipped, batch.bad_shards) if index == 0 else None
             step_loss = self.guard.share(loss, counts)
             if not self.guard.deferred and not self.guard.finite_now(step_loss, self.step + 1):
@@ -232,9 +230,7 @@ class Trainer:
                 break
             backend.backward(loss, last_micro_batch=index == accum - 1)
             self.objective.backward()
-            if self.selector is not None:
-                self.selector.stats.update(device_ids, logits.detach(), labels, self.model.blocks.last_cls_attention,
-                                           losses.detach())
+            self.planner.observe(device_ids, logits, labels, tapped, losses)
             total += step_loss
         else:
             backend.step()
@@ -246,38 +242,29 @@ class Trainer:
 
     def _micro_batch_loss(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                           device_ids: torch.Tensor, rank_batch: int):
-        """Forward one micro-batch: its share of the rank's mean weighted loss, logits, per-sample losses, labels."""
+        """Forward one micro-batch: its share of the rank's mean weighted loss, logits, per-sample losses, labels,
+        and what the forward handed back (:attr:`taps`)."""
         images, labels = self.backend.prepare_inputs(images), labels.to(self.device, non_blocking=True)
         if self.mixer is not None:
             images, targets = self.mixer(images, labels)
         else:
             targets = smoothed_targets(labels, self.num_classes, self.config.data.label_smoothing)
         with self.backend.autocast():
-            outputs = self.backend.model(images, **self.objective.model_inputs(ids, self.step))
+            outputs, tapped = self.backend.model(images, **self.objective.model_inputs(ids, self.step), taps=self.taps)
         class_logits, distillation_logits = split_heads(outputs)
         losses = per_sample_cross_entropy(class_logits, targets)  # the student's own: what the example level scores
-        weights = self.plan_weights[device_ids] / rank_batch
-        loss = self.objective.loss(losses, outputs, images, targets, weights)
-        return loss, prediction(class_logits, distillation_logits), losses, labels
-
-    def _set_plan(self, plan: EpochPlan) -> None:
-        """The epoch's plan, with its loss weights also on the device (looked up there at every step)."""
-        self.plan = plan
-        self.plan_weights = plan.weights.to(self.device)
+        weights = self.planner.weights(device_ids) / rank_batch
+        loss = self.objective.loss(losses, outputs, images, targets, weights, tapped)
+        return loss, prediction(class_logits, distillation_logits), losses, labels, tapped
 
     def _begin_epoch(self) -> None:
         """Plan the next epoch (its active set, hence its length) and record where it starts."""
         epoch = self.epochs.current + 1
-        if self.selector is not None:
-            self._set_plan(self.selector.plan_epoch(epoch, all_reduce=sum_across_ranks))
-        active = self._active_samples()
+        self.planner.plan_epoch(epoch)
+        active = self.planner.active_samples
         check_epoch_length(self.config, active, epoch)
         self.epochs.begin(self.step, active // self.config.data.batch_size)
         self.stream_position = full_batches_position(self.setup.layout(epoch), 0, self.micro_batch)
-
-    def _active_samples(self) -> int:
-        """Training samples of the current epoch: the example level's active set, else every listed one."""
-        return int(self.plan.active.sum()) if self.selector is not None else self.shards.train_samples
 
     def _advance_stream(self, batch: Batch) -> None:
         """Count the raw samples the step's batch took from its stream, unreadable ones included."""
@@ -291,21 +278,21 @@ class Trainer:
         self.guard.stop_requested = True
 
     def finished(self) -> bool:
-        """All epochs done, or ``schedule.max_steps`` reached."""
+        """All epochs done, ``schedule.max_steps`` reached, or the objective's end (a pruning run's target)."""
         schedule = self.config.schedule
-        if schedule.max_steps is not None and self.step >= schedule.max_steps:
+        if (schedule.max_steps is not None and self.step >= schedule.max_steps) or self.objective.finished():
             return True
-        return self.epochs.epoch_done(self.step) and self.epochs.current + 1 >= schedule.epochs
+        return (self.objective.ends_with_the_epochs and self.epochs.epoch_done(self.step)
+                and self.epochs.current + 1 >= schedule.epochs)
 
     def _is_eval_step(self) -> bool:
         every = self.config.schedule.eval_every_steps
         epoch_end = self.epochs.epoch_done(self.step)
-        return (self.step % every == 0 if every else epoch_end) or self.finished()
+        return (self.step % every == 0 if every else epoch_end) or self.finished() or self.objective.evaluate_now()
 
     def _save(self) -> Path:
         """Write a checkpoint (every rank takes part)."""
-        if self.selector is not None:
-            self.selector.stats.synchronize(sum_across_ranks)  # one table for all ranks, kept once
+        self.planner.synchronize()
         rank_states = gather_objects({"rng": rng_state(), "stream_position": self.stream_position})
 
         def write(folder: Path) -> dict[str, Any]:
@@ -347,7 +334,7 @@ class Trainer:
                     throughput.start()
                     for batch in batches:
                         last = self._run_step(batch, throughput, metrics, bar) or last
-                        if self.finished():  # before the epoch's end: a pruning run's target (engine/prune.py)
+                        if self.finished():  # before the epoch's end: max_steps, or the objective's end
                             break
                         throughput.start()
         except DataWaitStopped as stalled:  # between two steps: the last one taken is checkpointed
@@ -411,10 +398,9 @@ class Trainer:
         stop = self.epochs.lengths[-1]
         if config.schedule.max_steps is not None:
             stop = min(stop, offset + config.schedule.max_steps - self.step)
-        active = self.plan.active.numpy() if self.selector is not None else None
         return train_loader(self.setup.layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
                             start=offset, stop=stop, position=[list(p) for p in self.stream_position],
                             shuffle_buffer=data.shuffle_buffer,
-                            num_workers=data.num_workers, active=active, id_offsets=self.shards.id_offsets,
+                            num_workers=data.num_workers, active=self.planner.loader_mask(), id_offsets=self.shards.id_offsets,
                             pin_memory=self.device.type == "cuda", timeout_s=config.engine.timeout_s,
                             stop_requested=lambda: self.guard.stop_requested)

@@ -16,7 +16,7 @@ image of the same batch (the self-attention stream's, at the same depth); it is 
 the model's own norm and head, with the image's own label.
 
 The three losses are weighted by learned uncertainty, 1/2 sum_k (exp(-w_k) L_k + w_k)
-(engine/dcal_objective.py); the w_k are a parameter of the model, so every backend trains,
+(engine/objectives/dcal.py); the w_k are a parameter of the model, so every backend trains,
 averages and checkpoints them with it. Everything DCAL adds is under ``dcal.``, outside timm's
 state_dict: ``trivit export`` writes the backbone and, beside it, the GLCA branch.
 """
@@ -27,13 +27,15 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
 from trivit.config import ConfigError, check
+from trivit.methods import check_methods, sparsity_methods, sparsity_values
 from trivit.sparse.blocks import checkpointed
+from trivit.sparse.taps import Tapped, TapRecorder, TapRequest, answer
 from trivit.sparse.tokens import kept_count
 
 if TYPE_CHECKING:
@@ -134,8 +136,10 @@ class DCALForward:
     """What ``add_dcal`` mixes into a model's class: a forward that also takes PWCA's pairs and runs the branches.
     (The plain model's forward takes the images alone, as timm's, which ``torch.fx`` traces.)"""
 
-    def forward(self, x: torch.Tensor, distractors: torch.Tensor | None = None) -> DCALOutputs | torch.Tensor:
-        return forward_dcal(self, x, distractors)
+    def forward(self, x: torch.Tensor, distractors: torch.Tensor | None = None,
+                taps: TapRequest | None = None) -> DCALOutputs | torch.Tensor | tuple[Any, Tapped]:
+        recorder = TapRecorder(taps, len(self.blocks)) if isinstance(taps, TapRequest) else None
+        return answer(forward_dcal(self, x, distractors, recorder), recorder)
 
 
 def add_dcal(model: TriLevelViT, config: DCALConfig) -> None:
@@ -157,16 +161,7 @@ def dcal_class(base: type) -> type:
 
 def check_dcal_fits(model: TriLevelViT, config: DCALConfig) -> None:
     sparsity = model.blocks.sparsity
-    why = ("model.dcal needs every block's attention over one fixed token set (the rollout; PWCA's paired stream)")
-    if sparsity.tokens.keep_rate < 1:
-        raise ConfigError("sparsity.tokens.keep_rate", f"got {sparsity.tokens.keep_rate}: {why}; set it to 1.0, or "
-                                                       "turn DCAL off (model.dcal.glca_top_r=0, model.dcal.pwca=false)")
-    if sparsity.attention.keep_rate < 1:
-        raise ConfigError("sparsity.attention.keep_rate", f"got {sparsity.attention.keep_rate}: {why}; set it to 1.0, "
-                                                          "or turn DCAL off")
-    if sparsity.semantic.enabled:
-        raise ConfigError("sparsity.semantic.num_tokens", f"got {sparsity.semantic.num_tokens}: {why}, which semantic "
-                                                          "tokens replace; set it to null, or turn DCAL off")
+    check_methods(["dcal", *sparsity_methods(sparsity)], sparsity_values(sparsity))  # the one table (trivit/methods.py)
     if getattr(model, "cls_token", None) is None:
         raise ConfigError("model.dcal", "GLCA ranks patches by the rollout's [CLS] row, but this model has no class "
                                         "token; use a ViT with class_token=True")
@@ -175,8 +170,8 @@ def check_dcal_fits(model: TriLevelViT, config: DCALConfig) -> None:
                                         "in DCAL's branches; use the model without distillation token")
 
 
-def forward_dcal(model: TriLevelViT, images: torch.Tensor, distractors: torch.Tensor | None = None
-                 ) -> DCALOutputs | torch.Tensor:
+def forward_dcal(model: TriLevelViT, images: torch.Tensor, distractors: torch.Tensor | None = None,
+                 recorder: TapRecorder | None = None) -> DCALOutputs | torch.Tensor:
     """The model's forward with DCAL: :class:`DCALOutputs` in training, log((p_SA + p_GLCA) / 2) (or the
     self-attention logits without GLCA) in evaluation.
 
@@ -188,11 +183,11 @@ def forward_dcal(model: TriLevelViT, images: torch.Tensor, distractors: torch.Te
                            "set_keep_rates(model, 1.0, 1.0)")
     pairs = model.training and dcal.config.pwca
     if not pairs and dcal.glca is None:  # PWCA alone, in evaluation: the plain model
-        return model.forward_head(model.forward_features(images))
+        return model.forward_head(model.features(images, recorder))
     if pairs and distractors is None:
         distractors = random_distractors(images.shape[0], images.device)
     x = model.embed(images)
-    tokens, paired, attentions = run_blocks(blocks, x, x if pairs else None, distractors)
+    tokens, paired, attentions = run_blocks(blocks, x, x if pairs else None, distractors, recorder)
     logits = model.forward_head(model.norm(tokens))
     glca = None
     if dcal.glca is not None:
@@ -204,23 +199,19 @@ def forward_dcal(model: TriLevelViT, images: torch.Tensor, distractors: torch.Te
     return DCALOutputs(logits, glca, pwca, dcal.loss_weights())
 
 
-def run_blocks(blocks: RoutedBlocks, x: torch.Tensor, paired: torch.Tensor | None, distractors: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+def run_blocks(blocks: RoutedBlocks, x: torch.Tensor, paired: torch.Tensor | None, distractors: torch.Tensor | None,
+               recorder: TapRecorder | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
     """Every block on the self-attention stream ``x`` and the PWCA stream ``paired`` (None: none);
     returns both outputs and each block's head-averaged attention (B, L, L), detached.
 
-    Keeps what the routed forward records for the example level ([CLS] attention of the last
-    block) and USKD (the tapped [CLS] output), from the self-attention stream."""
+    ``recorder`` takes what the caller asked for from the self-attention stream, as the routed blocks do."""
     attentions = []
     blocks.tokens_per_block, blocks.attention_density = [], {}
-    last = len(blocks) - 1
+    recorder = recorder or TapRecorder(None, len(blocks))
     for index, block in enumerate(blocks):
         x, paired, attention = checkpointed(blocks.grad_checkpointing, block.forward_paired, x, paired, distractors)
         attentions.append(attention)
-        if blocks.record_cls_attention and index == last:
-            blocks.last_cls_attention = attention[:, 0, blocks.num_prefix_tokens:]
-        if index == blocks.tap_cls_at:
-            blocks.tapped_cls = x[:, 0]
+        recorder.record(index, x, attention[:, 0, blocks.num_prefix_tokens:])
         blocks.tokens_per_block.append(x.shape[1])
     return x, paired, attentions
 

@@ -26,13 +26,7 @@ import torch
 from trivit.config import check
 
 AllReduce = Callable[[torch.Tensor], None]
-"""Sums a tensor in place across ranks (``torch.distributed.all_reduce``); identity in one process."""
-
-
-def sum_across_ranks(tensor: torch.Tensor) -> None:
-    """The default :data:`AllReduce`: ``torch.distributed.all_reduce`` when a process group is up."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
+"""Sums a tensor in place across ranks (the engine's ``sum_across_ranks``); identity in one process."""
 
 
 @dataclass(kw_only=True)

@@ -27,6 +27,7 @@ from trivit.sparse.attention import build_attention_mask, patch_link_density
 from trivit.sparse.blocks import Links, TriLevelBlock, build_links, checkpointed
 from trivit.sparse.config import SparsityConfig
 from trivit.sparse.semantic import SemanticTokens, check_semantic_fits
+from trivit.sparse.taps import TapRecorder, TapRequest, answer
 from trivit.sparse.tokens import select_tokens
 
 # torch.fx traces a routed model at fixed keep rates with the routing's kernels as single calls (they compute
@@ -61,12 +62,6 @@ class RoutedBlocks(nn.Sequential):
         self.attention_density: dict[int, torch.Tensor] = {}
         """Per pruning block of the last forward: the fraction of kept patch-to-patch links its mask
         lets through (over the batch); above the attention keep rate where ties are kept."""
-        self.record_cls_attention = False
-        """Keep the last block's head-averaged [CLS] -> patch attention of each forward (the example level reads it)."""
-        self.last_cls_attention: torch.Tensor | None = None
-        self.tap_cls_at: int | None = None
-        """Keep the [CLS] output of this block in ``tapped_cls`` on each forward (USKD's weak classifier reads it)."""
-        self.tapped_cls: torch.Tensor | None = None
         self.grad_checkpointing = False
         """Recompute every block in backward instead of keeping its activations (routing included)."""
         self.explicit_attention = False
@@ -77,25 +72,26 @@ class RoutedBlocks(nn.Sequential):
     def active(self) -> bool:
         return self.token_keep_rate < 1 or self.attention_keep_rate < 1
 
-    def forward(self, x: torch.Tensor, global_centres: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, global_centres: torch.Tensor | None = None,
+                recorder: TapRecorder | None = None) -> torch.Tensor:
         """``global_centres``: the semantic stage's (the model's parameter), added outside the
-        checkpointed blocks so that a recomputation reads no parameter of the model itself."""
+        checkpointed blocks so that a recomputation reads no parameter of the model itself.
+        ``recorder``: what the caller asked the forward pass to hand back (sparse/taps.py)."""
         links, image, positions = None, None, None
         self.tokens_per_block = []
         self.attention_density = {}
-        last = len(self) - 1
+        recorder = recorder or TapRecorder(None, len(self))
         semantic = self.semantic
         for index, block in enumerate(self):
             prune = self.active and index in self.locations
-            record = self.record_cls_attention and index == last
+            record = recorder.wants_cls_attention(index)
+            cls_attention = None
             prefix = semantic.prefix_after(index) if semantic is not None else self.num_prefix_tokens
             if semantic is not None and index in semantic.roles:
                 if semantic.roles[index] == "stgm2" and global_centres is not None:
                     x = semantic.add_centres(x, global_centres)
                 x, image = self.checkpointed(semantic.run, index, block, x, image, positions)
                 links = None  # the attention level stops at the semantic stage
-                if record:
-                    self.last_cls_attention = None
             elif prune or record:
                 full = self.explicit_attention or (prune and self.attention_keep_rate < 1)
                 ranking = "full" if full else "cls" if prefix else "pooled"
@@ -104,13 +100,12 @@ class RoutedBlocks(nn.Sequential):
                 if semantic is not None and kept is not None:  # where the STGM's pooling finds each patch
                     positions = kept if positions is None else positions.gather(1, kept)
                 if record:
-                    self.last_cls_attention = cls_row[:, prefix:]
+                    cls_attention = cls_row[:, prefix:]
                 if prune and links is not None:
                     self.attention_density[index] = links.density
             else:
                 x = self.checkpointed(block, x, links)
-            if index == self.tap_cls_at:
-                self.tapped_cls = x[:, 0]
+            recorder.record(index, x, cls_attention)
             self.tokens_per_block.append(x.shape[1])
         return x
 
@@ -170,11 +165,14 @@ class TriLevelViT(VisionTransformer):
         if dcal is not None and dcal.glca is not None:
             dcal.glca.grad_checkpointing = enable
 
-    def forward(self, x):  # noqa: ANN001, ANN201 - unannotated: torch.fx copies annotations into the code it
-        # generates, and under ``from __future__ import annotations`` they are strings TorchScript cannot read
-        """timm's forward on the images (a tensor) alone: the routing builds its own masks, so ``torch.fx`` traces
-        one input."""
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x, taps=None):  # noqa: ANN001, ANN201 - unannotated: torch.fx copies annotations into the
+        # code it generates, and under ``from __future__ import annotations`` they are strings TorchScript cannot read
+        """timm's forward on the images; with ``taps`` (a :class:`TapRequest`) it returns ``(logits, Tapped)``.
+
+        The routing builds its own masks, so ``torch.fx`` traces the images alone (a traced ``taps`` is
+        no request: the ``isinstance`` test keeps the graph timm's)."""
+        recorder = TapRecorder(taps, len(self.blocks)) if isinstance(taps, TapRequest) else None
+        return answer(self.forward_head(self.features(x, recorder)), recorder)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` scripts: at keep rates 1.0 the model computes timm's ViT, so timm's own class
@@ -199,7 +197,11 @@ class TriLevelViT(VisionTransformer):
         if attn_mask is not None or is_causal:
             raise ValueError("a trivit ViT builds its attention masks itself (the attention level); "
                              "forward_features takes no attn_mask or is_causal")
-        return self.norm(self.blocks(self.embed(x), getattr(self, "global_centres", None)))
+        return self.features(x)
+
+    def features(self, x: torch.Tensor, recorder: TapRecorder | None = None) -> torch.Tensor:
+        """:meth:`forward_features` of images ``x``, recording what ``recorder`` asks for."""
+        return self.norm(self.blocks(self.embed(x), getattr(self, "global_centres", None), recorder))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         semantic = self.blocks.semantic
@@ -213,7 +215,7 @@ class TriLevelViT(VisionTransformer):
         return super().no_weight_decay() | ({"global_centres"} if hasattr(self, "global_centres") else set())
 
     def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        if self.blocks.active or self.blocks.record_cls_attention:
+        if self.blocks.active:
             raise RuntimeError("forward_intermediates runs the blocks one by one, which would skip the token and "
                                "attention levels; call set_keep_rates(model, 1.0, 1.0) first for dense features")
         return super().forward_intermediates(*args, **kwargs)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_overrides
-from trivit.engine.checkpoint import load_trainer_state
 from trivit.engine.metrics import read_metrics
+from trivit.engine.state.checkpoint import load_trainer_state
 
 DEMO = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
 

@@ -95,7 +95,7 @@ def test_bad_command_arguments(argv, message, run):
 
 def test_bench_writes_a_new_folder_and_never_overwrites_without_the_flag(tmp_path, run, monkeypatch):
     written = []
-    monkeypatch.setattr("trivit.engine.benchmark.bench_speed", lambda *args, out, **kwargs: written.append(out))
+    monkeypatch.setattr("trivit.engine.workflows.benchmark.bench_speed", lambda *args, out, **kwargs: written.append(out))
     monkeypatch.chdir(tmp_path)
     assert run("bench", "speed", "--models", "deit_tiny_patch16_224")[0] == 0
     assert written[-1].parent == Path("bench-results") and written[-1].name.startswith("speed-")

@@ -17,7 +17,7 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 def train(args: argparse.Namespace) -> int:
     from trivit.engine.config import TrainConfig
     from trivit.engine.distributed import destroy_process_group
-    from trivit.engine.run_lock import check_run_dir_free
+    from trivit.engine.state.run_lock import check_run_dir_free
     from trivit.engine.trainer import Preempted, Trainer
 
     config = load(TrainConfig, args.config, args.overrides)
@@ -61,8 +61,8 @@ def closing_sentence(last: dict, run_dir: Path, tensorboard: bool) -> str:
 def prune(args: argparse.Namespace) -> int:
     from trivit.engine.config import TrainConfig
     from trivit.engine.distributed import destroy_process_group
-    from trivit.engine.prune import Pruner
     from trivit.engine.trainer import Preempted
+    from trivit.engine.workflows.prune import Pruner
 
     flags = [f"model.init_from={args.source}", f"prune.target_latency={args.target_latency}"]
     flags += [f"prune.latency_table={args.latency_table}"] if args.latency_table else []
@@ -71,8 +71,8 @@ def prune(args: argparse.Namespace) -> int:
     try:
         pruner = Pruner(config)
         if args.dry_run:
-            pruner.resume()
-            if pruner.world.is_main:
+            pruner.trainer.resume()
+            if pruner.trainer.world.is_main:
                 print(f"config valid; pruning to {config.prune.target_latency} of the unpruned block latency (the "
                       f"table's floor at prune.min_widths: {pruner.objective.floor_fraction:.3f})")
             return 0
@@ -81,7 +81,7 @@ def prune(args: argparse.Namespace) -> int:
         except Preempted as stop:
             print(f"trivit: {stop}", file=sys.stderr)
             return PREEMPTED_EXIT
-        if not pruner.world.is_main:
+        if not pruner.trainer.world.is_main:
             return 0 if summary["target_met"] else 1
         print(json.dumps({key: summary[key] for key in ("target_met", "latency_fraction", "steps", "arch")}))
         if summary["stopped"]:
@@ -109,7 +109,8 @@ def refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
 def export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from trivit.engine.export import WEIGHTS_FILE, export, find_checkpoint
+    from trivit.engine.model.artefacts import WEIGHTS_FILE, find_checkpoint
+    from trivit.engine.model.export import export
 
     checkpoint = find_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint / WEIGHTS_FILE
@@ -165,7 +166,7 @@ def bench(args: argparse.Namespace) -> int:
     import timm
     import torch
 
-    from trivit.engine.benchmark import bench_speed, resolve_modes, select_variants
+    from trivit.engine.workflows.benchmark import bench_speed, resolve_modes, select_variants
 
     unknown = [name for name in args.models if not timm.is_model(name)]
     if unknown:
@@ -187,7 +188,7 @@ def latency_table(args: argparse.Namespace) -> int:
     import torch
 
     from trivit.engine.config import TrainConfig
-    from trivit.engine.prune import full_widths
+    from trivit.engine.workflows.prune import full_widths
     from trivit.sparse.latency import measure_checked_table
     from trivit.sparse.nvit import group_sizes
 
@@ -214,7 +215,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from trivit.engine.distributed import destroy_process_group, world_from_env
-    from trivit.engine.keep_rate_eval import EvalRequest, evaluate_keep_rates, markdown, write_outputs
+    from trivit.engine.workflows.keep_rate_eval import EvalRequest, evaluate_keep_rates, markdown, write_outputs
 
     request = EvalRequest(args.source, keep_rates=tuple(args.keep_rates) if args.keep_rates else None,
                           attention_keep_rates=tuple(args.attention),
@@ -351,7 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     shards_parser.add_argument("--blur", type=float, default=0.3, help="CUDA's random filter entries are U(0, blur)")
     shards_parser.add_argument("--fraction", type=float, default=1.0, help="share of the training images filtered")
     shards_parser.set_defaults(run=shards)
+    methods_parser = commands.add_parser("methods", help="which methods combine (the table start-up checks)")
+    methods_parser.set_defaults(run=methods)
     return parser
+
+
+def methods(args: argparse.Namespace) -> int:
+    from trivit.methods import table_markdown
+
+    print(table_markdown(), end="")
+    return 0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trivit.engine.benchmark import (
+from trivit.engine.workflows.benchmark import (
     Measured,
     Mode,
     Runner,
@@ -66,7 +66,7 @@ def test_overheads_compare_the_right_pairs():
 
 
 def test_no_warmup_steps_is_allowed():
-    from trivit.engine.benchmark import measure_model
+    from trivit.engine.workflows.benchmark import measure_model
 
     measured = measure_model("deit_tiny_patch16_224", (Variant("dense"),), batch=1, repeats=1, steps=1, warmup=0,
                              device=CPU)

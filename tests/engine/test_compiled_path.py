@@ -17,7 +17,7 @@ from trivit.engine.config import TrainConfig
 from trivit.engine.metrics import read_metrics
 from trivit.engine.startup import resolve_run
 from trivit.engine.trainer import Trainer
-from trivit.sparse import create_vit
+from trivit.sparse import TapRequest, create_vit
 from trivit.sparse.schedule import scheduled_keep_rate
 
 RAMP = {  # 16 steps per epoch: the rates fall from step 1 to step 16, then stay at the targets
@@ -61,8 +61,7 @@ def test_routed_model_compiles_to_one_graph_without_breaks():
     sparsity = {"tokens": {"keep_rate": 0.7, "locations": [1, 3], "fuse": True}, "attention": {"keep_rate": 0.3}}
     model = create_vit("deit_tiny_patch16_224", sparsity, img_size=64, depth=5, num_classes=4).train()
     model.set_grad_checkpointing()
-    model.blocks.record_cls_attention = True
-    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64), taps=TapRequest(cls_attention=True, cls_at=2))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 

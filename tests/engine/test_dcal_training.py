@@ -15,12 +15,12 @@ from trivit.cli import main
 from trivit.config import ConfigError, load
 from trivit.engine.compile import compiled_graphs
 from trivit.engine.config import DistillConfig, TrainConfig
-from trivit.engine.dcal_objective import DualCrossAttentionObjective, uncertainty_weighted
-from trivit.engine.distill import Distiller, nkd_loss
 from trivit.engine.metrics import read_metrics
-from trivit.engine.models import create_model
-from trivit.engine.objective import Objective
-from trivit.engine.pretrained import init_from
+from trivit.engine.model.build import create_model
+from trivit.engine.model.pretrained import init_from
+from trivit.engine.objectives.base import Objective
+from trivit.engine.objectives.dcal import DualCrossAttentionObjective, uncertainty_weighted
+from trivit.engine.objectives.distill import Distiller, nkd_loss
 from trivit.engine.trainer import Trainer
 from trivit.sparse.dcal import DCALConfig, DCALOutputs
 

@@ -10,8 +10,8 @@ import torch
 from tests.conftest import TINY_TEACHER_KWARGS, tiny_overrides
 from trivit.config import ConfigError, load
 from trivit.engine.config import DistillConfig, TrainConfig
-from trivit.engine.distill import Distiller, hard_distillation, nkd_loss, soft_distillation
 from trivit.engine.metrics import read_metrics
+from trivit.engine.objectives.distill import Distiller, hard_distillation, nkd_loss, soft_distillation
 from trivit.engine.trainer import Trainer
 
 STUDENT = [[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, -0.4]]

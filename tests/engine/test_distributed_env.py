@@ -55,7 +55,7 @@ def test_first_host_of_a_slurm_nodelist(nodelist, first):
 def resume_rank(rank: int, init_file: str, folders: list[str], unreadable_on_rank_1: bool, out: str) -> None:
     import json
 
-    from trivit.engine import checkpoint
+    from trivit.engine.state import checkpoint
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     if rank == 1 and unreadable_on_rank_1:

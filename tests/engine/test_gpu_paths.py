@@ -22,14 +22,14 @@ from trivit.datasets.loaders import eval_loader
 from trivit.datasets.shards import write_split
 from trivit.datasets.stream import SampleDecoder
 from trivit.datasets.transforms import eval_transform
-from trivit.engine import rng
 from trivit.engine.backends.fsdp import SHARDS, export_weights
 from trivit.engine.backends.zero import deepspeed_config
 from trivit.engine.compile import allow_recompiles, graph_bound, report_recompile_limit
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World
 from trivit.engine.evaluation import Evaluator
-from trivit.engine.run_lock import lock_run_dir
+from trivit.engine.state import rng
+from trivit.engine.state.run_lock import lock_run_dir
 from trivit.locks import InUse
 from trivit.sparse import blocks, create_vit, set_keep_rates
 

@@ -12,8 +12,8 @@ from tests.conftest import tiny_overrides
 from trivit.config import load
 from trivit.engine.config import TrainConfig
 from trivit.engine.metrics import read_metrics
+from trivit.engine.model.pretrained import init_from
 from trivit.engine.optim import build_optimizer, build_scheduler, peak_group_lr
-from trivit.engine.pretrained import init_from
 from trivit.engine.trainer import Trainer
 from trivit.sparse import create_vit, set_keep_rates
 

@@ -15,13 +15,13 @@ from tests.conftest import tiny_overrides
 from tests.faults.test_process_faults import read_metrics
 from trivit.cli import main
 from trivit.config import ConfigError, load
-from trivit.engine.checkpoint import load_trainer_state
 from trivit.engine.config import TrainConfig
-from trivit.engine.export import export, find_checkpoint
-from trivit.engine.models import UNIT_MASKS
+from trivit.engine.model.artefacts import UNIT_MASKS, find_checkpoint
+from trivit.engine.model.export import export
 from trivit.engine.optim import build_optimizer
-from trivit.engine.prune import Pruner
+from trivit.engine.state.checkpoint import load_trainer_state
 from trivit.engine.trainer import Trainer
+from trivit.engine.workflows.prune import Pruner
 from trivit.sparse.latency import LatencyTable
 from trivit.sparse.pruned import PrunedArch, create_pruned_vit, pruned_entries, unit_axes
 
@@ -142,10 +142,10 @@ def test_pruning_stops_when_accuracy_collapses_or_nothing_can_go(tiny_shards, so
     objective = pruner.objective
     objective.start_top1 = 80.0
     objective.observe_evaluation({"eval_top1": 60.0})
-    assert not objective.stopped and not pruner.finished()
+    assert not objective.stopped and not pruner.trainer.finished()
     objective.observe_evaluation({"eval_top1": 30.0})
     assert "top-1 fell to 30.00%, below prune.min_accuracy=0.5 of the unpruned model's 80.00%" in objective.stopped
-    assert pruner.finished()
+    assert pruner.trainer.finished()
 
 
 def test_every_pruning_step_is_logged_and_evaluated(pruned_run):

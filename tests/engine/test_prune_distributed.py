@@ -17,7 +17,7 @@ from tests.launchers import DISTRIBUTED, ROOT, TOLERANCE, launch_command
 from trivit.config import load
 from trivit.engine.config import TrainConfig
 from trivit.engine.metrics import read_metrics
-from trivit.engine.prune import Pruner
+from trivit.engine.workflows.prune import Pruner
 from trivit.sparse.pruned import BlockWidths, PrunedArch, create_pruned_vit
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -54,7 +54,7 @@ def test_a_pruned_model_trains_with_the_three_levels_and_prunes_further_on_two_p
     one = tmp_path / "one"
     pruner = Pruner(load(TrainConfig, None, tiny_overrides(tiny_shards, one, **settings, **{
         "engine.grad_accum_steps": "2", "model.init_from": str(source)})))
-    assert PrunedArch.of_vit("deit_tiny_patch16_224", pruner.model) == PrunedArch.load(source.parent / "arch.json")
+    assert PrunedArch.of_vit("deit_tiny_patch16_224", pruner.trainer.model) == PrunedArch.load(source.parent / "arch.json")
     pruner.prune()
     command, env = launch_command(kind, tiny_shards, tmp_path / "two", **backend, **PRUNING,
                                   **{"prune.latency_table": str(table)})

@@ -12,10 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import tiny_overrides
 from trivit.config import load
-from trivit.engine.checkpoint import CheckpointManager
 from trivit.engine.config import TrainConfig
 from trivit.engine.evaluation import Evaluator
 from trivit.engine.metrics import read_metrics
+from trivit.engine.state.checkpoint import CheckpointManager
 from trivit.engine.trainer import Trainer
 
 

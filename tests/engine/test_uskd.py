@@ -10,11 +10,11 @@ import torch
 from tests.conftest import tiny_overrides
 from trivit.config import ConfigError, load
 from trivit.engine.config import OptimConfig, TrainConfig, USKDConfig
-from trivit.engine.distill import SelfDistiller, label_distribution, uskd_terms, weak_block, zipf_weights
-from trivit.engine.loss import smoothed_targets
 from trivit.engine.metrics import read_metrics
+from trivit.engine.objectives.losses import smoothed_targets
+from trivit.engine.objectives.uskd import SelfDistiller, label_distribution, uskd_terms, weak_block, zipf_weights
 from trivit.engine.trainer import Trainer
-from trivit.sparse import create_vit
+from trivit.sparse import Tapped, create_vit
 
 STUDENT = [[2.0, 0.5, -1.0, 0.0, 1.2], [0.1, 0.2, 0.3, -0.4, 1.5], [-0.3, 1.1, 0.4, 0.9, 0.0]]
 WEAK = [[0.0, -1.0, 2.0, 1.0, 0.5], [1.0, 0.0, -0.5, 2.5, 0.3], [0.7, -0.2, 1.9, 0.1, 1.4]]
@@ -102,10 +102,9 @@ def test_the_objective_is_ce_plus_the_weighted_terms_and_the_weak_loss():
     """With label smoothing 0.1 in the targets: CE + alpha L_t + beta L_nt + mu x CE(W f, 0.9 y + 0.1 / K)."""
     distiller, model = tiny_self_distiller(alpha=0.7, beta=0.2, mu=0.05)
     features = torch.randn(3, 8)
-    model.blocks.tapped_cls = features
     targets = torch.tensor(LABELS) * 0.9 + 0.02  # (1 - 0.1) y + 0.1 / 5
     label_losses = torch.tensor([0.3, 0.4, 0.5])
-    got = distiller.objective(label_losses, torch.tensor(STUDENT), torch.zeros(3, 1), targets)
+    got = distiller.objective(label_losses, torch.tensor(STUDENT), torch.zeros(3, 1), targets, Tapped(cls_output=features))
     weak = (features.double() @ distiller.head.weight.double().T + distiller.head.bias.double()).tolist()
     terms = uskd_reference(STUDENT, weak, LABELS, "paper")
     expected = []
@@ -123,18 +122,18 @@ def test_the_weak_classifier_gets_the_gradients_of_one_graph():
     weights = torch.tensor([0.5, 1.0, 0.25])
 
     def forward():
-        logits = model(images)
-        return logits, (-(targets * logits.log_softmax(-1)).sum(-1))
+        logits, tapped = model(images, taps=distiller.taps)
+        return logits, (-(targets * logits.log_softmax(-1)).sum(-1)), tapped
 
-    logits, label_losses = forward()
-    distiller.loss(label_losses, logits, images, targets, weights).backward()
+    logits, label_losses, tapped = forward()
+    distiller.loss(label_losses, logits, images, targets, weights, tapped).backward()
     distiller.backward()
     split = {n: p.grad.clone() for n, p in model.named_parameters()}
     split_head = [p.grad.clone() for p in distiller.head.parameters()]
     model.zero_grad(), distiller.zero_grad()
 
-    logits, label_losses = forward()
-    features, labels = model.blocks.tapped_cls, label_distribution(targets, 0.1)
+    logits, label_losses, tapped = forward()
+    features, labels = tapped.cls_output, label_distribution(targets, 0.1)
     weak = distiller.head(features)
     target, non_target = uskd_terms(logits, weak.detach(), labels)
     weak_ce = -((0.9 * labels + 0.02) * weak.log_softmax(-1)).sum(-1)
@@ -148,12 +147,11 @@ def test_the_weak_classifier_gets_the_gradients_of_one_graph():
 
 def test_the_weak_classifier_reads_the_cls_of_block_half_depth_minus_one():
     assert [weak_block(d) for d in (2, 4, 12, 24)] == [0, 1, 5, 11]
-    _, model = tiny_self_distiller(depth=4)
+    distiller, model = tiny_self_distiller(depth=4)
     images = torch.randn(2, 1, 16, 16)
     model.eval()
     with torch.no_grad():
-        model(images)
-        tapped = model.blocks.tapped_cls.clone()
+        tapped = model(images, taps=distiller.taps)[1].cls_output
         intermediates = model.forward_intermediates(images, indices=[1], norm=False, output_fmt="NLC",
                                                     return_prefix_tokens=True, intermediates_only=True)
     _, prefix = intermediates[0]  # (patch tokens, prefix tokens)

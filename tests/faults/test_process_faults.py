@@ -15,9 +15,9 @@ import torch
 
 from tests.conftest import fault_step, tiny_overrides
 from trivit.config import load
-from trivit.engine.checkpoint import CheckpointManager
 from trivit.engine.config import TrainConfig
 from trivit.engine.metrics import read_metrics
+from trivit.engine.state.checkpoint import CheckpointManager
 from trivit.engine.trainer import Trainer
 
 DEMO = str(Path(__file__).parents[2] / "configs" / "demo.yaml")

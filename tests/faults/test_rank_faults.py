@@ -20,8 +20,8 @@ from tests.conftest import fault_step, tiny_overrides
 from tests.faults.test_process_faults import last_losses, wait_for_steps
 from tests.launchers import DISTRIBUTED, ROOT, free_port, launch_command
 from trivit.config import load
-from trivit.engine.checkpoint import CheckpointManager
 from trivit.engine.config import TrainConfig
+from trivit.engine.state.checkpoint import CheckpointManager
 from trivit.engine.trainer import Trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

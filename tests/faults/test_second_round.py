@@ -370,7 +370,7 @@ def test_disk_full_while_writing_the_final_model_is_one_line_and_a_rerun_writes_
                                                                                     monkeypatch):
     import errno
 
-    from trivit.engine import export
+    from trivit.engine.model import export
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -8,8 +8,8 @@ import sys
 import time
 
 from tests.conftest import tiny_overrides
-from trivit.engine.checkpoint import CheckpointManager
 from trivit.engine.metrics import read_metrics
+from trivit.engine.state.checkpoint import CheckpointManager
 
 
 def trivit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -12,8 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from trivit.config import ConfigError
-from trivit.engine.pretrained import init_from
-from trivit.sparse import create_vit, set_keep_rates
+from trivit.engine.model.pretrained import init_from
+from trivit.sparse import TapRequest, create_vit, set_keep_rates
 from trivit.sparse.flops import dense_fraction, model_flops
 
 SMALL = dict(num_classes=5, img_size=56, patch_size=4, in_chans=1, embed_dim=32, depth=6, num_heads=2, mlp_ratio=2.0)
@@ -146,20 +146,19 @@ def test_the_example_level_reads_the_mean_querys_attention_where_cls_is_gone():
     """With head 'gap' there is no [CLS] after the STGM: the last block's recorded row is the softmax of the
     mean query against the keys, averaged over the heads."""
     model = semantic_vit().double().eval()
-    model.blocks.record_cls_attention = True
     last = model.blocks[-1]
     inputs = []
     routed = last.forward_routed
     last.forward_routed = lambda x, *args: inputs.append(x) or routed(x, *args)
     with torch.no_grad():
-        model(torch.randn(2, 1, 56, 56, dtype=torch.float64))
+        _, tapped = model(torch.randn(2, 1, 56, 56, dtype=torch.float64), taps=TapRequest(cls_attention=True))
         x = layer_norm(inputs[0], last.norm1)
         dim, heads = x.shape[-1], last.attn.num_heads
         q = (x @ last.attn.qkv.weight[:dim].T + last.attn.qkv.bias[:dim]).reshape(2, 16, heads, -1).transpose(1, 2)
         k = (x @ last.attn.qkv.weight[dim:2 * dim].T + last.attn.qkv.bias[dim:2 * dim]).reshape(2, 16, heads, -1)
         scores = q.mean(2, keepdim=True) @ k.permute(0, 2, 3, 1) / math.sqrt(dim // heads)
         expected = scores.softmax(-1).mean(1)[:, 0]
-    torch.testing.assert_close(model.blocks.last_cls_attention, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(tapped.cls_attention, expected, rtol=0, atol=1e-12)
 
 
 def test_activation_checkpointing_recomputes_the_semantic_stage_exactly():

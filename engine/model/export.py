@@ -14,23 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from trivit.engine.backends import export_weights
-from trivit.engine.checkpoint import CheckpointManager, checkpoint_folder, load_trainer_state
-from trivit.engine.models import ARCH_FILE, GLCA_FILE, exported_state
+from trivit.engine.model.artefacts import ARCH_FILE, GLCA_FILE, exported_state
+from trivit.engine.state.checkpoint import checkpoint_folder, load_trainer_state
 from trivit.sparse.dcal import GLCA_PREFIX, entries_under, split_branch
 from trivit.sparse.pruned import PrunedArch
-
-WEIGHTS_FILE = "model.safetensors"
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if it is a checkpoint folder (or its trainer.pt), else the newest under a run_dir."""
-    path = checkpoint_folder(path)
-    if (path / "trainer.pt").is_file():
-        return path
-    saved = CheckpointManager(path / "checkpoints", keep=1).saved()
-    if not saved:
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder (with trainer.pt) nor a run_dir with checkpoints")
-    return saved[-1][1]
 
 
 def consolidated_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:

@@ -8,41 +8,18 @@ file has the ``arch.json`` written beside it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from trivit.config import ConfigError
 from trivit.engine.config import TrainConfig
+from trivit.engine.model.artefacts import source_arch
+from trivit.engine.model.pretrained import init_from
 from trivit.sparse import create_vit
 from trivit.sparse.dcal import add_dcal
-from trivit.sparse.pruned import PrunedArch, create_pruned_vit, strip_state, unit_axes
-
-ARCH_FILE = "arch.json"
-GLCA_FILE = "glca.safetensors"
-"""A DCAL model's GLCA branch, written beside its exported backbone (``block.*``, ``norm.*``, ``head.*``)."""
-UNIT_MASKS = "unit_masks"
-"""The entry of a pruning run's objective state that holds its masks (``trivit prune``)."""
-
-
-def source_arch(source: str | None) -> PrunedArch | None:
-    """The pruned architecture of ``source`` (a run_dir, checkpoint folder or weights file), None for a timm one."""
-    from trivit.engine.checkpoint import load_trainer_state
-    from trivit.engine.export import find_checkpoint
-
-    if source is None or source == "timm":
-        return None
-    path = Path(source).expanduser()
-    if path.is_file() and path.name != "trainer.pt":
-        beside = path.parent / ARCH_FILE
-        return PrunedArch.load(beside) if beside.is_file() else None
-    if not path.exists():
-        return None
-    _, arch = exported_state({}, load_trainer_state(find_checkpoint(path), mmap=True))
-    return arch
+from trivit.sparse.pruned import PrunedArch, create_pruned_vit
 
 
 def model_arch(config: TrainConfig, source: str | None = None) -> PrunedArch | None:
@@ -71,8 +48,6 @@ def create_model(config: TrainConfig, num_classes: int, arch: PrunedArch | None,
 def build_training_model(config: TrainConfig, num_classes: int,
                          arch: PrunedArch | None) -> tuple[nn.Module, dict[str, Any]]:
     """The model a run trains, with ``model.init_from``'s weights; returns it and what was loaded from where."""
-    from trivit.engine.pretrained import init_from
-
     model_cfg = config.model
     model = create_model(config, num_classes, arch)
     if config.engine.activation_checkpointing:
@@ -85,24 +60,15 @@ def build_training_model(config: TrainConfig, num_classes: int,
     return model, record
 
 
+ModelBuilder = Callable[[TrainConfig, int], tuple[nn.Module, dict[str, Any]]]
+"""Builds a run's model for ``num_classes`` classes: (the model, what ``model.init_from`` loaded from where)."""
+
+
+def build_run_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A training run's :data:`ModelBuilder`: the architecture :func:`model_arch` names, with its starting weights."""
+    return build_training_model(config, num_classes, model_arch(config))
+
+
 def arch_record(model: nn.Module) -> dict[str, Any] | None:
     """What ``trainer.pt`` records of a pruned model (its architecture and timm arguments; None for timm's)."""
     return getattr(model, "arch_record", None)
-
-
-def exported_state(weights: Mapping[str, torch.Tensor],
-                   trainer_state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], PrunedArch | None]:
-    """A checkpoint's weights as exported, and their architecture: a pruning run's masked units stripped."""
-    record = trainer_state.get("arch")
-    if record is None:
-        return dict(weights), None
-    arch = PrunedArch(**record["arch"])
-    objective = trainer_state.get("objective") or {}
-    masks = objective.get(UNIT_MASKS) if isinstance(objective, Mapping) else None
-    if masks is None:
-        return dict(weights), arch
-    if not weights:
-        return {}, arch.kept(masks)
-    with torch.device("meta"):
-        model = create_pruned_vit(arch, **record["timm_kwargs"])
-    return strip_state(weights, unit_axes(model, arch), masks), arch.kept(masks)

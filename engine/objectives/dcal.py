@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from trivit.engine.loss import per_sample_cross_entropy
-from trivit.engine.objective import ModelOutputs, Objective
+from trivit.engine.objectives.base import ModelOutputs, Objective
+from trivit.engine.objectives.losses import per_sample_cross_entropy
 from trivit.sparse.dcal import DCALConfig, DCALOutputs, keyed_distractors
+from trivit.sparse.taps import NOTHING_TAPPED, Tapped
 
 
 def uncertainty_weighted(losses: list[torch.Tensor], log_vars: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -31,6 +32,7 @@ class DualCrossAttentionObjective(Objective):
 
     def __init__(self, inner: Objective, config: DCALConfig, seed: int, device: torch.device):
         self.inner, self.config, self.seed, self.device = inner, config, seed, device
+        self.taps = inner.taps
 
     def model_inputs(self, ids: torch.Tensor, step: int) -> dict[str, Any]:
         """PWCA's distractors, a function of the micro-batch's samples and the step (:func:`keyed_distractors`)."""
@@ -40,10 +42,10 @@ class DualCrossAttentionObjective(Objective):
         return inputs
 
     def loss(self, label_losses: torch.Tensor, outputs: ModelOutputs, images: torch.Tensor, targets: torch.Tensor,
-             weights: torch.Tensor) -> torch.Tensor:
+             weights: torch.Tensor, tapped: Tapped = NOTHING_TAPPED) -> torch.Tensor:
         if not isinstance(outputs, DCALOutputs):
             raise TypeError("the DCAL objective needs a DCAL model's training outputs (model.dcal, in train mode)")
-        losses = [self.inner.loss(label_losses, outputs.logits, images, targets, weights)]
+        losses = [self.inner.loss(label_losses, outputs.logits, images, targets, weights, tapped)]
         losses += [(per_sample_cross_entropy(logits, targets) * weights).sum()
                    for logits in (outputs.glca, outputs.pwca) if logits is not None]
         return uncertainty_weighted(losses, outputs.log_vars, weights.sum())

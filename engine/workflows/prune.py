@@ -10,7 +10,7 @@ label loss plus a distillation to the frozen unpruned model, and which also:
   block latency by the table has fallen by ``prune.latency_step``, on every rank alike;
 - ends once the target latency is met, with ``model.safetensors`` holding the stripped model
   and ``arch.json`` its architecture (the export of a pruning checkpoint strips the masked
-  units, engine/models.py), ready for ``trivit train model.init_from=RUN_DIR``.
+  units, engine/model/build.py), ready for ``trivit train model.init_from=RUN_DIR``.
 
 Masked units contribute nothing and receive no gradient, whatever the backend or its sharding;
 at each pruning step their weights and optimizer state are also set to zero (the backend's
@@ -34,9 +34,11 @@ from torch import nn
 from trivit.config import ConfigError
 from trivit.engine.backends.base import NamedGradients
 from trivit.engine.config import DistillConfig, PruneConfig, TrainConfig
-from trivit.engine.distill import Distiller
-from trivit.engine.models import UNIT_MASKS, build_training_model, model_arch
+from trivit.engine.model.artefacts import UNIT_MASKS
+from trivit.engine.model.build import build_training_model, model_arch
+from trivit.engine.objectives.distill import Distiller
 from trivit.engine.trainer import Trainer
+from trivit.methods import check_composition
 from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.latency import LatencyTable, measure_checked_table
 from trivit.sparse.nvit import SaliencyMeter, choose_groups, floor_arch, floor_units, group_sizes, normalised
@@ -85,6 +87,20 @@ class PruningObjective(Distiller):
 
     def target_met(self) -> bool:
         return self.latency_fraction <= self.prune.target_latency + 1e-9
+
+    ends_with_the_epochs = False
+
+    def finished(self) -> bool:
+        """The target is met, or pruning stopped short of it (epochs go on until then)."""
+        return self.target_met() or bool(self.stopped)
+
+    def evaluate_now(self) -> bool:
+        """Every pruning step is evaluated too, so that a collapse shows while it happens."""
+        return self.pruned_at(self.steps)
+
+    @property
+    def gradient_hook(self) -> Callable[[NamedGradients], None]:
+        return self.add_gradients
 
     def add_gradients(self, gradients: NamedGradients) -> None:
         """The backend's gradient hook: one batch of saliency, unless the target is already met."""
@@ -189,66 +205,58 @@ def _same_on_every_rank(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return holder[0]
 
 
-class Pruner(Trainer):
-    """The pruning run: a :class:`Trainer` whose model starts at the source's full widths, masked as it goes."""
+class Pruner:
+    """The pruning run: a :class:`Trainer` given the source at its full widths (and a frozen copy of it, the teacher)
+    and the :class:`PruningObjective`, which brings its gradient hook, its evaluations and its end."""
 
     def __init__(self, config: TrainConfig):
         check_prunable(config)
-        super().__init__(config)
-        if self.amp_dtype == torch.float16:
+        self.config = config
+        self.trainer = trainer = Trainer(config, build_model=self._build_model)
+        if trainer.amp_dtype == torch.float16:
             raise ConfigError("engine.precision", "got fp16; pruning reads the gradients unscaled: use bf16 or fp32")
         table = self._latency_table()
         table.check_fits(self.arch)
-        self.objective = PruningObjective(config.prune, self.teacher.to(self.device), self.amp_dtype, self.model,
-                                          self.arch, table, self.device, self.backend.zero_entries)
-        check_target_reachable(config.prune, self.objective.floor_fraction, table)
-        self.objective.evaluate_teacher = lambda: self.evaluator.evaluate(self.teacher)["eval_top1"]
-        self.backend.gradient_hook = self.objective.add_gradients
+        objective = PruningObjective(config.prune, self.teacher.to(trainer.device), trainer.amp_dtype, trainer.model,
+                                     self.arch, table, trainer.device, trainer.backend.zero_entries)
+        check_target_reachable(config.prune, objective.floor_fraction, table)
+        objective.evaluate_teacher = lambda: trainer.evaluator.evaluate(self.teacher)["eval_top1"]
+        trainer.use_objective(objective)
+        self.objective = objective
 
-    def _build_model(self, num_classes: int) -> nn.Module:
-        config = self.config
+    def _build_model(self, config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
         self.arch = model_arch(config) or full_widths(config, num_classes)
-        model, self.init_record = build_training_model(config, num_classes, self.arch)
+        model, record = build_training_model(config, num_classes, self.arch)
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         set_keep_rates(self.teacher, 1.0, 1.0)  # the unpruned model, dense
-        return model
+        return model, record
 
     def _latency_table(self) -> LatencyTable:
-        prune = self.config.prune
+        prune, trainer = self.config.prune, self.trainer
         if prune.latency_table is not None:
             return LatencyTable.load(prune.latency_table)
-        path = self.run_dir / TABLE_FILE
-        if self.world.is_main and not path.is_file():
+        path = trainer.run_dir / TABLE_FILE
+        if trainer.world.is_main and not path.is_file():
             log.info("measuring a block latency table of %s on %s (prune.latency_table names a measured one)",
-                     self.config.model.name, self.device)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+                     self.config.model.name, trainer.device)
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
             table = measure_checked_table(self.config.model.name, self.config.model.timm_arguments(),
-                                          group_sizes(self.arch), self.device, prune.table_batch, repeats=5)
+                                          group_sizes(self.arch), trainer.device, prune.table_batch, repeats=5)
             table.save(path)
         if dist.is_initialized():
             dist.barrier()
         return LatencyTable.load(path)
 
-    def finished(self) -> bool:
-        """The target is met, pruning stopped short of it, or ``schedule.max_steps`` reached (epochs go on until then)."""
-        max_steps = self.config.schedule.max_steps
-        return (self.objective.target_met() or bool(self.objective.stopped)
-                or (max_steps is not None and self.step >= max_steps))
-
-    def _is_eval_step(self) -> bool:
-        """Every pruning step is evaluated too, so that a collapse shows while it happens."""
-        return super()._is_eval_step() or self.objective.pruned_at(self.objective.steps)
-
     def prune(self) -> dict[str, Any]:
         """Prune to the target; returns a summary (the history is also in run_dir/prune.json)."""
-        objective = self.objective
-        self.train()
+        objective, trainer = self.objective, self.trainer
+        trainer.train()
         summary = {"target_met": objective.target_met(), "latency_fraction": objective.latency_fraction,
-                   "target_latency": self.config.prune.target_latency, "steps": self.step,
+                   "target_latency": self.config.prune.target_latency, "steps": trainer.step,
                    "stopped": objective.stopped, "start_top1": objective.start_top1,
                    "arch": dataclasses.asdict(self.arch.kept(objective.masks)), "history": objective.history}
-        if self.world.is_main:
-            (self.run_dir / HISTORY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+        if trainer.world.is_main:
+            (trainer.run_dir / HISTORY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
 
@@ -276,12 +284,7 @@ def check_prunable(config: TrainConfig) -> None:
     if not config.model.init_from:
         raise ConfigError("model.init_from", "trivit prune needs the trained model to prune: --from RUN_DIR, a "
                                              "checkpoint folder or a weights file")
-    if config.distill.loss != "none":
-        raise ConfigError("distill.loss", f"got {config.distill.loss!r}; pruning distils from the unpruned model "
-                                          "itself (prune.alpha, prune.temperature): leave distill.loss none")
-    if config.model.dcal.enabled:
-        raise ConfigError("model.dcal", "trivit prune removes units of the backbone's blocks, not of DCAL's GLCA block; "
-                                        "prune with DCAL off (model.dcal.glca_top_r=0, model.dcal.pwca=false)")
+    check_composition(config, pruning=True)
     if config.optim.ema_decay is not None:
         raise ConfigError("optim.ema_decay", "an EMA would average weights across pruning steps (it would keep the "
                                              "removed units alive); set optim.ema_decay=null to prune")

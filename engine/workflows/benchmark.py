@@ -33,9 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from trivit.engine.compile import raise_recompile_limit
-from trivit.engine.loss import per_sample_cross_entropy, smoothed_targets
+from trivit.engine.objectives.losses import per_sample_cross_entropy, smoothed_targets
 from trivit.engine.startup import PRECISION_DTYPES, precision_name
-from trivit.sparse import create_vit, set_keep_rates
+from trivit.sparse import TapRequest, create_vit, set_keep_rates
 from trivit.sparse.examples import ExampleStats
 from trivit.sparse.flops import model_flops
 
@@ -165,23 +165,25 @@ class Runner:
         self.ids = torch.arange(batch, device=device)
 
     def activate(self) -> None:
-        """Put the shared model in this variant's state (checkpointing, keep rates, [CLS]-attention recording)."""
+        """Put the shared model in this variant's state (checkpointing, keep rates)."""
         self.model.set_grad_checkpointing(self.mode.checkpointing)
         if self.variant.timm_dense:
             return
         self.model.blocks.explicit_attention = self.mode.explicit_attention
         set_keep_rates(self.model, self.variant.tokens, self.variant.attention)
-        self.model.blocks.record_cls_attention = self.stats is not None
 
     def step(self) -> None:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.forward(self.images)
+            if self.stats is None:
+                logits = self.forward(self.images)
+            else:  # the example level scores the samples by the last block's [CLS] attention
+                logits, tapped = self.forward(self.images, taps=TapRequest(cls_attention=True))
         losses = per_sample_cross_entropy(logits, self.targets)
         self.optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
         self.optimizer.step()
         if self.stats is not None:
-            self.stats.update(self.ids, logits.detach(), self.labels, self.model.blocks.last_cls_attention,
+            self.stats.update(self.ids, logits.detach(), self.labels, tapped.cls_attention,
                               losses.detach())
 
     def timed(self, steps: int) -> float:

@@ -26,8 +26,8 @@ from trivit.datasets.transforms import eval_transform, image_mode
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, init_process_group
 from trivit.engine.evaluation import Evaluator, PlainInputs
-from trivit.engine.models import create_model, model_arch
-from trivit.engine.pretrained import find_run_config, load_adapted, read_weights
+from trivit.engine.model.build import create_model, model_arch
+from trivit.engine.model.pretrained import find_run_config, load_adapted, read_weights
 from trivit.engine.startup import precision_name, resolve_device
 from trivit.sparse import set_keep_rates
 

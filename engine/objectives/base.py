@@ -1,16 +1,19 @@
 """The training objective's interface, and what the model's forward returns in training.
 
 The trainer computes the per-sample label loss of the head the labels train and hands it, with
-the model's outputs, to the run's :class:`Objective` (engine/distill.py builds it): the label
+the model's outputs, to the run's :class:`Objective` (engine/objectives/factory.py builds it): the label
 loss alone, a distillation objective, DCAL's uncertainty-weighted branches.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from trivit.engine.backends.base import NamedGradients
 from trivit.sparse.dcal import DCALOutputs
+from trivit.sparse.taps import NOTHING_TAPPED, Tapped, TapRequest
 
 ModelOutputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | DCALOutputs
 """What the model's forward returns in training: logits, a distilled DeiT's two heads' logits, or DCAL's outputs."""
@@ -23,8 +26,11 @@ class Objective:
     (``backward``, ``step``, ``zero_grad``, state) let an objective train parameters of its own.
     """
 
+    taps = TapRequest()
+    """What the objective needs the forward pass to hand back (USKD: a [CLS] output); :meth:`loss` gets it."""
+
     def objective(self, label_losses: torch.Tensor, logits: torch.Tensor, images: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
+                  targets: torch.Tensor, tapped: Tapped = NOTHING_TAPPED) -> torch.Tensor:
         return label_losses
 
     def model_inputs(self, ids: torch.Tensor, step: int) -> dict[str, Any]:
@@ -32,9 +38,9 @@ class Objective:
         return {}
 
     def loss(self, label_losses: torch.Tensor, outputs: ModelOutputs, images: torch.Tensor, targets: torch.Tensor,
-             weights: torch.Tensor) -> torch.Tensor:
+             weights: torch.Tensor, tapped: Tapped = NOTHING_TAPPED) -> torch.Tensor:
         """The micro-batch's loss: the per-sample objective weighted by ``weights`` and summed."""
-        return (self.objective(label_losses, split_heads(outputs)[1], images, targets) * weights).sum()
+        return (self.objective(label_losses, split_heads(outputs)[1], images, targets, tapped) * weights).sum()
 
     def backward(self) -> None:
         """After the backend's backward of each micro-batch: gradients of the objective's own parameters."""
@@ -51,6 +57,20 @@ class Objective:
 
     def observe_evaluation(self, results: dict[str, Any]) -> None:
         """After each evaluation of the trained model, with its metrics (``eval_top1``, ...)."""
+
+    gradient_hook: Callable[[NamedGradients], None] | None = None
+    """Called by the backend with the step's reduced gradients, whole on every rank (pruning's saliency)."""
+
+    ends_with_the_epochs = True
+    """False: training goes on past ``schedule.epochs`` until :meth:`finished` (or ``schedule.max_steps``)."""
+
+    def finished(self) -> bool:
+        """Whether the objective has reached its own end of training (a pruning run's latency target)."""
+        return False
+
+    def evaluate_now(self) -> bool:
+        """Whether the step just taken must be evaluated, beside the schedule's evaluations."""
+        return False
 
     def state_dict(self) -> dict[str, Any] | None:
         return None

@@ -26,8 +26,8 @@ from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from trivit.engine.export import consolidated_weights, find_checkpoint
-from trivit.engine.models import GLCA_FILE
+from trivit.engine.model.artefacts import GLCA_FILE, find_checkpoint
+from trivit.engine.model.export import consolidated_weights
 from trivit.sparse.dcal import GLCA_PREFIX, entries_under, split_branch
 
 log = logging.getLogger(__name__)
