@@ -102,3 +102,16 @@ def compile_blocks(model: nn.Module, backend: str) -> None:
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far (every recompilation adds one)."""
     return counters["stats"]["unique_graphs"]
+
+
+class CompileWatch:
+    """What a compiled run adds to the loop: dynamo's recompile limit raised to the run's bound before the first
+    forward (:func:`allow_recompiles`), and the graph count in each metrics line; nothing with ``engine.compile`` off."""
+
+    def __init__(self, enabled: bool, levels: int, locations: int, eval_shapes: int, eval_models: int):
+        self.enabled = enabled
+        if enabled:
+            allow_recompiles(levels, locations, eval_shapes, eval_models)
+
+    def metrics(self) -> dict[str, int]:
+        return {"compiled_graphs": compiled_graphs()} if self.enabled else {}

@@ -27,7 +27,7 @@ from trivit.datasets.loaders import DataWaitStopped, train_loader
 from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend
-from trivit.engine.compile import allow_recompiles, compiled_graphs
+from trivit.engine.compile import CompileWatch
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import gather_objects, init_process_group
 from trivit.engine.ema import build_ema
@@ -51,7 +51,7 @@ from trivit.engine.state.run_lock import lock_run_dir
 from trivit.engine.step_guard import StepGuard
 from trivit.sparse import set_keep_rates
 from trivit.sparse.flops import dense_fraction
-from trivit.sparse.schedule import scheduled_keep_rate
+from trivit.sparse.schedule import keep_rates_at
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ class Trainer:
         self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode, self.num_classes)
         eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode, self.num_classes)
         self.evaluator = Evaluator(config, self.world, self.device, self.shards.val_urls, self.backend, eval_decoder)
-        if config.engine.compile:  # before the first (compiling) forward
-            allow_recompiles(config.sparsity.schedule.levels, len(self.model.blocks.locations),
-                             self.evaluator.batch_shapes(), 1 + (self.ema is not None))
+        self.compile_watch = CompileWatch(config.engine.compile, config.sparsity.schedule.levels,  # before compiling
+                                          len(self.model.blocks.locations), self.evaluator.batch_shapes(),
+                                          1 + (self.ema is not None))
 
         self.planner = build_planner(config.sparsity.examples, self.shards.num_ids, self.shards.train_samples,
                                      config.schedule.epochs, config.seed, self.device)
@@ -180,13 +180,6 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------
 
-    def keep_rates(self, epoch: float) -> tuple[float, float]:
-        """(token, attention) keep rates of the sparsity schedule at fractional ``epoch``."""
-        sparsity = self.config.sparsity
-        schedule = sparsity.schedule
-        return tuple(scheduled_keep_rate(epoch, target, schedule.start_epochs, schedule.span_epochs, schedule.levels)
-                     for target in (sparsity.tokens.keep_rate, sparsity.attention.keep_rate))
-
     def _step_record(self, loss: torch.Tensor, img_per_s: float) -> dict[str, Any]:
         """The metrics of the step just taken (a skipped non-finite loss is logged as null)."""
         loss_value = loss.item()
@@ -204,7 +197,7 @@ class Trainer:
                 "flops_fraction": flops, "epoch_flops_fraction": flops * active / self.shards.train_samples,
                 "data/skipped": self.guard.data_counts["skipped"],
                 "data/bad_shards": self.guard.data_counts["bad_shards"],
-                **({"compiled_graphs": compiled_graphs()} if self.config.engine.compile else {}),
+                **self.compile_watch.metrics(),
                 **self.objective.metrics()}
 
     def _train_step(self, batch: Batch) -> torch.Tensor:
@@ -213,7 +206,7 @@ class Trainer:
         Nothing here waits for the device (see engine/step_guard.py), except ``engine.nonfinite_loss=skip``."""
         backend, accum = self.backend, self.config.engine.grad_accum_steps
         backend.model.train()
-        set_keep_rates(self.model, *self.keep_rates(self.epochs.progress(self.step)))
+        set_keep_rates(self.model, *keep_rates_at(self.config.sparsity, self.epochs.progress(self.step)))
         backend.zero_grad()
         rank_batch = len(batch.ids)
         total = torch.zeros((), dtype=torch.float64, device=self.device)

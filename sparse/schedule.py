@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from trivit.config import check
+
+if TYPE_CHECKING:
+    from trivit.sparse.config import SparsityConfig
 
 
 @dataclass(kw_only=True)
@@ -43,3 +47,10 @@ def scheduled_keep_rate(t: float, target: float, start: float, span: float, leve
         return rate
     done = math.floor((1.0 - rate) / (1.0 - target) * levels + 1e-9)
     return 1.0 - done * (1.0 - target) / levels if done < levels else target
+
+
+def keep_rates_at(sparsity: SparsityConfig, epoch: float) -> tuple[float, float]:
+    """(token, attention) keep rates of ``sparsity``'s schedule at fractional ``epoch``."""
+    schedule = sparsity.schedule
+    return tuple(scheduled_keep_rate(epoch, target, schedule.start_epochs, schedule.span_epochs, schedule.levels)
+                 for target in (sparsity.tokens.keep_rate, sparsity.attention.keep_rate))
