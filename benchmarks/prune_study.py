@@ -174,6 +174,9 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--latency-weights", type=float, nargs="+", default=[1.0],
                         help="prune.latency_weight (lambda) of each pruned model")
+    parser.add_argument("--saliencies", nargs="+", choices=["paper", "code"], default=["paper"],
+                        help="prune.saliency of the pruned models: paper (one per --latency-weights) and/or code "
+                             "(the authors' reading, its own lambda)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nvit")
     args = parser.parse_args()
@@ -193,13 +196,16 @@ def main() -> None:
         dense, shrunk = runs / f"dense_seed{seed}", runs / f"uniform_seed{seed}"
         train(DEMO, dense, seed)
         archs, dirs, prune_steps = {"dense": full}, {"dense": dense}, {}
-        for weight in args.latency_weights:
-            name, pruned = f"nvit lambda={weight:g}", runs / f"pruned_lw{weight:g}_seed{seed}"
+        for saliency, weight in pruning_variants(args.saliencies, args.latency_weights):
+            tag = f"lw{weight:g}" if saliency == "paper" else "code"
+            name = f"nvit lambda={weight:g}" if saliency == "paper" else "nvit code"
+            pruned = runs / f"pruned_{tag}_seed{seed}"
             if not (pruned / "arch.json").is_file():
                 cli("prune", "--config", str(ROOT / "configs" / "demo_prune.yaml"), "--from", str(dense),
                     "--target-latency", str(args.target), "--latency-table", str(table_path), "--out", str(pruned),
-                    f"seed={seed}", "logging.progress_bar=false", f"prune.latency_weight={weight}")
-            archs[name], dirs[name] = PrunedArch.load(pruned / "arch.json"), runs / f"nvit_lw{weight:g}_seed{seed}"
+                    f"seed={seed}", "logging.progress_bar=false", f"prune.latency_weight={weight}",
+                    f"prune.saliency={saliency}")
+            archs[name], dirs[name] = PrunedArch.load(pruned / "arch.json"), runs / f"nvit_{tag}_seed{seed}"
             train(DEMO, dirs[name], seed, f"model.init_from={pruned}", *finetune)
             prune_steps[name] = json.loads((pruned / "prune.json").read_text())["steps"]
         start = write_uniform(dense, uniform, full, model_kwargs, runs / f"uniform_start_seed{seed}")
@@ -218,6 +224,12 @@ def main() -> None:
     (out / "prune_study.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
     (out / "prune_study.md").write_text(summary + "\n")
     print(summary)
+
+
+def pruning_variants(saliencies: list[str], latency_weights: list[float]) -> list[tuple[str, float]]:
+    """(prune.saliency, prune.latency_weight) of each pruned model: ``paper`` at every weight, ``code`` once
+    (it prices latency by prune.code_latency_weight)."""
+    return [(s, w) for s in saliencies for w in (latency_weights if s == "paper" else latency_weights[:1])]
 
 
 def summarise(rows: list[dict], finetune_epochs: int, target: float) -> str:

@@ -91,11 +91,10 @@ def unlearnable_images(images: np.ndarray, labels: np.ndarray, spec: Unlearnable
         picked = np.flatnonzero(chosen & (labels == label))
         if len(picked):  # the images as channels of one (H, W, N) array: one pass per class
             values[label] = (picked, filtered(images[picked].transpose(1, 2, 0), filters[label]))
-    global_max = max(float(v.max()) for _, v in values.values())
     out = images.copy()
     for picked, value in values.values():
-        out[picked] = to_bytes(value, global_max).transpose(2, 0, 1)
-    return out, spec.record(global_max)
+        out[picked] = to_bytes(value, image_axes=(0, 1)).transpose(2, 0, 1)
+    return out, spec.record()
 
 
 def prepare(cache_dir: str | Path, root: Path = PACKAGE_DIR, samples_per_shard: int = SAMPLES_PER_SHARD) -> Path:

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from trivit.datasets.shards import split_entry, write_index, write_shard
-from trivit.datasets.unlearnable import SplitFilter, UnlearnableSpec, filtered_max
+from trivit.datasets.unlearnable import SplitFilter, UnlearnableSpec
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 SPLIT_NAMES = ("train", "val", "test")
@@ -107,14 +106,6 @@ def _write_one(job: tuple[Path, list[tuple[int, ImageFile]], SplitFilter | None]
     return write_shard(path, shard_samples(files, cuda))
 
 
-def split_filter(good: list[ImageFile], spec: UnlearnableSpec, num_classes: int, pool: ProcessPoolExecutor,
-                 progress: bool) -> SplitFilter:
-    """CUDA's filters for the training split in its sample order, and the maximum over its filtered images."""
-    filters, chosen = spec.filters(num_classes), spec.chosen(len(good))
-    jobs = [(good[i].path, filters[good[i].label]) for i in np.flatnonzero(chosen)]
-    maxima = list(tqdm(pool.map(filtered_max, jobs, chunksize=64), total=len(jobs), desc="unlearnable: maximum",
-                       disable=not progress))
-    return SplitFilter(filters, chosen, max(maxima))
 
 
 def check_output_folder(root: Path, dest: Path) -> None:
@@ -165,13 +156,13 @@ def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None =
             random.Random(seed).shuffle(good)
             plan = plan_shards(good, samples_per_shard, max_shard_bytes)
             names = [f"{split}-{number:06d}.tar" for number in range(len(plan))]
-            cuda = split_filter(good, unlearnable, len(classes), pool, progress) if (
+            cuda = SplitFilter(unlearnable.filters(len(classes)), unlearnable.chosen(len(good))) if (
                 unlearnable is not None and split == "train") else None
             jobs = [(dest / name, [(p, good[p]) for p in positions], cuda) for name, positions in zip(names, plan)]
             counts = list(tqdm(pool.map(_write_one, jobs), total=len(jobs), desc=f"write {split}",
                                disable=not progress))
             index[split] = split_entry(names, counts)
             if cuda is not None:
-                index[split]["unlearnable"] = unlearnable.record(cuda.global_max)
+                index[split]["unlearnable"] = unlearnable.record()
     write_index(dest, index, classes)
     return index, skipped

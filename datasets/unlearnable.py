@@ -4,9 +4,13 @@ From a private key, each class gets one ``kernel`` x ``kernel`` filter whose ent
 U(0, ``blur``) and one randomly chosen entry set to 1.0 (``shared``: one filter for every class,
 the paper's control). An image, pixels in [0, 1], is filtered channel by channel with its class's
 filter (a depthwise cross-correlation, as ``torch.nn.functional.conv2d`` computes it, zero
-"same" padding); every filtered image of the split is then divided by one global maximum, scaled
-to 0..255, clipped and truncated to 8 bits, and stored as PNG (lossless: JPEG would blur the
-shortcut away). ``fraction`` < 1 filters a key-chosen share of the images and leaves the others
+"same" padding); each filtered image is then divided by its own maximum (the authors' code,
+``final_filter_unlearnable.py``: ``img / img.max()``), scaled to 0..255, clipped and truncated to 8
+bits, and stored as PNG (lossless: JPEG would blur the shortcut away). A maximum over the whole
+split would instead keep each image's brightness proportional to its class filter's sum: a
+per-class brightness shortcut the method does not have. ``fraction`` < 1 filters exactly
+round(fraction x N) images, chosen by the key (the code filters each image with probability
+``mix``: the same share in expectation, but not reproducible from the key), and leaves the others
 as they are. A network trained on such shards learns the filter-to-label shortcut rather than
 the content. The key is never written anywhere; the index records the other settings.
 """
@@ -41,10 +45,10 @@ class UnlearnableSpec:
         if not 0 < self.fraction <= 1:
             raise ValueError(f"--fraction must lie in (0, 1], got {self.fraction}")
 
-    def record(self, global_max: float) -> dict[str, Any]:
-        """What the index records: every setting but the key, and the normalising maximum."""
+    def record(self) -> dict[str, Any]:
+        """What the index records: every setting but the key."""
         return {"method": "CUDA", "kernel": self.kernel, "blur": self.blur, "fraction": self.fraction,
-                "shared": self.shared, "global_max": global_max}
+                "shared": self.shared, "scale": "per image"}
 
     def rng(self, purpose: str) -> np.random.Generator:
         """A generator drawn from the key alone (one per purpose, so that they do not share draws)."""
@@ -82,9 +86,14 @@ def filtered(pixels: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out[..., 0] if image.ndim == 2 else out
 
 
-def to_bytes(values: np.ndarray, global_max: float) -> np.ndarray:
-    """Filtered values divided by the split's maximum, scaled to 0..255, clipped and truncated to uint8."""
-    return np.clip(values / global_max * 255.0, 0, 255).astype(np.uint8)
+def to_bytes(values: np.ndarray, image_axes: tuple[int, ...] | None = None) -> np.ndarray:
+    """Filtered values divided by their image's maximum, scaled to 0..255, clipped and truncated to uint8.
+
+    ``image_axes``: the axes of one image (default: all, ``values`` is one image); the other axes index
+    images, each scaled by its own maximum. An all-black image stays black."""
+    peak = values.max(axis=image_axes, keepdims=True)
+    scaled = np.divide(values, peak, out=np.zeros_like(values), where=peak > 0) * 255.0
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -103,21 +112,13 @@ def decoded(data: bytes) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SplitFilter:
-    """What a shard writer needs to filter a split: the class filters, the chosen sample ids, the maximum."""
+    """What a shard writer needs to filter a split: the class filters and the chosen sample ids."""
 
     filters: np.ndarray
     chosen: np.ndarray
-    global_max: float
 
     def encode(self, sample_id: int, label: int, data: bytes) -> bytes | None:
         """The sample's filtered PNG, or None where it is not chosen (it keeps its own bytes)."""
         if not self.chosen[sample_id]:
             return None
-        return png_bytes(to_bytes(filtered(decoded(data), self.filters[label]), self.global_max))
-
-
-def filtered_max(job: tuple[str, np.ndarray]) -> float:
-    """The largest filtered value of one image file (``(path, its class's filter)``), for the global maximum."""
-    path, kernel = job
-    with open(path, "rb") as file:
-        return float(filtered(decoded(file.read()), kernel).max())
+        return png_bytes(to_bytes(filtered(decoded(data), self.filters[label])))

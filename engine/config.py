@@ -279,6 +279,15 @@ class PruneConfig:
 
     target_latency: float = 0.5
     """The block latency to reach, as a fraction of the unpruned model's (by the same table)."""
+    saliency: Literal["code", "paper"] = "paper"
+    """How units are scored (sparse/nvit.py). ``paper``: every weight a unit owns, each kind normalised by its
+    sum, scores restarted at each pruning step, loss (1 - alpha) x labels + alpha x KL. ``code``: the authors'
+    code: their weight subsets, fixed divisors, a moving average (0.9) over pruning steps, and the loss
+    labels + 1e5 x KL (mean over classes, at ``temperature``), the KL off until the first pruning step;
+    ``code_latency_weight`` prices the latency. README, "Structural pruning", says which won here."""
+    code_latency_weight: float = 5e-4
+    """``saliency: code``: a group's score is its saliency less this x the milliseconds (by the table) it saves
+    (the authors' 5e-4)."""
     latency_table: str | None = None
     """A table from ``trivit bench latency-table``; null measures one at start-up (run_dir/latency_table.json)."""
     every_steps: int = 10
@@ -308,6 +317,7 @@ class PruneConfig:
         check(self.every_steps > 0, "every_steps", self.every_steps, "a positive integer")
         check(0 < self.latency_step <= 1, "latency_step", self.latency_step, "a fraction in (0, 1]")
         check(self.latency_weight >= 0, "latency_weight", self.latency_weight, "a weight >= 0")
+        check(self.code_latency_weight >= 0, "code_latency_weight", self.code_latency_weight, "a weight >= 0")
         check(self.temperature > 0, "temperature", self.temperature, "a positive temperature")
         check(0 <= self.alpha <= 1, "alpha", self.alpha, "a weight in [0, 1]")
         check(self.table_batch > 0, "table_batch", self.table_batch, "a positive integer")

@@ -2,10 +2,19 @@
 
 Saliency of unit u (the second-order Taylor estimate of the loss change from removing it, with the
 Fisher approximation of the Hessian): ``c_u = mean over batches of (sum over the weights tied to u
-of theta * dL/dtheta)^2``, the weights tied to a unit being those of :func:`unit_axes`. Each kind of
-unit (embedding channels, heads, query/key channels, value channels, MLP units) is normalised by
-its sum over the kept units: a unit's share of its kind's saliency, so that a head (one of 16 in a
-4-block demo model) weighs as much as the 64 MLP units (of 1,024) that hold as many weights.
+of theta * dL/dtheta / d_kind)^2``. Two readings (``prune.saliency``):
+
+- ``paper``: the weights tied to a unit are all of :func:`unit_axes` (a head's Q/K/V rows and its
+  output projection's columns, an MLP unit's fc1 row and fc2 column, an embedding channel in every
+  tensor it spans, [CLS], position embedding, LayerNorms and head included), d = 1, and each kind
+  (embedding channels, heads, query/key channels, value channels, MLP units) is normalised by its
+  sum over the kept units: a unit's share of its kind's saliency, so that a head (one of 16 in a
+  4-block demo model) weighs as much as the 64 MLP units (of 1,024) that hold as many weights.
+  Scores restart at each pruning step.
+- ``code``: what the authors' code sums (NVlabs/NViT, ``pruning_engine_general.py``, method 23, and
+  ``model_pruning.py``): :func:`code_saliency_axes`, the fixed divisors :data:`CODE_DIVISORS` before
+  squaring and no normalisation, and scores that are a moving average over pruning steps
+  (:data:`CODE_MOMENTUM`).
 
 Units are removed in groups of the same kind and block (the embedding's span all blocks): a
 layer's candidate is its ``size`` lowest-saliency kept units, scored by their summed normalised
@@ -46,11 +55,52 @@ def group_sizes(arch: PrunedArch) -> dict[str, int]:
     return {kind: max(1, int(widths[kind] * GROUP_FRACTIONS[kind])) for kind in KINDS}
 
 
-class SaliencyMeter:
-    """Accumulates every unit's Hessian-aware saliency over batches."""
+CODE_DIVISORS = {"embed": 12.0, "heads": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}
+"""``saliency: code``: each kind's per-unit sum is divided by these before squaring (the code's /12 for the
+embedding, /6 and /2 for heads, /2 for query/key and value channels, none for MLP units)."""
+CODE_MOMENTUM = 0.9
+"""``saliency: code``: the scores at a pruning step are 0.9 x the previous step's + 0.1 x this step's mean."""
 
-    def __init__(self, axes: Mapping[str, list[UnitAxis]], counts: Mapping[str, int]):
+_CODE_SUMS = {
+    ("patch_embed.proj.weight", 0): {"embed"}, ("patch_embed.proj.bias", 0): {"embed"},
+    ("attn.qkv.weight", 0): {"heads", "qk", "v"}, ("attn.qkv.bias", 0): {"heads", "qk", "v"},
+    ("attn.qkv.weight", 1): {"embed"},
+    ("attn.proj.weight", 0): {"embed"}, ("attn.proj.bias", 0): {"embed"},
+    ("mlp.fc1.weight", 0): {"mlp"}, ("mlp.fc1.bias", 0): {"mlp"}, ("mlp.fc1.weight", 1): {"embed"},
+    ("mlp.fc2.weight", 0): {"embed"}, ("mlp.fc2.bias", 0): {"embed"},
+}
+"""(parameter, axis) -> the kinds whose saliency the authors' code reads there."""
+
+
+def code_saliency_axes(axes: Mapping[str, list[UnitAxis]]) -> dict[str, list[UnitAxis]]:
+    """The subset of :func:`unit_axes` the authors' code sums per unit: a head's Q/K/V rows (not the output
+    projection's columns); a query/key channel's Q rows (the K rows are pruned with them, not scored); a
+    value channel's V rows; an MLP unit's fc1 row; an embedding channel's patch-embedding, attention-output
+    and fc2 rows and its Q/K/V and fc1 columns (not [CLS], position embedding, LayerNorms nor the head)."""
+    kept: dict[str, list[UnitAxis]] = {}
+    for name, param_axes in axes.items():
+        for axis in param_axes:
+            kind = kind_of(axis.group)
+            if not any(name.endswith(suffix) and dim == axis.dim and kind in kinds
+                       for (suffix, dim), kinds in _CODE_SUMS.items()):
+                continue
+            ids = axis.ids
+            if kind == "qk":  # the rows are [Q, K, V]: keep Q's channel ids only
+                tied = (ids >= 0).nonzero().squeeze(1)
+                ids = ids.clone()
+                ids[tied[len(tied) // 2:]] = -1
+            kept.setdefault(name, []).append(UnitAxis(axis.dim, axis.group, ids))
+    return kept
+
+
+class SaliencyMeter:
+    """Accumulates every unit's Hessian-aware saliency over batches; ``divisors`` per kind divide each unit's
+    sum before it is squared (default 1)."""
+
+    def __init__(self, axes: Mapping[str, list[UnitAxis]], counts: Mapping[str, int],
+                 divisors: Mapping[str, float] | None = None):
         self.axes = axes
+        self.divisors = dict(divisors or {})
         self.counts = dict(counts)
         self.totals = {group: torch.zeros(size, dtype=torch.float64) for group, size in counts.items()}
         self.batches = 0
@@ -63,7 +113,7 @@ class SaliencyMeter:
                 continue
             add_unit_sums(sums, theta.detach().double() * grad.detach().double(), self.axes[name])
         for group, total in self.totals.items():
-            total += sums[group].square()
+            total += (sums[group] / self.divisors.get(kind_of(group), 1.0)).square()
         self.batches += 1
 
     def saliency(self) -> dict[str, torch.Tensor]:

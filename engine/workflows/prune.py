@@ -36,16 +36,29 @@ from trivit.engine.backends.base import NamedGradients
 from trivit.engine.config import DistillConfig, PruneConfig, TrainConfig
 from trivit.engine.model.artefacts import UNIT_MASKS
 from trivit.engine.model.build import build_training_model, model_arch
-from trivit.engine.objectives.distill import Distiller
+from trivit.engine.objectives.distill import Distiller, soft_distillation
 from trivit.engine.trainer import Trainer
 from trivit.methods import check_composition
 from trivit.sparse import create_vit, set_keep_rates
 from trivit.sparse.latency import LatencyTable, measure_checked_table
-from trivit.sparse.nvit import SaliencyMeter, choose_groups, floor_arch, floor_units, group_sizes, normalised
+from trivit.sparse.nvit import (
+    CODE_DIVISORS,
+    CODE_MOMENTUM,
+    SaliencyMeter,
+    choose_groups,
+    code_saliency_axes,
+    floor_arch,
+    floor_units,
+    group_sizes,
+    normalised,
+)
 from trivit.sparse.pruned import PrunedArch, pruned_entries, set_unit_masks, unit_axes
+from trivit.sparse.taps import NOTHING_TAPPED, Tapped
 
 log = logging.getLogger(__name__)
 
+CODE_KL_WEIGHT = 1e5
+"""``saliency: code``: the weight of the KL to the unpruned model (the authors' ``kl_loss_coeff``)."""
 TABLE_FILE = "latency_table.json"
 HISTORY_FILE = "prune.json"
 
@@ -62,10 +75,16 @@ class PruningObjective(Distiller):
         self.prune, self.model, self.arch, self.table, self.device = config, model, arch, table, device
         self.sizes = group_sizes(arch)
         self.masks = {group: torch.ones(size) for group, size in arch.unit_counts().items()}
-        self.meter = SaliencyMeter(unit_axes(model, arch), arch.unit_counts())
+        self.axes = unit_axes(model, arch)
+        """Every parameter's entries of each unit: what a pruning step zeroes."""
+        code = config.saliency == "code"
+        self.meter = (SaliencyMeter(code_saliency_axes(self.axes), arch.unit_counts(), CODE_DIVISORS) if code
+                      else SaliencyMeter(self.axes, arch.unit_counts()))
+        self.averaged: dict[str, torch.Tensor] | None = None
+        """``saliency: code``: the moving average of the scores over pruning steps (None before the first)."""
         self.zero_entries = zero_entries
         self.shapes = {name: getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the whole shape there
-                       for name, param in model.named_parameters() if name in self.meter.axes}
+                       for name, param in model.named_parameters() if name in self.axes}
         self.base_ms = table.model_ms(arch)
         self.floors = floor_units(arch, self.sizes, config.min_widths)
         self.floor_fraction = table.model_ms(floor_arch(arch, self.sizes, self.floors)) / self.base_ms
@@ -116,12 +135,11 @@ class PruningObjective(Distiller):
             return
         masks = {group: mask.clone() for group, mask in self.masks.items()}
         budget = min(self.prune.latency_step, self.latency_fraction - self.prune.target_latency) * self.base_ms
-        scores = normalised(self.meter.saliency(), masks)
-        chosen = choose_groups(scores, masks, self.arch, self.sizes, self.table, self.prune.latency_weight, budget,
-                               self.floors)
+        chosen = choose_groups(self._scores(masks), masks, self.arch, self.sizes, self.table,
+                               self._latency_weight(), budget, self.floors)
         self.masks = _same_on_every_rank(masks)
         set_unit_masks(self.model, self._device_masks())
-        self.zero_entries({name: pruned_entries(shape, self.meter.axes[name], self.masks)
+        self.zero_entries({name: pruned_entries(shape, self.axes[name], self.masks)
                            for name, shape in self.shapes.items()})
         self.meter.reset()
         self.history.append({"step": self.steps, "latency_fraction": self.latency_fraction,
@@ -136,6 +154,36 @@ class PruningObjective(Distiller):
                             f"{self.prune.min_widths}: the block latency stays at {self.latency_fraction:.3f} of the "
                             f"unpruned model's, above the target {self.prune.target_latency}")
             log.warning("pruning stops: %s", self.stopped)
+
+    def _scores(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This pruning step's unit scores: ``paper``, the mean since the last step normalised per kind; ``code``,
+        the moving average of the means (the first step's mean as it is)."""
+        saliency = self.meter.saliency()
+        if self.prune.saliency == "paper":
+            return normalised(saliency, masks)
+        if self.averaged is not None:
+            saliency = {g: CODE_MOMENTUM * self.averaged[g] + (1 - CODE_MOMENTUM) * s for g, s in saliency.items()}
+        self.averaged = saliency
+        return saliency
+
+    def _latency_weight(self) -> float:
+        """lambda as :func:`choose_groups` takes it (per share of the unpruned latency): ``code`` prices each
+        millisecond at ``prune.code_latency_weight``."""
+        if self.prune.saliency == "paper":
+            return self.prune.latency_weight
+        return self.prune.code_latency_weight * self.base_ms
+
+    def objective(self, label_losses: torch.Tensor, logits: torch.Tensor, images: torch.Tensor,
+                  targets: torch.Tensor, tapped: Tapped = NOTHING_TAPPED) -> torch.Tensor:
+        """``paper``: Distiller's (1 - alpha) x label loss + alpha x tau^2 KL / classes. ``code``: the label loss +
+        1e5 x KL / classes at ``temperature`` (no tau^2), the KL from the first pruning step on."""
+        if self.prune.saliency == "paper":
+            return super().objective(label_losses, logits, images, targets, tapped)
+        if not self.history:
+            return label_losses
+        tau = self.prune.temperature
+        kl = soft_distillation(logits, self.teacher_logits(images), tau) / (tau * tau)
+        return label_losses + CODE_KL_WEIGHT * kl
 
     def metrics(self) -> dict[str, Any]:
         kept = self.arch.kept(self.masks)
@@ -170,6 +218,7 @@ class PruningObjective(Distiller):
 
     def state_dict(self) -> dict[str, Any]:
         return {UNIT_MASKS: {g: m.clone() for g, m in self.masks.items()}, "meter": self.meter.state_dict(),
+                "averaged": self.averaged,
                 "steps": self.steps, "history": self.history, "latency_table": dataclasses.asdict(self.table),
                 "stopped": self.stopped, "start_top1": self.start_top1}
 
@@ -184,6 +233,7 @@ class PruningObjective(Distiller):
                              "by the first: restore that table to continue, or prune into a new run_dir")
         self.masks = {g: m.clone().float() for g, m in state[UNIT_MASKS].items()}
         self.meter.load_state_dict(state["meter"])
+        self.averaged = state.get("averaged")
         self.steps, self.history = state["steps"], list(state["history"])
         self.stopped = state.get("stopped", "")
         self.start_top1 = state.get("start_top1", self.start_top1)

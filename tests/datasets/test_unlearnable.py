@@ -60,6 +60,11 @@ def test_the_filters_come_from_the_key_alone_with_the_papers_properties():
             UnlearnableSpec(**bad)
 
 
+def authors_bytes(values: np.ndarray) -> np.ndarray:
+    """The authors' code on one filtered image (pixels in [0, 1]): img / img.max(), x 255, clipped, cast to uint8."""
+    return np.floor(np.clip(values / values.max() * 255.0, 0, 255)).astype(np.uint8)
+
+
 def test_the_transform_of_a_hand_sized_image_equals_float64_loops():
     rng = np.random.default_rng(1)
     kernel = UnlearnableSpec(KEY).filters(3)[1]
@@ -69,8 +74,8 @@ def test_the_transform_of_a_hand_sized_image_equals_float64_loops():
         expected = loop_filter(pixels, kernel)
         np.testing.assert_allclose(filtered(pixels, kernel), expected, rtol=0, atol=1e-12)
     values = loop_filter(gray, kernel)
-    global_max = 1.7
-    assert np.array_equal(to_bytes(values, global_max), np.floor(np.clip(values / global_max * 255, 0, 255)))
+    assert np.array_equal(to_bytes(values), authors_bytes(values))
+    assert np.array_equal(to_bytes(np.zeros((3, 3))), np.zeros((3, 3))), "an all-black image stays black"
     corner = sum(kernel[i, j] * gray[i - 1, j - 1] / 255 for i in (1, 2) for j in (1, 2))  # zero padding at (0, 0)
     assert filtered(gray, kernel)[0, 0] == pytest.approx(corner, abs=1e-12)
 
@@ -83,12 +88,24 @@ def test_fashion_mnist_images_of_the_chosen_fraction_are_filtered_by_their_class
     out, record = unlearnable_images(images, labels, spec)
     chosen, filters = spec.chosen(40), spec.filters(10)
     values = {i: loop_filter(images[i], filters[labels[i]]) for i in np.flatnonzero(chosen)}
-    global_max = max(v.max() for v in values.values())
     assert record == {"method": "CUDA", "kernel": 3, "blur": 0.3, "fraction": 0.5, "shared": False,
-                      "global_max": pytest.approx(global_max)}
+                      "scale": "per image"}
+    assert chosen.sum() == 20, "exactly round(fraction x N) images, chosen by the key"
     for i in range(40):
-        expected = to_bytes(values[i], global_max) if chosen[i] else images[i]
+        expected = authors_bytes(values[i]) if chosen[i] else images[i]
         assert np.array_equal(out[i], expected), i
+
+
+def test_each_filtered_image_is_scaled_by_its_own_maximum_so_brightness_does_not_follow_the_class():
+    """A maximum over the split would make each image's brightness its class filter's sum (a per-class
+    shortcut); per image, as the authors' code, the same image under any class's filter peaks at 255."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    filters = UnlearnableSpec(KEY).filters(10)
+    assert filters.sum(axis=(1, 2)).std() > 0.1, "the class filters' sums differ"
+    peaks = {int(unlearnable_images(image[None], np.array([label]), UnlearnableSpec(KEY))[0].max())
+             for label in range(10)}
+    assert peaks == {255}
 
 
 def samples_of(dest, split):
@@ -122,7 +139,7 @@ def test_imagefolder_shards_unlearnable_for_training_only_byte_identical_for_any
         source = clean_train[sample["__key__"]]
         original = np.asarray(Image.open(io.BytesIO(source.get("png") or source["jpg"])).convert("RGB"))
         label = int(sample["cls"])
-        expected = to_bytes(loop_filter(original, filters[label]), record["global_max"])
+        expected = authors_bytes(loop_filter(original, filters[label]))
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), expected)
     shared = tmp_path / "shared"
     assert main(["shards", str(image_tree), str(shared), "--quiet", "--unlearnable-shared", KEY]) == 0

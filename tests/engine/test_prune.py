@@ -267,3 +267,35 @@ def test_model_arch_with_the_exported_weights_builds_the_same_model(pruned_run, 
     assert PrunedArch.of_vit("deit_tiny_patch16_224", trainer.model) == PrunedArch.load(pruned_run / "arch.json")
     weights = load_file(pruned_run / "model.safetensors")
     assert all(torch.equal(weights[name], value) for name, value in trainer.model.state_dict().items())
+
+
+def test_code_saliency_loss_and_moving_average_follow_the_authors_code(tiny_shards, source_run, table_file, tmp_path):
+    """``prune.saliency=code``: label loss alone until the first pruning step, then label + 1e5 x KL(teacher ||
+    student) at T = 3 averaged over the classes (torch's KLDivLoss 'mean', no T^2); scores 0.9 x the previous
+    step's + 0.1 x this step's; lambda 5e-4 per millisecond of the table."""
+    config = load(TrainConfig, None, tiny_overrides(tiny_shards, tmp_path, **{
+        **PRUNE, "model.init_from": str(source_run), "prune.latency_table": str(table_file),
+        "prune.saliency": "code"}))
+    objective = Pruner(config).objective
+    torch.manual_seed(0)
+    images, logits, labels = torch.randn(3, 1, 16, 16), torch.randn(3, 4), torch.tensor([0.3, 0.7, 1.1])
+    targets = torch.eye(4)[:3]
+    assert torch.equal(objective.objective(labels, logits, images, targets), labels)
+    objective.history.append({"step": 2})  # a pruning step has happened: the KL is on
+    with torch.no_grad():
+        teacher = objective.teacher(images).double() / 3
+    student = logits.double() / 3
+    p_teacher = teacher.softmax(-1)
+    kl = (p_teacher * (p_teacher.log() - student.log_softmax(-1))).sum(-1) / 4
+    torch.testing.assert_close(objective.objective(labels, logits, images, targets).double(),
+                               labels.double() + 1e5 * kl, rtol=1e-5, atol=1e-6)
+
+    masks = {g: torch.ones_like(m) for g, m in objective.masks.items()}
+    first = {g: torch.rand_like(t) for g, t in objective.meter.totals.items()}
+    second = {g: torch.rand_like(t) for g, t in objective.meter.totals.items()}
+    for totals, expected in ((first, first), (second, {g: 0.9 * first[g] + 0.1 * second[g] for g in first})):
+        objective.meter.totals, objective.meter.batches = {g: t * 2 for g, t in totals.items()}, 2
+        scores = objective._scores(masks)
+        for group in expected:
+            torch.testing.assert_close(scores[group], expected[group], rtol=1e-12, atol=0)
+    assert objective._latency_weight() / objective.base_ms == pytest.approx(5e-4)

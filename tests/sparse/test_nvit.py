@@ -9,7 +9,14 @@ import torch.nn.functional as F
 
 from tests.sparse.test_pruned import BASE, KWARGS, full_arch
 from trivit.sparse.latency import LatencyTable
-from trivit.sparse.nvit import SaliencyMeter, choose_groups, group_sizes, normalised
+from trivit.sparse.nvit import (
+    CODE_DIVISORS,
+    SaliencyMeter,
+    choose_groups,
+    code_saliency_axes,
+    group_sizes,
+    normalised,
+)
 from trivit.sparse.pruned import BlockWidths, PrunedArch, UnitAxis, create_pruned_vit, unit_axes
 from trivit.sparse.vit import create_vit
 
@@ -78,6 +85,67 @@ def test_saliency_equals_a_float64_loop_over_units():
     for group in expected:
         torch.testing.assert_close(saliency[group], expected[group], rtol=1e-10, atol=0)
         assert (expected[group] > 0).all()
+
+
+def authors_code_sums(model: torch.nn.Module, arch: PrunedArch) -> dict[str, torch.Tensor]:
+    """The authors' code (NVlabs/NViT, method 23): per unit, the sum of theta * grad over the tensors its
+    ``compute_criteria_from`` lists, divided by the kind's divisor (embedding 12, heads 6 x 2, query/key 2,
+    value 2, MLP 1), written out by hand with their Q/K/V split of timm's qkv."""
+    p = {name: (param.detach(), param.grad) for name, param in model.named_parameters()}
+
+    def tied(name: str, index) -> torch.Tensor:
+        theta, grad = p[name]
+        return (theta[index] * grad[index]).sum()
+
+    sums = {group: torch.zeros(size, dtype=torch.float64) for group, size in arch.unit_counts().items()}
+    for c in range(arch.embed_dim):  # patch embedding (conv rows), attn.proj rows, fc2 rows; Q, K, V and fc1 columns
+        total = tied("patch_embed.proj.weight", c) + tied("patch_embed.proj.bias", c)
+        for i in range(len(arch.blocks)):
+            b = f"blocks.{i}"
+            total += tied(f"{b}.attn.qkv.weight", (slice(None), c)) + tied(f"{b}.mlp.fc1.weight", (slice(None), c))
+            for layer in ("attn.proj", "mlp.fc2"):
+                total += tied(f"{b}.{layer}.weight", c) + tied(f"{b}.{layer}.bias", c)
+        sums["embed"][c] = total / 12
+    for i, w in enumerate(arch.blocks):
+        b, qk_rows = f"blocks.{i}", w.heads * w.qk_dim
+
+        def rows_of(rows: list[int], b: str = b) -> torch.Tensor:
+            return tied(f"{b}.attn.qkv.weight", rows) + tied(f"{b}.attn.qkv.bias", rows)
+
+        for h in range(w.heads):  # head_mask (its term zeroed) + the head's Q, K, V rows; /6, then /2 (a Q/V layer)
+            q = list(range(h * w.qk_dim, (h + 1) * w.qk_dim))
+            v = list(range(2 * qk_rows + h * w.v_dim, 2 * qk_rows + (h + 1) * w.v_dim))
+            sums[f"{b}.heads"][h] = (rows_of(q) + rows_of([r + qk_rows for r in q]) + rows_of(v)) / 6 / 2
+        for j in range(w.qk_dim):  # the Q layer's rows of channel j in every head; K is only zeroed with it
+            sums[f"{b}.qk"][j] = rows_of([h * w.qk_dim + j for h in range(w.heads)]) / 2
+        for j in range(w.v_dim):
+            sums[f"{b}.v"][j] = rows_of([2 * qk_rows + h * w.v_dim + j for h in range(w.heads)]) / 2
+        for u in range(w.mlp_dim):
+            sums[f"{b}.mlp"][u] = tied(f"{b}.mlp.fc1.weight", u) + tied(f"{b}.mlp.fc1.bias", u)
+    return sums
+
+
+def test_code_saliency_equals_the_authors_sums_divisors_and_squares():
+    torch.manual_seed(0)
+    arch = full_arch()
+    model = create_pruned_vit(arch, **KWARGS).double()
+    meter = SaliencyMeter(code_saliency_axes(unit_axes(model, arch)), arch.unit_counts(), CODE_DIVISORS)
+    expected = {group: torch.zeros(size, dtype=torch.float64) for group, size in arch.unit_counts().items()}
+    for _ in range(3):
+        model.zero_grad()
+        images, labels = torch.randn(4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (4,))
+        F.cross_entropy(model(images), labels).backward()
+        meter.add((name, param, param.grad) for name, param in model.named_parameters())
+        for group, sums in authors_code_sums(model, arch).items():
+            expected[group] += sums.square() / 3
+    saliency = meter.saliency()
+    for group in expected:
+        torch.testing.assert_close(saliency[group], expected[group], rtol=1e-10, atol=0)
+        assert (expected[group] > 0).all()
+    paper = SaliencyMeter(unit_axes(model, arch), arch.unit_counts())
+    paper.add((name, param, param.grad) for name, param in model.named_parameters())
+    assert not torch.allclose(paper.saliency()["embed"], authors_code_sums(model, arch)["embed"].square()), \
+        "the two readings differ"
 
 
 def test_on_a_quadratic_loss_the_estimate_is_the_loss_change_of_removing_a_unit():
