@@ -90,10 +90,11 @@ def test_joined_sources_get_distinct_ids_and_one_table(tiny_shards, second_sourc
     trainer = build(tiny_shards, tmp_path, **{"data.train_urls": joined, "sparsity.examples.policy": "forgetting",
                                                "data.batch_size": "32"})
     assert trainer.shards.train_samples == 256 + 96, "each source's counts from its own index"
-    assert trainer.shards.num_ids == len(trainer.planner.selector.in_pool) == len(trainer.planner.selector.stats.correct) == 352
+    selector = trainer.planner.selector
+    assert trainer.shards.num_ids == len(selector.in_pool) == len(selector.stats.correct) == 352
     ids = [i for batch in trainer._epoch_loader() for i in batch.ids.tolist()]
     assert len(ids) == len(set(ids)) == trainer.epochs.lengths[-1] * 32, "no id is read twice in an epoch"
-    assert all(trainer.plan.active[i] for i in ids), "only active samples are read"
+    assert all(trainer.planner.plan.active[i] for i in ids), "only active samples are read"
     assert any(i >= 256 for i in ids), "the second source's ids come after the first's"
 
 

@@ -131,7 +131,7 @@ def test_a_distilled_deit_trains_its_distillation_head_on_the_teacher_and_predic
     torch.manual_seed(0)
     images, labels = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
     model.train()
-    loss, predicted, _, _ = trainer._micro_batch_loss(images, labels, torch.arange(6), torch.arange(6), 6)
+    loss, predicted, _, _, _ = trainer._micro_batch_loss(images, labels, torch.arange(6), torch.arange(6), 6)
     class_logits, distillation_logits = model(images)
     smoothed = torch.nn.functional.cross_entropy(class_logits, labels, label_smoothing=0.1, reduction="none")
     taught = torch.nn.functional.cross_entropy(distillation_logits, teacher(images).argmax(-1), reduction="none")
