@@ -32,6 +32,9 @@ class DataConfig:
     """Loader worker processes per rank. Resuming a run needs the same value (the sample order depends on it)."""
     shuffle_buffer: int = 2000
     """Samples held in each worker's shuffle buffer."""
+    shuffle_initial: int = 64
+    """Samples a worker's shuffle buffer holds before it hands out the first (it keeps filling to
+    ``shuffle_buffer`` as it goes): an epoch's first batch comes after this many reads, not ``shuffle_buffer``."""
     resampled: bool = False
     """Each worker draws training shards with replacement (no split by rank and worker; any shard count works)."""
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -61,6 +64,7 @@ class DataConfig:
         check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "a positive integer")
         check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
+        check(1 <= self.shuffle_initial, "shuffle_initial", self.shuffle_initial, "an integer >= 1")
         check(len(self.mean) in (1, 3) and finite(*self.mean), "mean", self.mean,
               "one finite value per image channel (1 or 3 values)")
         check(len(self.std) == len(self.mean), "std", self.std, f"as many values as data.mean ({len(self.mean)})")

@@ -11,6 +11,7 @@ from torch import nn
 
 from trivit.datasets.loaders import eval_loader
 from trivit.datasets.stream import SampleDecoder
+from trivit.datasets.transforms import DeviceTransform
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, sum_tensor
 from trivit.sparse import set_keep_rates
@@ -51,6 +52,7 @@ class Evaluator:
                  inputs: InputPath, decoder: SampleDecoder):
         self.config, self.world, self.device, self.val_urls = config, world, device, val_urls
         self.inputs, self.decoder = inputs, decoder
+        self.device_images = DeviceTransform(config.data.mean, config.data.std, device)
         self.batch_size = rank_eval_batch(config.data.eval_batch_size, world.world_size)
         self.num_workers = min(config.data.num_workers, len(val_urls))
 
@@ -69,6 +71,10 @@ class Evaluator:
             metrics.update({f"{k}{suffix}": v for k, v in self.evaluate(model).items()})
             set_keep_rates(model, *current)
         return metrics
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's uint8 images normalised on the evaluation device."""
+        return self.device_images(images.to(self.device, non_blocking=True))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, per_class: bool = False) -> dict[str, Any]:
@@ -93,7 +99,8 @@ class Evaluator:
         attention density x samples"""
         classes = torch.zeros(2, model.num_classes if per_class else 0, dtype=torch.float64, device=device)
         """per class: correct, samples"""
-        placeholder = torch.zeros(1, model_config.in_chans, model_config.img_size, model_config.img_size)
+        placeholder = torch.zeros(1, model_config.in_chans, model_config.img_size, model_config.img_size,
+                                  dtype=torch.uint8)
         dtype = next(model.parameters()).dtype  # the fp32 EMA beside a bf16 DeepSpeed module takes fp32 images
         with loader.batches() as batches:
             while True:
@@ -104,11 +111,11 @@ class Evaluator:
                     sums[3] += batch.skipped
                 if batch is None or not len(batch.ids):
                     if world.distributed:
-                        model(inputs.prepare_inputs(placeholder).to(dtype))
+                        model(inputs.prepare_inputs(self._images(placeholder)).to(dtype))
                     continue
                 labels = batch.labels.to(device)
                 with inputs.autocast():
-                    logits = model(inputs.prepare_inputs(batch.images).to(dtype)).float()
+                    logits = model(inputs.prepare_inputs(self._images(batch.images)).to(dtype)).float()
                 hits = logits.argmax(-1) == labels
                 sums[0] += hits.sum()
                 if per_class:

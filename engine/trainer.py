@@ -25,7 +25,7 @@ from tqdm import tqdm
 from trivit.config import to_dict
 from trivit.datasets.loaders import DataWaitStopped, train_loader
 from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
-from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
+from trivit.datasets.transforms import DeviceTransform, batch_mixer, eval_transform, image_mode, train_transform
 from trivit.engine.backends import build_backend
 from trivit.engine.compile import CompileWatch
 from trivit.engine.config import TrainConfig
@@ -90,6 +90,7 @@ class Trainer:
         self.mixer = batch_mixer(data, self.num_classes)
         mode = image_mode(config.model.in_chans)
         self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode, self.num_classes)
+        self.device_images = DeviceTransform(data.mean, data.std, self.device)
         eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode, self.num_classes)
         self.evaluator = Evaluator(config, self.world, self.device, self.shards.val_urls, self.backend, eval_decoder)
         self.compile_watch = CompileWatch(config.engine.compile, config.sparsity.schedule.levels,  # before compiling
@@ -100,6 +101,8 @@ class Trainer:
                                      config.schedule.epochs, config.seed, self.device)
         self.use_objective(self.objective)
         self.epochs = EpochTracker()
+        self.shuffle_initial: int | None = config.data.shuffle_initial
+        """Samples a stream buffers before its first (None: the whole buffer, for a run begun before the setting)."""
         self.stream_position: StreamPosition = []
         """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
         self.step = 0
@@ -123,6 +126,10 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
 
+    def _data_settings(self) -> dict[str, Any]:
+        """What the data position depends on (a checkpoint must match it to resume), the shuffle's first fill included."""
+        return {**self.setup.data_settings(), "shuffle_initial": self.shuffle_initial}
+
     def state_dict(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The main rank's ``trainer.pt``, less what the backend adds (model and optimizer)."""
         return {
@@ -132,7 +139,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
             "ranks": rank_states,
-            "data": self.setup.data_settings(),
+            "data": self._data_settings(),
             "epochs": self.epochs.state_dict(),
             **self.guard.state_dict(),
             **self.planner.state_dict(),
@@ -143,7 +150,9 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        check_compatible(state, source, self.config.model.name, self.backend.name, self.setup.data_settings())
+        if "shuffle_initial" not in state["data"]:  # written before data.shuffle_initial: its streams filled the buffer
+            self.shuffle_initial = None
+        check_compatible(state, source, self.config.model.name, self.backend.name, self._data_settings())
         check_resumed_settings(state.get("config"), self.config, source)
         try:
             self.backend.load(source, state)
@@ -210,9 +219,12 @@ class Trainer:
         backend.zero_grad()
         rank_batch = len(batch.ids)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        parts = zip(batch.images.chunk(accum), batch.labels.chunk(accum), batch.ids.chunk(accum))
-        for index, (images, labels, ids) in enumerate(parts):
+        parts = zip(batch.images.chunk(accum), batch.erase.chunk(accum), batch.labels.chunk(accum),
+                    batch.ids.chunk(accum))
+        for index, (images, erase, labels, ids) in enumerate(parts):
             device_ids = ids.to(self.device, non_blocking=True)
+            images = self.device_images(images.to(self.device, non_blocking=True),
+                                        erase.to(self.device, non_blocking=True))
             loss, logits, losses, labels, tapped = self._micro_batch_loss(images, labels, ids, device_ids, rank_batch)
             counts = (len(batch.ids), batch.skipped, batch.bad_shards) if index == 0 else None
             step_loss = self.guard.share(loss, counts)
@@ -235,8 +247,8 @@ class Trainer:
 
     def _micro_batch_loss(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                           device_ids: torch.Tensor, rank_batch: int):
-        """Forward one micro-batch: its share of the rank's mean weighted loss, logits, per-sample losses, labels,
-        and what the forward handed back (:attr:`taps`)."""
+        """Forward one micro-batch (``images`` normalised on the device): its share of the rank's mean weighted loss,
+        logits, per-sample losses, labels, and what the forward handed back (:attr:`taps`)."""
         images, labels = self.backend.prepare_inputs(images), labels.to(self.device, non_blocking=True)
         if self.mixer is not None:
             images, targets = self.mixer(images, labels)
@@ -393,7 +405,7 @@ class Trainer:
             stop = min(stop, offset + config.schedule.max_steps - self.step)
         return train_loader(self.setup.layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
                             start=offset, stop=stop, position=[list(p) for p in self.stream_position],
-                            shuffle_buffer=data.shuffle_buffer,
+                            shuffle_buffer=data.shuffle_buffer, shuffle_initial=self.shuffle_initial,
                             num_workers=data.num_workers, active=self.planner.loader_mask(), id_offsets=self.shards.id_offsets,
                             pin_memory=self.device.type == "cuda", timeout_s=config.engine.timeout_s,
                             stop_requested=lambda: self.guard.stop_requested)
