@@ -391,11 +391,12 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Every sample of this rank's share of the shards, once, in shard order.
+    """Every sample of this rank's share of the validation split, once, in shard order.
 
-    Shards are dealt over ranks first (rank ``r`` takes shards ``r, r + world, ...``), then over
-    the rank's loader workers, so every rank reads within one shard of every other whatever
-    the number of workers.
+    The readers are every rank's loader workers, reader ``rank + world x worker`` of ``world x workers``
+    (:func:`eval_share`): with at least as many shards as readers each reader takes whole shards
+    (within one shard of every other); with fewer, each shard is split by sample among the readers
+    that share it, so every rank and worker decodes a share at any world size.
     """
 
     def __init__(self, urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int):
@@ -406,10 +407,21 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        shards = self.urls[self.rank:: self.world_size][worker:: workers]
+        shards, member, group = eval_share(self.urls, self.rank + self.world_size * worker, self.world_size * workers)
         bad = BadData()
         if not shards:
             return iter(())
         samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.map(noted_shard),
                                    wds.tarfile_to_samples(handler=bad.shard))
-        return decoded_batches(iter(samples), lambda s: self.decode(s, 0), self.batch_size, True, bad)
+        mine = (sample for position, sample in enumerate(samples) if position % group == member)
+        return decoded_batches(mine, lambda s: self.decode(s, 0), self.batch_size, True, bad)
+
+
+def eval_share(urls: list[str], reader: int, readers: int) -> tuple[list[str], int, int]:
+    """(shards, member, group) of ``reader`` among ``readers``: it decodes the samples of ``shards`` whose position
+    (in the order they are read) is ``member`` modulo ``group``. At least as many shards as readers: every
+    ``readers``-th shard, whole; fewer: shard ``reader mod len(urls)``, shared by the readers congruent to it."""
+    if len(urls) >= readers:
+        return urls[reader::readers], 0, 1
+    shard = reader % len(urls)
+    return [urls[shard]], reader // len(urls), len(range(shard, readers, len(urls)))

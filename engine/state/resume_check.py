@@ -21,7 +21,7 @@ APPLY_AT_RESUME = (
     "run_dir", "resume", "schedule.max_steps", "schedule.eval_every_steps", "logging.", "checkpoint.",
     "engine.timeout_s", "engine.nonfinite_loss", "engine.max_nonfinite_steps", "engine.compile",
     "engine.compile_backend", "engine.activation_checkpointing", "engine.precision", "engine.device",
-    "data.max_bad_fraction", "data.eval_batch_size", "data.val_urls", "data.train_urls", "data.index",
+    "data.max_bad_fraction", "data.eval_batch_size", "data.eval_cache_mb", "data.val_urls", "data.train_urls", "data.index",
     "data.cache_dir", "model.init_from", "optim.ema_decay",
 )
 """Keys (or key prefixes) that take effect from the resumed step on."""
