@@ -12,7 +12,8 @@ by real loader worker processes. Reported, medians of ``--repeats``:
   float32 out (trivit before), ``uint8``: the worker's part only, uint8 and an erase box out, the device
   normalising and erasing (now), and ``uint8, --max-size 320``;
 - the bytes per image that cross from a worker to the training process;
-- where a worker's time goes, per image, in one process on one thread: decode, crop and flip,
+- where a worker's time goes, per image, in one process on one thread: decode (PIL, and torchvision's
+  libjpeg-turbo decoder for comparison), crop and flip,
   RandAugment, the tensor conversion, normalisation and erasing (before) or the erase box (now);
 - the time from an epoch's loader start to its first batch at ``shuffle_initial`` 2000 (the whole
   buffer, before) and 64 (now);
@@ -35,6 +36,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms
+from torchvision.io import decode_jpeg
 
 from trivit.datasets.config import DataConfig
 from trivit.datasets.imagefolder import write_imagefolder
@@ -115,6 +117,8 @@ def breakdown(files: list[Path], data: DataConfig) -> dict[str, float]:
 
     for _ in range(3):
         decoded = timed("decode (PIL)", lambda d: Image.open(io.BytesIO(d)).convert("RGB"), raw)
+        timed("decode (torchvision.io.decode_jpeg)", lambda d: decode_jpeg(torch.frombuffer(bytearray(d),
+                                                                                         dtype=torch.uint8)), raw)
         with seeded_rng(0):
             cropped = timed("random resized crop + flip", crop_flip, decoded)
             augmented = timed("RandAugment", augment, cropped)
