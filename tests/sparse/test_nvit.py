@@ -67,26 +67,6 @@ def loop_saliency_sums(model: torch.nn.Module, arch: PrunedArch) -> dict[str, to
     return sums
 
 
-def test_saliency_equals_a_float64_loop_over_units():
-    torch.manual_seed(0)
-    arch = full_arch()
-    model = create_pruned_vit(arch, **KWARGS).double()
-    meter = SaliencyMeter(unit_axes(model, arch), arch.unit_counts())
-    expected = {group: torch.zeros(size, dtype=torch.float64) for group, size in arch.unit_counts().items()}
-    for _ in range(3):
-        model.zero_grad()
-        images, labels = torch.randn(4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (4,))
-        F.cross_entropy(model(images), labels).backward()
-        meter.add((name, param, param.grad) for name, param in model.named_parameters())
-        for group, sums in loop_saliency_sums(model, arch).items():
-            expected[group] += sums.square() / 3
-    saliency = meter.saliency()
-    assert set(saliency) == set(expected)
-    for group in expected:
-        torch.testing.assert_close(saliency[group], expected[group], rtol=1e-10, atol=0)
-        assert (expected[group] > 0).all()
-
-
 def authors_code_sums(model: torch.nn.Module, arch: PrunedArch) -> dict[str, torch.Tensor]:
     """The authors' code (NVlabs/NViT, method 23): per unit, the sum of theta * grad over the tensors its
     ``compute_criteria_from`` lists, divided by the kind's divisor (embedding 12, heads 6 x 2, query/key 2,
@@ -125,27 +105,32 @@ def authors_code_sums(model: torch.nn.Module, arch: PrunedArch) -> dict[str, tor
     return sums
 
 
-def test_code_saliency_equals_the_authors_sums_divisors_and_squares():
+@pytest.mark.parametrize("reading", ["paper", "code"])
+def test_saliency_equals_a_float64_loop_over_units(reading):
+    """``paper``: every weight a unit owns (:func:`loop_saliency_sums`); ``code``: the authors' sums, divisors and
+    squares (:func:`authors_code_sums`). Both the mean of the squared per-batch sums over 3 batches."""
     torch.manual_seed(0)
     arch = full_arch()
     model = create_pruned_vit(arch, **KWARGS).double()
-    meter = SaliencyMeter(code_saliency_axes(unit_axes(model, arch)), arch.unit_counts(), CODE_DIVISORS)
+    axes = unit_axes(model, arch)
+    meter = (SaliencyMeter(axes, arch.unit_counts()) if reading == "paper"
+             else SaliencyMeter(code_saliency_axes(axes), arch.unit_counts(), CODE_DIVISORS))
+    reference = loop_saliency_sums if reading == "paper" else authors_code_sums
     expected = {group: torch.zeros(size, dtype=torch.float64) for group, size in arch.unit_counts().items()}
     for _ in range(3):
         model.zero_grad()
         images, labels = torch.randn(4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (4,))
         F.cross_entropy(model(images), labels).backward()
         meter.add((name, param, param.grad) for name, param in model.named_parameters())
-        for group, sums in authors_code_sums(model, arch).items():
+        for group, sums in reference(model, arch).items():
             expected[group] += sums.square() / 3
     saliency = meter.saliency()
+    assert set(saliency) == set(expected)
     for group in expected:
         torch.testing.assert_close(saliency[group], expected[group], rtol=1e-10, atol=0)
         assert (expected[group] > 0).all()
-    paper = SaliencyMeter(unit_axes(model, arch), arch.unit_counts())
-    paper.add((name, param, param.grad) for name, param in model.named_parameters())
-    assert not torch.allclose(paper.saliency()["embed"], authors_code_sums(model, arch)["embed"].square()), \
-        "the two readings differ"
+    other = authors_code_sums if reading == "paper" else loop_saliency_sums
+    assert not torch.allclose(saliency["embed"], other(model, arch)["embed"].square()), "the two readings differ"
 
 
 def test_on_a_quadratic_loss_the_estimate_is_the_loss_change_of_removing_a_unit():
