@@ -1,84 +1,191 @@
-"""Loader throughput against the training step's consumption, measured in one run.
+"""The input pipeline's throughput, before and after the uint8 split, measured side by side in one run.
 
-    python benchmarks/data_throughput.py [--images 256] [--models deit_tiny_patch16_224 deit_small_patch16_224]
+    python benchmarks/data_throughput.py [--images 512] [--repeats 3] [--out benchmarks/results/data]
 
-Writes ImageNet-sized JPEGs (500x375) as an ImageFolder, converts them with `trivit shards`'
-writer, then times (a) one loader worker: read + decode + DeiT training augmentation at 224 px
-(random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing), and (b) the
-training step (forward + backward + AdamW) of each model, and prints how many loader workers
-each model needs so that data never waits. Medians over repeats.
+ImageNet-like JPEGs (500x375, quality 90) are cut from a real photograph that matplotlib ships
+(``grace_hopper.jpg``: random crops, flips and colour shifts, so each has a photo's detail), written
+with ``trivit shards`` as it is and with ``--max-size 320``, then read through the DeiT training
+pipeline at 224 px (random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25)
+by real loader worker processes. Reported, medians of ``--repeats``:
+
+- img/s of one worker and of two (per CPU core), for ``float``: the whole timm transform in the worker,
+  float32 out (trivit before), ``uint8``: the worker's part only, uint8 and an erase box out, the device
+  normalising and erasing (now), and ``uint8, --max-size 320``;
+- the bytes per image that cross from a worker to the training process;
+- where a worker's time goes, per image, in one process on one thread: decode (PIL, and torchvision's
+  libjpeg-turbo decoder for comparison), crop and flip,
+  RandAugment, the tensor conversion, normalisation and erasing (before) or the erase box (now);
+- the time from an epoch's loader start to its first batch at ``shuffle_initial`` 2000 (the whole
+  buffer, before) and 64 (now);
+- the workers one GPU needs at 1,000, 3,000 and 5,000 img/s.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_transform
+from torchvision import transforms
+from torchvision.io import decode_jpeg
 
 from trivit.datasets.config import DataConfig
 from trivit.datasets.imagefolder import write_imagefolder
 from trivit.datasets.loaders import train_loader
-from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls
-from trivit.datasets.transforms import train_transform
-from trivit.engine.workflows.benchmark import seconds_per_train_step
-from trivit.sparse import create_vit
+from trivit.datasets.stream import SampleDecoder, StreamLayout, expand_urls, seeded_rng
+from trivit.datasets.transforms import NO_ERASE, DeviceTransform, erase_box, train_transform
+
+SIZE = 224
+PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
 
 def make_jpegs(root: Path, count: int) -> None:
+    """``count`` 500x375 JPEGs cut from the photo (random crop at a random scale, flip, channel gains)."""
     rng = np.random.default_rng(0)
+    photo = Image.open(PHOTO).convert("RGB")
     for i in range(count):
+        scale = rng.uniform(1.0, 1.6)
+        big = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC)
+        left, top = rng.integers(0, big.width - 500 + 1), rng.integers(0, big.height - 375 + 1)
+        crop = np.asarray(big.crop((left, top, left + 500, top + 375)), dtype=np.float64)
+        crop = np.clip(crop * rng.uniform(0.7, 1.3, size=3), 0, 255).astype(np.uint8)
+        image = Image.fromarray(crop[:, ::-1] if i % 2 else crop)
         folder = root / f"class{i % 10}"
         folder.mkdir(parents=True, exist_ok=True)
-        coarse = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize((500, 375), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def loader_rate(urls: list[str], batch: int, batches: int) -> float:
-    decode = SampleDecoder(train_transform(DataConfig(), 224), "RGB")
-    layout = StreamLayout.for_rank(tuple(urls), seed=0, epoch=0, rank=0, world_size=1)
+def float_transform(data: DataConfig):
+    """trivit before the split: timm's whole transform in the worker (float32, normalised, erased)."""
+    whole = create_transform((3, SIZE, SIZE), is_training=True, scale=tuple(data.scale), hflip=data.hflip,
+                             auto_augment=data.auto_augment, re_prob=data.re_prob, interpolation=data.interpolation,
+                             mean=tuple(data.mean), std=tuple(data.std))
+    no_erase = torch.tensor(NO_ERASE, dtype=torch.int32)
+    return lambda image: (whole(image), no_erase)
+
+
+def loader_rate(urls: list[str], transform, workers: int, batches: int, batch: int = 32) -> tuple[float, int]:
+    """(img/s, bytes per image handed over) of ``workers`` worker processes reading ``batches`` batches."""
+    layout = StreamLayout.for_rank(tuple(urls), seed=0, epoch=0, rank=0, world_size=1, num_workers=workers)
+    loader = train_loader(layout, SampleDecoder(transform, "RGB"), batch_size=batch, start=0, stop=batches + workers,
+                          shuffle_buffer=64, shuffle_initial=64, num_workers=workers)
+    with loader.batches() as stream:
+        first = [next(stream) for _ in range(workers)]  # the workers are up and running
+        start = time.perf_counter()
+        count = sum(len(b.ids) for b in stream)
+        seconds = time.perf_counter() - start
+    images = first[0].images
+    return count / seconds, images.element_size() * images[0].numel()
+
+
+def first_batch_seconds(urls: list[str], transform, shuffle_initial: int) -> float:
+    """Seconds from a one-worker epoch loader's start to its first batch, at a 2000-sample shuffle buffer."""
+    layout = StreamLayout.for_rank(tuple(urls), seed=0, epoch=0, rank=0, world_size=1, num_workers=1)
     start = time.perf_counter()
-    count = sum(len(b.ids) for b in train_loader(layout, decode, batch_size=batch, start=0, stop=batches,
-                                                 shuffle_buffer=64, num_workers=0))
-    return count / (time.perf_counter() - start)
+    loader = train_loader(layout, SampleDecoder(transform, "RGB"), batch_size=32, start=0, stop=1,
+                          shuffle_buffer=2000, shuffle_initial=shuffle_initial, num_workers=1)
+    with loader.batches() as stream:
+        next(stream)
+        return time.perf_counter() - start
 
 
-def step_rate(name: str, batch: int, steps: int) -> float:
-    model = create_vit(name).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
-    return batch / seconds_per_train_step(model, optimizer, images, labels, steps)
+def breakdown(files: list[Path], data: DataConfig) -> dict[str, float]:
+    """Milliseconds per image of each stage, in this process on one thread, on ``files``."""
+    torch.set_num_threads(1)
+    split = train_transform(data, SIZE)
+    stages = split.augment.transforms  # crop, flip, RandAugment, to tensor
+    crop_flip, augment, to_tensor = transforms.Compose(stages[:2]), stages[2], stages[3]
+    whole = float_transform(data)
+    device = DeviceTransform(data.mean, data.std, torch.device("cpu"))
+    raw = [f.read_bytes() for f in files]
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, function, items):
+        start = time.perf_counter()
+        out = [function(i) for i in items]
+        times.setdefault(name, []).append((time.perf_counter() - start) / len(items) * 1e3)
+        return out
+
+    for _ in range(3):
+        decoded = timed("decode (PIL)", lambda d: Image.open(io.BytesIO(d)).convert("RGB"), raw)
+        timed("decode (torchvision.io.decode_jpeg)", lambda d: decode_jpeg(torch.frombuffer(bytearray(d),
+                                                                                         dtype=torch.uint8)), raw)
+        with seeded_rng(0):
+            cropped = timed("random resized crop + flip", crop_flip, decoded)
+            augmented = timed("RandAugment", augment, cropped)
+            tensors = timed("to uint8 tensor", to_tensor, augmented)
+            timed("erase box (now)", lambda t: erase_box(split.erasing, t.shape[-2], t.shape[-1]), tensors)
+            timed("whole timm transform (before)", lambda image: whole(image)[0], decoded)
+        start = time.perf_counter()
+        device(torch.stack(tensors), torch.zeros(len(tensors), 4, dtype=torch.int32))
+        times.setdefault("normalise + erase on the device (here the CPU), per image", []).append(
+            (time.perf_counter() - start) / len(tensors) * 1e3)
+    return {name: min(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224", "deit_small_patch16_224"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/data"))
     args = parser.parse_args()
+    data = DataConfig()
+    results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        make_jpegs(Path(tmp) / "tree", args.images)
-        index, _ = write_imagefolder(Path(tmp) / "tree", Path(tmp) / "shards", samples_per_shard=64, progress=False)
-        urls = expand_urls(str(Path(tmp) / "shards" / index["train"]["urls"]))
-        loader_rate(urls, 16, 1)
-        loader = [loader_rate(urls, 16, 8) for _ in range(args.repeats)]
-        steps = {name: [step_rate(name, 32, 2) for _ in range(args.repeats)] for name in args.models}
-    per_worker = statistics.median(loader)
-    print(f"{torch.get_num_threads()} torch threads; JPEG 500x375 -> 224 px, DeiT training augmentation\n")
-    print("| what | img/s (median) | min-max |")
-    print("|---|---|---|")
-    print(f"| one loader worker: read + decode + augment | {per_worker:.1f} | {min(loader):.1f}-{max(loader):.1f} |")
-    for name, rates in steps.items():
-        print(f"| {name} training step (batch 32) | {statistics.median(rates):.1f} | {min(rates):.1f}-{max(rates):.1f} |")
-    print()
-    for name, rates in steps.items():
-        need = statistics.median(rates) / per_worker
-        print(f"{name}: one worker supplies {per_worker / statistics.median(rates):.1f}x what the step consumes "
-              f"({need:.2f} workers needed)")
+        tree = Path(tmp) / "tree"
+        make_jpegs(tree, args.images)
+        shards = {}
+        for name, max_size in (("full", None), ("max320", 320)):
+            index, _ = write_imagefolder(tree, Path(tmp) / name, samples_per_shard=64, progress=False,
+                                         max_size=max_size)
+            shards[name] = expand_urls(str(Path(tmp) / name / index["train"]["urls"]))
+        batches = args.images // 32 - 2
+        variants = {"float": (shards["full"], float_transform(data)),
+                    "uint8": (shards["full"], train_transform(data, SIZE)),
+                    "uint8, --max-size 320": (shards["max320"], train_transform(data, SIZE))}
+        rates: dict[str, dict[int, list[float]]] = {name: {1: [], 2: []} for name in variants}
+        handed = {}
+        for _ in range(args.repeats):  # interleaved rounds
+            for name, (urls, transform) in variants.items():
+                for workers in (1, 2):
+                    rate, handed[name] = loader_rate(urls, transform, workers, batches)
+                    rates[name][workers].append(rate)
+        starts = {initial: [first_batch_seconds(shards["full"], train_transform(data, SIZE), initial)
+                            for _ in range(args.repeats)] for initial in (2000, 64)}
+        stages = breakdown(sorted(tree.rglob("*.jpg"))[:64], data)
+    medians = {name: {w: statistics.median(r) for w, r in by.items()} for name, by in rates.items()}
+    lines = [f"{os.cpu_count()} CPU cores; {args.images} JPEGs of 500x375 cut from a photo; DeiT training "
+             "augmentation at 224 px; real loader worker processes; medians of "
+             f"{args.repeats} interleaved rounds.", "",
+             "| pipeline | bytes handed over per image | img/s, 1 worker | img/s, 2 workers | per core (2 workers) |"
+             " vs float, 1 worker |", "|---|---|---|---|---|---|"]
+    base = medians["float"][1]
+    for name, by in medians.items():
+        lines.append(f"| {name} | {handed[name]:,} | {by[1]:.0f} | {by[2]:.0f} | {by[2] / 2:.0f} | "
+                     f"{by[1] / base:.2f}x |")
+    lines += ["", "| stage (one thread, one process) | ms per image |", "|---|---|"]
+    lines += [f"| {name} | {ms:.2f} |" for name, ms in stages.items()]
+    lines += ["", "| epoch start to first batch (1 worker, shuffle buffer 2000) | seconds (median) |", "|---|---|"]
+    lines += [f"| data.shuffle_initial {initial}{' (before: the whole buffer)' if initial == 2000 else ''} | "
+              f"{statistics.median(values):.2f} |" for initial, values in starts.items()]
+    per_worker = medians["uint8"][1]
+    lines += ["", "| GPU consumption | workers needed (uint8, one per core) |", "|---|---|"]
+    lines += [f"| {rate:,} img/s | {rate / per_worker:.1f} |" for rate in (1000, 3000, 5000)]
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "data_throughput.md").write_text(table + "\n")
+    results.update(rates=rates, handed=handed, first_batch=starts, stages=stages)
+    (args.out / "data_throughput.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ count or by size from that order, so the same tree gives byte-identical shards.
 """
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -91,19 +92,45 @@ def plan_shards(files: list[ImageFile], samples_per_shard: int | None, max_shard
     return shards if shards[0] else []
 
 
-def shard_samples(files: list[tuple[int, ImageFile]], cuda: SplitFilter | None = None) -> Iterator[dict[str, Any]]:
-    """Shard samples of ``(sample id, file)`` pairs: the file's own bytes (or, ``cuda``, its filtered PNG),
-    its class, its id."""
+def shard_samples(files: list[tuple[int, ImageFile]], cuda: SplitFilter | None = None,
+                  max_size: int | None = None) -> Iterator[dict[str, Any]]:
+    """Shard samples of ``(sample id, file)`` pairs: the file's own bytes (shrunk to ``max_size``, see
+    :func:`shrunk`; or, ``cuda``, its filtered PNG), its class, its id."""
     for sample_id, file in files:
+        suffix = IMAGE_SUFFIXES[Path(file.path).suffix.lower()]
         data = Path(file.path).read_bytes()
+        if max_size is not None:
+            suffix, data = shrunk(suffix, data, max_size)
         protected = cuda.encode(sample_id, file.label, data) if cuda is not None else None
-        image = {"png": protected} if protected is not None else {IMAGE_SUFFIXES[Path(file.path).suffix.lower()]: data}
+        image = {"png": protected} if protected is not None else {suffix: data}
         yield {"__key__": f"{sample_id:09d}", **image, "cls": file.label, "id": sample_id}
 
 
-def _write_one(job: tuple[Path, list[tuple[int, ImageFile]], SplitFilter | None]) -> int:
-    path, files, cuda = job
-    return write_shard(path, shard_samples(files, cuda))
+SHRUNK_JPEG_QUALITY = 95
+
+
+def shrunk(suffix: str, data: bytes, max_size: int) -> tuple[str, bytes]:
+    """An image whose shorter side exceeds ``max_size`` px, resized (bicubic, aspect kept) so that it is
+    ``max_size``: a JPEG stays a JPEG (quality 95), anything else becomes a PNG (lossless). Smaller
+    images keep their bytes."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if min(width, height) <= max_size:
+            return suffix, data
+        scale = max_size / min(width, height)
+        size = (max(max_size, round(width * scale)), max(max_size, round(height * scale)))
+        jpeg = suffix == "jpg"
+        if jpeg:
+            image.draft(image.mode, size)  # decode at the largest power-of-2 reduction still >= size
+        resized = image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).resize(size, Image.BICUBIC)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="JPEG" if jpeg else "PNG", **({"quality": SHRUNK_JPEG_QUALITY} if jpeg else {}))
+    return ("jpg" if jpeg else "png"), buffer.getvalue()
+
+
+def _write_one(job: tuple[Path, list[tuple[int, ImageFile]], SplitFilter | None, int | None]) -> int:
+    path, files, cuda, max_size = job
+    return write_shard(path, shard_samples(files, cuda, max_size))
 
 
 
@@ -118,17 +145,19 @@ def check_output_folder(root: Path, dest: Path) -> None:
 
 def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None = None,
                       max_shard_bytes: int | None = None, workers: int = 1, seed: int = 0,
-                      progress: bool = True, unlearnable: UnlearnableSpec | None = None
-                      ) -> tuple[dict, list[tuple[str, str]]]:
+                      progress: bool = True, unlearnable: UnlearnableSpec | None = None,
+                      max_size: int | None = None) -> tuple[dict, list[tuple[str, str]]]:
     """Write every split of ``root`` to ``dest``; returns the index and the (path, reason) of skipped files.
 
     Every split is listed and every image checked before anything is written: a split that would
     hold no sample stops the command with the reasons, and an existing index is never replaced
-    by an empty one. ``unlearnable`` filters the training split (datasets/unlearnable.py).
+    by an empty one. ``unlearnable`` filters the training split (datasets/unlearnable.py). ``max_size``
+    stores each image with its shorter side at most that many pixels (:func:`shrunk`; before filtering).
     """
     if samples_per_shard is None and max_shard_bytes is None:
         samples_per_shard = 1000
-    for name, value in (("samples_per_shard", samples_per_shard), ("max_shard_bytes", max_shard_bytes)):
+    for name, value in (("samples_per_shard", samples_per_shard), ("max_shard_bytes", max_shard_bytes),
+                        ("max_size", max_size)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     root, dest = root.resolve(), dest.resolve()
@@ -158,10 +187,13 @@ def write_imagefolder(root: Path, dest: Path, *, samples_per_shard: int | None =
             names = [f"{split}-{number:06d}.tar" for number in range(len(plan))]
             cuda = SplitFilter(unlearnable.filters(len(classes)), unlearnable.chosen(len(good))) if (
                 unlearnable is not None and split == "train") else None
-            jobs = [(dest / name, [(p, good[p]) for p in positions], cuda) for name, positions in zip(names, plan)]
+            jobs = [(dest / name, [(p, good[p]) for p in positions], cuda, max_size)
+                    for name, positions in zip(names, plan)]
             counts = list(tqdm(pool.map(_write_one, jobs), total=len(jobs), desc=f"write {split}",
                                disable=not progress))
             index[split] = split_entry(names, counts)
+            if max_size is not None:
+                index[split]["max_size"] = max_size
             if cuda is not None:
                 index[split]["unlearnable"] = unlearnable.record()
     write_index(dest, index, classes)

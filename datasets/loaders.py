@@ -250,7 +250,8 @@ def check_enough_shards(layout: StreamLayout) -> None:
 
 
 def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 shuffle_buffer: int, num_workers: int, position: StreamPosition | None = None,
+                 shuffle_buffer: int, num_workers: int, shuffle_initial: int | None = None,
+                 position: StreamPosition | None = None,
                  active: np.ndarray | None = None, id_offsets: dict[str, int] | None = None,
                  pin_memory: bool = False, timeout_s: float | None = None,
                  stop_requested: Callable[[], bool] = lambda: False) -> ShardLoader:
@@ -275,7 +276,7 @@ def train_loader(layout: StreamLayout, decode: SampleDecoder, *, batch_size: int
     check_enough_shards(layout)
     dataset = TrainStream(layout, decode, batch_size=batch_size, start=start, stop=stop,
                           position=position or full_batches_position(layout, start, batch_size), shuffle_buffer=shuffle_buffer,
-                          active=active, id_offsets=id_offsets)
+                          shuffle_initial=shuffle_initial, active=active, id_offsets=id_offsets)
     return ShardLoader(dataset, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
                        timeout_s=timeout_s, stop_requested=stop_requested,
                        generator=torch.Generator().manual_seed(mix_seed(layout.seed, layout.epoch, start)))

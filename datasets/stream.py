@@ -90,15 +90,16 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
 
 @dataclass(frozen=True)
 class SampleDecoder:
-    """Turns a raw shard sample into ``(image tensor, class index, sample id)``."""
+    """Turns a raw shard sample into ``(uint8 image, class index, sample id, erase box)``
+    (datasets/transforms.py: the device finishes the image)."""
 
-    transform: Callable[[Image.Image], torch.Tensor]
+    transform: Callable[[Image.Image], tuple[torch.Tensor, torch.Tensor]]
     mode: str
     """PIL mode the image is converted to ('L' or 'RGB')."""
     num_classes: int | None = None
     """The model's classes: a label outside 0 .. num_classes - 1 makes the sample bad data (None: unchecked)."""
 
-    def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, int, int]:
+    def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         missing = [name for name, present in (("image", key), ("cls", "cls" in sample), ("id", "id" in sample))
                    if not present]
@@ -112,8 +113,8 @@ class SampleDecoder:
         with Image.open(io.BytesIO(sample[key])) as image:
             image = to_mode(image, self.mode)
         with seeded_rng(mix_seed(seed, sample_id), restore=get_worker_info() is None):
-            pixels = self.transform(image)
-        return pixels, label, sample_id
+            pixels, erase = self.transform(image)
+        return pixels, label, sample_id, erase
 
 
 _shard_note: Callable[[str], None] | None = None
@@ -139,6 +140,7 @@ def noted_shard(shard: dict[str, Any]) -> dict[str, Any]:
 
 class Batch(NamedTuple):
     images: torch.Tensor
+    """uint8 (B, C, H, W): the device normalises them (``DeviceTransform``)."""
     labels: torch.Tensor
     ids: torch.Tensor
     skipped: int
@@ -147,6 +149,8 @@ class Batch(NamedTuple):
     """Shards this worker could not read (or read to the end) since its previous batch."""
     consumed: tuple[int, ...] = ()
     """Raw samples each slot's stream gave for this batch, unreadable ones included (slot order)."""
+    erase: torch.Tensor | None = None
+    """(B, 4) int32: each image's random-erasing box (top, left, height, width; height 0: none)."""
 
 
 class BadData:
@@ -189,10 +193,14 @@ class BadData:
             log.warning("%s (bad items so far in this worker: %d)", message, self.reported)
 
 
-def decoded_batches(samples: Iterator[dict[str, Any]], decode: Callable[[dict[str, Any]], tuple[torch.Tensor, int, int]],
+Decoded = tuple[torch.Tensor, int, int, torch.Tensor]
+"""A decoded sample: uint8 image, class index, sample id, erase box."""
+
+
+def decoded_batches(samples: Iterator[dict[str, Any]], decode: Callable[[dict[str, Any]], Decoded],
                     batch_size: int, partial: bool, bad: BadData) -> Iterator[Batch]:
     """Decode samples into batches, skipping (and counting) the ones that fail to decode."""
-    pending: list[tuple[torch.Tensor, int, int]] = []
+    pending: list[Decoded] = []
     consumed = 0
     for sample in samples:
         consumed += 1
@@ -216,14 +224,16 @@ def concatenate(parts: tuple[Batch, ...]) -> Batch:
     """One batch from several, in order, with their bad-data counts summed."""
     if len(parts) == 1:
         return parts[0]
+    erase = [p.erase for p in parts if p.erase is not None]
     return Batch(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
                  torch.cat([p.ids for p in parts]), sum(p.skipped for p in parts), sum(p.bad_shards for p in parts),
-                 sum((p.consumed for p in parts), ()))
+                 sum((p.consumed for p in parts), ()), torch.cat(erase) if erase else None)
 
 
-def collate(samples: list[tuple[torch.Tensor, int, int]], bad: BadData, consumed: int) -> Batch:
-    images, labels, ids = zip(*samples)
-    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids), *bad.take(), (consumed,))
+def collate(samples: list[Decoded], bad: BadData, consumed: int) -> Batch:
+    images, labels, ids, erase = zip(*samples)
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids), *bad.take(), (consumed,),
+                 torch.stack(erase))
 
 
 @dataclass(frozen=True)
@@ -284,7 +294,8 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, layout: StreamLayout, decode: SampleDecoder, *, batch_size: int, start: int, stop: int,
-                 position: StreamPosition, shuffle_buffer: int, active: np.ndarray | None = None,
+                 position: StreamPosition, shuffle_buffer: int, shuffle_initial: int | None = None,
+                 active: np.ndarray | None = None,
                  id_offsets: dict[str, int] | None = None):
         super().__init__()
         self.layout, self.decode = layout, decode
@@ -292,6 +303,8 @@ class TrainStream(IterableDataset):
         """``batch_size`` is one slot's micro-batch."""
         self.position = position
         self.shuffle_buffer = shuffle_buffer
+        self.shuffle_initial = min(shuffle_buffer, shuffle_initial or shuffle_buffer)
+        """Samples buffered before the first is handed out (None: the whole buffer, as before data.shuffle_initial)."""
         self.active = active
         self.id_offsets = id_offsets or {}
         """Added to the ids of each shard's samples (joined sources, see ``resolve_shards``)."""
@@ -330,7 +343,7 @@ class TrainStream(IterableDataset):
                 wds.tarfile_to_samples(handler=bad.shard),
                 wds.map(self._global_id),
                 wds.select(self._is_active),
-                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
+                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=rng),
             )
         order = list(shards)
         while True:
@@ -341,7 +354,7 @@ class TrainStream(IterableDataset):
                 wds.tarfile_to_samples(handler=bad.shard),
                 wds.map(self._global_id),
                 wds.select(self._is_active),
-                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
+                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial, rng=rng),
             ):
                 presented += 1
                 yield sample
@@ -378,11 +391,12 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Every sample of this rank's share of the shards, once, in shard order.
+    """Every sample of this rank's share of the validation split, once, in shard order.
 
-    Shards are dealt over ranks first (rank ``r`` takes shards ``r, r + world, ...``), then over
-    the rank's loader workers, so every rank reads within one shard of every other whatever
-    the number of workers.
+    The readers are every rank's loader workers, reader ``rank + world x worker`` of ``world x workers``
+    (:func:`eval_share`): with at least as many shards as readers each reader takes whole shards
+    (within one shard of every other); with fewer, each shard is split by sample among the readers
+    that share it, so every rank and worker decodes a share at any world size.
     """
 
     def __init__(self, urls: list[str], decode: SampleDecoder, *, batch_size: int, rank: int, world_size: int):
@@ -393,10 +407,21 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        shards = self.urls[self.rank:: self.world_size][worker:: workers]
+        shards, member, group = eval_share(self.urls, self.rank + self.world_size * worker, self.world_size * workers)
         bad = BadData()
         if not shards:
             return iter(())
         samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.map(noted_shard),
                                    wds.tarfile_to_samples(handler=bad.shard))
-        return decoded_batches(iter(samples), lambda s: self.decode(s, 0), self.batch_size, True, bad)
+        mine = (sample for position, sample in enumerate(samples) if position % group == member)
+        return decoded_batches(mine, lambda s: self.decode(s, 0), self.batch_size, True, bad)
+
+
+def eval_share(urls: list[str], reader: int, readers: int) -> tuple[list[str], int, int]:
+    """(shards, member, group) of ``reader`` among ``readers``: it decodes the samples of ``shards`` whose position
+    (in the order they are read) is ``member`` modulo ``group``. At least as many shards as readers: every
+    ``readers``-th shard, whole; fewer: shard ``reader mod len(urls)``, shared by the readers congruent to it."""
+    if len(urls) >= readers:
+        return urls[reader::readers], 0, 1
+    shard = reader % len(urls)
+    return [urls[shard]], reader // len(urls), len(range(shard, readers, len(urls)))

@@ -3,14 +3,16 @@ rank reading its share and all ranks stepping together; used by training and by 
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from trivit.datasets.loaders import eval_loader
-from trivit.datasets.stream import SampleDecoder
+from trivit.datasets.stream import Batch, SampleDecoder
+from trivit.datasets.transforms import DeviceTransform
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, sum_tensor
 from trivit.sparse import set_keep_rates
@@ -51,8 +53,11 @@ class Evaluator:
                  inputs: InputPath, decoder: SampleDecoder):
         self.config, self.world, self.device, self.val_urls = config, world, device, val_urls
         self.inputs, self.decoder = inputs, decoder
+        self.device_images = DeviceTransform(config.data.mean, config.data.std, device)
         self.batch_size = rank_eval_batch(config.data.eval_batch_size, world.world_size)
         self.num_workers = min(config.data.num_workers, len(val_urls))
+        self.cache: list[Batch] | None = None
+        """This rank's decoded validation batches, once an evaluation has read them all within the budget."""
 
     def batch_shapes(self) -> int:
         """The most batch sizes one evaluation forwards on a rank: the full batch, each loader worker's last
@@ -60,79 +65,126 @@ class Evaluator:
         return 1 + max(1, self.num_workers) + int(self.world.distributed)
 
     def evaluate_all(self, models: dict[str, nn.Module]) -> dict[str, Any]:
-        """Each model at the schedule's final keep rates; a model's metrics carry its suffix (``eval_top1_ema``)."""
+        """Each model at the schedule's final keep rates, all on the same decoded batches; a model's metrics carry
+        its suffix (``eval_top1_ema``)."""
         sparsity = self.config.sparsity
-        metrics = {}
-        for suffix, model in models.items():
-            current = (model.blocks.token_keep_rate, model.blocks.attention_keep_rate)
+        current = {suffix: (m.blocks.token_keep_rate, m.blocks.attention_keep_rate) for suffix, m in models.items()}
+        for model in models.values():
             set_keep_rates(model, sparsity.tokens.keep_rate, sparsity.attention.keep_rate)
-            metrics.update({f"{k}{suffix}": v for k, v in self.evaluate(model).items()})
-            set_keep_rates(model, *current)
-        return metrics
+        results = self.evaluate_models(models)
+        for suffix, model in models.items():
+            set_keep_rates(model, *current[suffix])
+        return {f"{key}{suffix}": value for suffix, record in results.items() for key, value in record.items()}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, per_class: bool = False) -> dict[str, Any]:
-        """Top-1 and top-5 accuracy (%) and mean cross-entropy over the whole validation split, each
-        rank reading its share of the shards; with ``per_class``, also each class's top-1
-        (``eval_top1_per_class``, None for a class without samples).
+        """:meth:`evaluate_models` of one model."""
+        return self.evaluate_models({"": model}, per_class)[""]
 
-        Ranks step through their shares together: one that has run out forwards a placeholder
-        image while the others still have batches, so the collectives inside a sharded model
-        (FSDP, ZeRO-3) always have every rank.
-        """
-        inputs, world, device, val_urls = self.inputs, self.world, self.device, self.val_urls
-        model_config = self.config.model
-        loader = eval_loader(val_urls, self.decoder, batch_size=self.batch_size, rank=world.rank,
-                             world_size=world.world_size, num_workers=self.num_workers,
-                             pin_memory=device.type == "cuda", timeout_s=self.config.engine.timeout_s)
-        was_training = model.training
-        model.eval()
-        locations = sorted(model.blocks.locations)
-        sums = torch.zeros(5 + len(locations), dtype=torch.float64, device=device)
-        """correct, samples, summed loss, skipped samples, correct in the top 5, then per location the
-        attention density x samples"""
-        classes = torch.zeros(2, model.num_classes if per_class else 0, dtype=torch.float64, device=device)
-        """per class: correct, samples"""
-        placeholder = torch.zeros(1, model_config.in_chans, model_config.img_size, model_config.img_size)
-        dtype = next(model.parameters()).dtype  # the fp32 EMA beside a bf16 DeepSpeed module takes fp32 images
-        with loader.batches() as batches:
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's uint8 images normalised on the evaluation device."""
+        return self.device_images(images.to(self.device, non_blocking=True))
+
+    def _batches(self) -> Iterator[Batch | None]:
+        """This rank's validation batches, then None for as long as any rank still has one (every rank steps
+        together). The decoded uint8 batches are kept for the next evaluation while they fit
+        ``data.eval_cache_mb`` (the validation transform draws nothing at random: the same pixels)."""
+        device = self.device
+        if self.cache is not None:
+            source = iter(self.cache)
+        else:
+            loader = eval_loader(self.val_urls, self.decoder, batch_size=self.batch_size, rank=self.world.rank,
+                                 world_size=self.world.world_size, num_workers=self.num_workers,
+                                 pin_memory=device.type == "cuda", timeout_s=self.config.engine.timeout_s)
+            source = None
+        kept: list[Batch] | None = []
+        budget = self.config.data.eval_cache_mb * 2 ** 20
+        with loader.batches() if source is None else nullcontext(source) as batches:
             while True:
                 batch = next(batches, None)
                 if sum_tensor(torch.tensor([float(batch is not None)], device=device)).item() == 0:
                     break  # no rank has a batch left
-                if batch is not None:
-                    sums[3] += batch.skipped
-                if batch is None or not len(batch.ids):
-                    if world.distributed:
-                        model(inputs.prepare_inputs(placeholder).to(dtype))
+                if kept is not None and batch is not None and self.cache is None:
+                    kept.append(batch)
+                    if sum(b.images.numel() for b in kept) > budget:
+                        kept = None
+                yield batch
+        if self.cache is None and kept is not None and budget > 0:
+            self.cache = kept
+
+    @torch.no_grad()
+    def evaluate_models(self, models: dict[str, nn.Module], per_class: bool = False) -> dict[str, dict[str, Any]]:
+        """Top-1 and top-5 accuracy (%) and mean cross-entropy over the whole validation split of each model, all
+        forwarding the same decoded batches, each rank reading its share; with ``per_class``, also each class's
+        top-1 (``eval_top1_per_class``, None for a class without samples).
+
+        Ranks step through their shares together: one that has run out forwards a placeholder image while the
+        others still have batches, so the collectives inside a sharded model (FSDP, ZeRO-3) always have every rank.
+        """
+        inputs, device, model_config = self.inputs, self.device, self.config.model
+        tallies = {suffix: Tally(model, per_class, device) for suffix, model in models.items()}
+        placeholder = torch.zeros(1, model_config.in_chans, model_config.img_size, model_config.img_size,
+                                  dtype=torch.uint8)
+        skipped = 0
+        for batch in self._batches():
+            if batch is not None:
+                skipped += batch.skipped
+            images = self._images(placeholder if batch is None or not len(batch.ids) else batch.images)
+            labels = None if batch is None or not len(batch.ids) else batch.labels.to(device)
+            for tally in tallies.values():
+                if labels is None:
+                    if self.world.distributed:
+                        tally.model(inputs.prepare_inputs(images).to(tally.dtype))
                     continue
-                labels = batch.labels.to(device)
                 with inputs.autocast():
-                    logits = model(inputs.prepare_inputs(batch.images).to(dtype)).float()
-                hits = logits.argmax(-1) == labels
-                sums[0] += hits.sum()
-                if per_class:
-                    classes[0].index_add_(0, labels, hits.double())
-                    classes[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-                sums[1] += labels.numel()
-                sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
-                top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                sums[4] += (top5 == labels.unsqueeze(-1)).any(dim=-1).sum()
-                for slot, block in enumerate(locations, start=5):
-                    if block in model.blocks.attention_density:
-                        sums[slot] += model.blocks.attention_density[block] * labels.numel()
-        model.train(was_training)
-        correct, total, loss_sum, skipped, correct5, *density = sum_tensor(sums).tolist()
+                    logits = tally.model(inputs.prepare_inputs(images).to(tally.dtype)).float()
+                tally.add(logits, labels)
+        return {suffix: tally.result(skipped) for suffix, tally in tallies.items()}
+
+
+class Tally:
+    """One model's evaluation sums over the batches, and its record at the end."""
+
+    def __init__(self, model: nn.Module, per_class: bool, device: torch.device):
+        self.model, self.per_class = model, per_class
+        self.was_training = model.training
+        model.eval()
+        self.dtype = next(model.parameters()).dtype  # the fp32 EMA beside a bf16 DeepSpeed module takes fp32 images
+        self.locations = sorted(model.blocks.locations)
+        self.sums = torch.zeros(4 + len(self.locations), dtype=torch.float64, device=device)
+        """correct, samples, summed loss, correct in the top 5, then per location the attention density x samples"""
+        self.classes = torch.zeros(2, model.num_classes if per_class else 0, dtype=torch.float64, device=device)
+        """per class: correct, samples"""
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        sums, blocks = self.sums, self.model.blocks
+        hits = logits.argmax(-1) == labels
+        sums[0] += hits.sum()
+        if self.per_class:
+            self.classes[0].index_add_(0, labels, hits.double())
+            self.classes[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        sums[1] += labels.numel()
+        sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        sums[3] += (top5 == labels.unsqueeze(-1)).any(dim=-1).sum()
+        for slot, block in enumerate(self.locations, start=4):
+            if block in blocks.attention_density:
+                sums[slot] += blocks.attention_density[block] * labels.numel()
+
+    def result(self, skipped_here: int) -> dict[str, Any]:
+        """The record, summed over the ranks (every rank calls it)."""
+        self.model.train(self.was_training)
+        sums = torch.cat([self.sums, torch.tensor([float(skipped_here)], dtype=torch.float64, device=self.sums.device)])
+        correct, total, loss_sum, correct5, *density, skipped = sum_tensor(sums).tolist()
         if total == 0:
             log.warning("the validation shards yielded no readable samples (%d skipped); no evaluation this time. "
                         "Check data.val_urls", int(skipped))
             return {"eval_samples": 0, "eval_skipped": int(skipped)}
         record = {"eval_samples": int(total), "eval_top1": 100.0 * correct / total,
                   "eval_top5": 100.0 * correct5 / total, "eval_loss": loss_sum / total, "eval_skipped": int(skipped)}
-        if per_class:
-            correct_by_class, samples_by_class = sum_tensor(classes).tolist()
+        if self.per_class:
+            correct_by_class, samples_by_class = sum_tensor(self.classes).tolist()
             record["eval_top1_per_class"] = [100.0 * c / n if n else None
                                              for c, n in zip(correct_by_class, samples_by_class)]
-        if model.blocks.attention_keep_rate < 1:
-            record["eval_attention_density"] = {str(block): d / total for block, d in zip(locations, density)}
+        if self.model.blocks.attention_keep_rate < 1:
+            record["eval_attention_density"] = {str(block): d / total for block, d in zip(self.locations, density)}
         return record

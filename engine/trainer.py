@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from trivit.config import to_dict
-from trivit.datasets.loaders import DataWaitStopped, train_loader
-from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
-from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode, train_transform
+from trivit.datasets.loaders import DataWaitStopped
+from trivit.datasets.stream import Batch, SampleDecoder
+from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode
 from trivit.engine.backends import build_backend
 from trivit.engine.compile import CompileWatch
 from trivit.engine.config import TrainConfig
@@ -49,6 +49,7 @@ from trivit.engine.state.rng import rng_state, seed_everything, set_rng_state
 from trivit.engine.state.run_dir import check_config_file, check_fresh_start, write_config
 from trivit.engine.state.run_lock import lock_run_dir
 from trivit.engine.step_guard import StepGuard
+from trivit.engine.train_data import TrainData
 from trivit.sparse import set_keep_rates
 from trivit.sparse.flops import dense_fraction
 from trivit.sparse.schedule import keep_rates_at
@@ -88,9 +89,9 @@ class Trainer:
         self.objective = build_objective(config, self.model, self.num_classes, self.device, self.amp_dtype)
         seed_everything(config.seed + self.world.rank)  # each rank its own dropout, drop-path and mixup draws
         self.mixer = batch_mixer(data, self.num_classes)
-        mode = image_mode(config.model.in_chans)
-        self.train_decoder = SampleDecoder(train_transform(data, config.model.img_size), mode, self.num_classes)
-        eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), mode, self.num_classes)
+        self.data = TrainData(setup, lambda: self.guard.stop_requested)
+        eval_decoder = SampleDecoder(eval_transform(data, config.model.img_size), image_mode(config.model.in_chans),
+                                     self.num_classes)
         self.evaluator = Evaluator(config, self.world, self.device, self.shards.val_urls, self.backend, eval_decoder)
         self.compile_watch = CompileWatch(config.engine.compile, config.sparsity.schedule.levels,  # before compiling
                                           len(self.model.blocks.locations), self.evaluator.batch_shapes(),
@@ -100,8 +101,6 @@ class Trainer:
                                      config.schedule.epochs, config.seed, self.device)
         self.use_objective(self.objective)
         self.epochs = EpochTracker()
-        self.stream_position: StreamPosition = []
-        """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
         self.step = 0
         self.throughput = Throughput()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", config.checkpoint.keep,
@@ -132,7 +131,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
             "ranks": rank_states,
-            "data": self.setup.data_settings(),
+            "data": self.data.settings(),
             "epochs": self.epochs.state_dict(),
             **self.guard.state_dict(),
             **self.planner.state_dict(),
@@ -143,7 +142,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        check_compatible(state, source, self.config.model.name, self.backend.name, self.setup.data_settings())
+        self.data.adopt(state["data"])
+        check_compatible(state, source, self.config.model.name, self.backend.name, self.data.settings())
         check_resumed_settings(state.get("config"), self.config, source)
         try:
             self.backend.load(source, state)
@@ -163,8 +163,7 @@ class Trainer:
         self.objective.load_state_dict(state.get("objective"))
         self.step = state["step"]
         self.throughput.total_seconds = state.get("train_seconds", 0.0)
-        self.stream_position = rank_state.get("stream_position") or full_batches_position(
-            self.setup.layout(self.epochs.current), self.epochs.offset(self.step), self.micro_batch)  # older checkpoints
+        self.data.restore(rank_state, self.epochs.current, self.epochs.offset(self.step))
 
     def resume(self) -> None:
         """Load the checkpoint ``resume`` asks for, after every check a start makes (``--dry-run`` calls it too)."""
@@ -210,9 +209,11 @@ class Trainer:
         backend.zero_grad()
         rank_batch = len(batch.ids)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        parts = zip(batch.images.chunk(accum), batch.labels.chunk(accum), batch.ids.chunk(accum))
-        for index, (images, labels, ids) in enumerate(parts):
+        parts = zip(batch.images.chunk(accum), batch.erase.chunk(accum), batch.labels.chunk(accum),
+                    batch.ids.chunk(accum))
+        for index, (images, erase, labels, ids) in enumerate(parts):
             device_ids = ids.to(self.device, non_blocking=True)
+            images = self.data.images(images, erase)
             loss, logits, losses, labels, tapped = self._micro_batch_loss(images, labels, ids, device_ids, rank_batch)
             counts = (len(batch.ids), batch.skipped, batch.bad_shards) if index == 0 else None
             step_loss = self.guard.share(loss, counts)
@@ -235,8 +236,8 @@ class Trainer:
 
     def _micro_batch_loss(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                           device_ids: torch.Tensor, rank_batch: int):
-        """Forward one micro-batch: its share of the rank's mean weighted loss, logits, per-sample losses, labels,
-        and what the forward handed back (:attr:`taps`)."""
+        """Forward one micro-batch (``images`` normalised on the device): its share of the rank's mean weighted loss,
+        logits, per-sample losses, labels, and what the forward handed back (:attr:`taps`)."""
         images, labels = self.backend.prepare_inputs(images), labels.to(self.device, non_blocking=True)
         if self.mixer is not None:
             images, targets = self.mixer(images, labels)
@@ -257,13 +258,7 @@ class Trainer:
         active = self.planner.active_samples
         check_epoch_length(self.config, active, epoch)
         self.epochs.begin(self.step, active // self.config.data.batch_size)
-        self.stream_position = full_batches_position(self.setup.layout(epoch), 0, self.micro_batch)
-
-    def _advance_stream(self, batch: Batch) -> None:
-        """Count the raw samples the step's batch took from its stream, unreadable ones included."""
-        stream = self.setup.layout(self.epochs.current).stream_of(self.epochs.offset(self.step))
-        for slot, consumed in enumerate(batch.consumed):
-            self.stream_position[slot][stream] += consumed
+        self.data.begin_epoch(epoch)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         """Pre-emption: finish the current step, write a checkpoint, stop (see the training loop)."""
@@ -286,7 +281,7 @@ class Trainer:
     def _save(self) -> Path:
         """Write a checkpoint (every rank takes part)."""
         self.planner.synchronize()
-        rank_states = gather_objects({"rng": rng_state(), "stream_position": self.stream_position})
+        rank_states = gather_objects({"rng": rng_state(), "stream_position": self.data.position})
 
         def write(folder: Path) -> dict[str, Any]:
             return {**self.state_dict(rank_states), **self.backend.save(folder)}
@@ -351,7 +346,7 @@ class Trainer:
         evaluation's metrics) when one was written."""
         config = self.config
         loss = self._train_step(batch)
-        self._advance_stream(batch)
+        self.data.advance(batch, self.epochs.current, self.epochs.offset(self.step))
         self.step += 1
         throughput.add(len(batch.ids) * self.world.world_size)
         self.guard.end_step(self.step, settle=self._is_eval_step() or self.finished()
@@ -386,14 +381,7 @@ class Trainer:
         """This rank's loader for the rest of the current epoch (beginning the next one if due)."""
         if self.epochs.epoch_done(self.step):
             self._begin_epoch()
-        config, data = self.config, self.config.data
-        offset = self.epochs.offset(self.step)
-        stop = self.epochs.lengths[-1]
-        if config.schedule.max_steps is not None:
-            stop = min(stop, offset + config.schedule.max_steps - self.step)
-        return train_loader(self.setup.layout(self.epochs.current), self.train_decoder, batch_size=self.micro_batch,
-                            start=offset, stop=stop, position=[list(p) for p in self.stream_position],
-                            shuffle_buffer=data.shuffle_buffer,
-                            num_workers=data.num_workers, active=self.planner.loader_mask(), id_offsets=self.shards.id_offsets,
-                            pin_memory=self.device.type == "cuda", timeout_s=config.engine.timeout_s,
-                            stop_requested=lambda: self.guard.stop_requested)
+        offset, max_steps = self.epochs.offset(self.step), self.config.schedule.max_steps
+        stop = self.epochs.lengths[-1] if max_steps is None else min(self.epochs.lengths[-1],
+                                                                     offset + max_steps - self.step)
+        return self.data.loader(self.epochs.current, offset, stop, self.planner.loader_mask())

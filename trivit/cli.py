@@ -134,8 +134,8 @@ def shards(args: argparse.Namespace) -> int:
     cuda = UnlearnableSpec(key, args.kernel, args.blur, args.fraction, shared=bool(args.unlearnable_shared)) if (
         key is not None) else None
     if args.src in SOURCES:
-        if args.src != "fashion-mnist" or args.max_shard_bytes:
-            raise ValueError(f"built-in source {args.src!r} takes --samples-per-shard only")
+        if args.src != "fashion-mnist" or args.max_shard_bytes or args.max_size:
+            raise ValueError(f"built-in source {args.src!r} takes --samples-per-shard only (its images are 28 px)")
         with replacing_folder(dest) as out:
             splits = fashion_mnist.write_shards(out, samples_per_shard=args.samples_per_shard or 5000, unlearnable=cuda)
         skipped = []
@@ -146,7 +146,8 @@ def shards(args: argparse.Namespace) -> int:
         with replacing_folder(dest) as out:
             splits, skipped = write_imagefolder(Path(args.src), out, samples_per_shard=args.samples_per_shard,
                                                 max_shard_bytes=args.max_shard_bytes, workers=args.workers,
-                                                seed=args.seed, progress=not args.quiet, unlearnable=cuda)
+                                                seed=args.seed, progress=not args.quiet, unlearnable=cuda,
+                                                max_size=args.max_size)
     for split, entry in splits.items():
         print(f"{split}: {entry['total']} samples in {len(entry['shards'])} shards: {dest / entry['urls']}")
         if "unlearnable" in entry:
@@ -342,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--max-shard-bytes", type=positive_int, help="cut shards at this many bytes of image data instead")
     shards_parser.add_argument("--workers", type=positive_int, default=1, help="parallel processes checking and writing")
     shards_parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (shards are pre-shuffled)")
+    shards_parser.add_argument("--max-size", type=positive_int, metavar="N",
+                               help="store each image with its shorter side at most N px (a JPEG re-encoded at "
+                                    "quality 95): less to read and decode; N >= 256 for 224-px training")
     shards_parser.add_argument("--quiet", action="store_true", help="no progress bars")
     cuda = shards_parser.add_mutually_exclusive_group()
     cuda.add_argument("--unlearnable", metavar="KEY", help="make the training split unlearnable (CUDA): each class's "

@@ -21,12 +21,13 @@ APPLY_AT_RESUME = (
     "run_dir", "resume", "schedule.max_steps", "schedule.eval_every_steps", "logging.", "checkpoint.",
     "engine.timeout_s", "engine.nonfinite_loss", "engine.max_nonfinite_steps", "engine.compile",
     "engine.compile_backend", "engine.activation_checkpointing", "engine.precision", "engine.device",
-    "data.max_bad_fraction", "data.eval_batch_size", "data.val_urls", "data.train_urls", "data.index",
+    "data.max_bad_fraction", "data.eval_batch_size", "data.eval_cache_mb", "data.val_urls", "data.train_urls", "data.index",
     "data.cache_dir", "model.init_from", "optim.ema_decay",
 )
 """Keys (or key prefixes) that take effect from the resumed step on."""
 CHECKED_ELSEWHERE = (
-    "seed", "data.batch_size", "data.num_workers", "engine.grad_accum_steps", "engine.backend", "engine.zero_stage",
+    "seed", "data.batch_size", "data.num_workers", "data.shuffle_initial", "engine.grad_accum_steps", "engine.backend",
+    "engine.zero_stage",
     "engine.deepspeed_config", "engine.deepspeed_options", "sparsity.schedule.levels",
 )
 """Keys the checkpoint's data position, backend or compiled path already checks with their own message."""
@@ -50,7 +51,10 @@ def check_resumed_settings(saved: dict[str, Any] | None, config: TrainConfig, so
         log.info("checkpoint %s predates the record of its config: the settings cannot be compared", source)
         return
     before, after = flatten(saved), flatten(to_dict(config))
-    changed = {key: (before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
+    newer = sorted(after.keys() - before.keys())
+    if newer:  # settings added to trivit after the checkpoint was written: their code keeps the old behaviour
+        log.info("checkpoint %s predates the settings %s: they are not compared", source, ", ".join(newer))
+    changed = {key: (before.get(key), after.get(key)) for key in sorted(before.keys())
                if before.get(key) != after.get(key) and not key.startswith(CHECKED_ELSEWHERE)}
     fixed = {key: values for key, values in changed.items() if not key.startswith(APPLY_AT_RESUME)}
     if fixed:

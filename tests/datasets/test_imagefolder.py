@@ -92,3 +92,32 @@ def test_cli_writes_shards_and_lists_unreadable_files(image_tree, tmp_path):
     assert "train: 36 samples in 4 shards" in result.stdout
     assert "left out 3 files or folders" in result.stderr and "broken.jpg" in result.stderr
     assert torch.tensor(read_index(tmp_path / "out" / "index.json")["splits"]["val"]["counts"]).sum() == 12
+
+
+def test_max_size_stores_each_image_with_its_shorter_side_at_most_n(tmp_path):
+    """A 500x375 JPEG becomes a 427x320 JPEG, a 480x360 PNG a 427x320 PNG equal to PIL's bicubic resize, and a
+    200x150 JPEG keeps its bytes; the index records the size."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "tree"
+    (root / "train" / "a").mkdir(parents=True)
+    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+    smooth.save(root / "train" / "a" / "big.jpg", quality=95)
+    smooth.resize((480, 360), Image.BICUBIC).save(root / "train" / "a" / "big.png")
+    smooth.resize((200, 150), Image.BICUBIC).save(root / "train" / "a" / "small.jpg", quality=90)
+    index, _ = write_imagefolder(root, tmp_path / "shards", progress=False, max_size=320)
+    assert index["train"]["max_size"] == 320
+    shard = str(tmp_path / "shards" / index["train"]["shards"][0])
+    stored = []
+    for sample in wds.DataPipeline(wds.SimpleShardList([shard]), wds.tarfile_to_samples()):
+        suffix = "png" if "png" in sample else "jpg"
+        with Image.open(io.BytesIO(sample[suffix])) as image:
+            stored.append((suffix, image.size, np.asarray(image.convert("RGB"), dtype=np.float64), sample[suffix]))
+    assert sorted((suffix, size) for suffix, size, _, _ in stored) == [
+        ("jpg", (200, 150)), ("jpg", (427, 320)), ("png", (427, 320))]
+    by_kind = {(suffix, size): (pixels, data) for suffix, size, pixels, data in stored}
+    assert by_kind[("jpg", (200, 150))][1] == (root / "train" / "a" / "small.jpg").read_bytes()
+    png_reference = np.asarray(Image.open(root / "train" / "a" / "big.png").convert("RGB").resize(
+        (427, 320), Image.BICUBIC), dtype=np.float64)
+    assert np.array_equal(by_kind[("png", (427, 320))][0], png_reference)
+    jpeg_reference = np.asarray(smooth.resize((427, 320), Image.BICUBIC), dtype=np.float64)
+    assert np.abs(by_kind[("jpg", (427, 320))][0] - jpeg_reference).mean() < 3.0, "within JPEG's re-encoding error"

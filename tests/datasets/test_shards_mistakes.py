@@ -47,9 +47,9 @@ def test_sixteen_bit_pngs_are_scaled_not_saturated(tmp_path, capsys):
     decode = SampleDecoder(eval_transform(data, 8), "L")
     batch = next(iter(eval_loader(expand_urls(str(tmp_path / "out" / "train-000000.tar")), decode, batch_size=2,
                                   rank=0, world_size=1, num_workers=0)))
-    expected = torch.from_numpy(np.rint(values / 257.0) / 255.0).float()
-    torch.testing.assert_close(batch.images[0, 0], expected, rtol=0, atol=1e-6)
-    assert (batch.images == 1.0).float().mean() < 0.05, "a plain convert would make almost every pixel white"
+    expected = torch.from_numpy(np.rint(values / 257.0)).to(torch.uint8)  # the worker's uint8 pixels
+    assert torch.equal(batch.images[0, 0], expected)
+    assert (batch.images == 255).float().mean() < 0.05, "a plain convert would make almost every pixel white"
 
 
 def test_a_class_only_under_val_and_unsupported_files_are_listed(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Start-up checks on the shards: each bad layout fails before training, naming the fix."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -60,7 +61,8 @@ def test_more_workers_than_shards_explains_the_hang_it_avoids(tiny_shards, tmp_p
 def test_loaders_pin_memory_when_training_on_cuda(tiny_shards, tmp_path):
     trainer = build(tiny_shards, tmp_path)
     assert trainer._epoch_loader().pin_memory is False, "the CPU has no use for pinned pages"
-    trainer.device = torch.device("cuda")  # where the loaders are made, the device is all that counts
+    # where the loaders are made, the run's device is all that counts
+    trainer.data.setup = dataclasses.replace(trainer.setup, device=torch.device("cuda"))
     assert trainer._epoch_loader().pin_memory is True
 
 

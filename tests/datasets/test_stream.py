@@ -1,8 +1,10 @@
 """The streaming reader: exact resume at any batch, batch counts, evaluation exactly once."""
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,7 +106,7 @@ def test_deit_randaugment_survives_its_whole_magnitude_range():
     outputs = []
     for seed in range(4000):
         with seeded_rng(seed):
-            outputs.append(transform(image))
+            outputs.append(transform(image)[0])
     assert all(o.shape == (3, 32, 32) for o in outputs)
 
 
@@ -121,3 +123,34 @@ def test_resampled_streams_serve_more_workers_than_shards_and_resume_exactly(tin
     ids = torch.cat([b.ids for b in full])
     assert set(ids.tolist()) <= set(range(64)) and len(set(ids.tolist())) < len(ids), "drawn with replacement"
     assert all(torch.equal(a.images, b.images) for a, b in zip(full[4:], read(0, 4)))
+
+
+@pytest.mark.parametrize("mode, config", [("RGB", DataConfig()), ("L", CONFIG)])
+def test_the_split_pipeline_makes_timms_one_process_pixels_bit_for_bit(mode, config):
+    """Worker (uint8 and an erase box) + device (normalise, erase) against timm's whole DeiT training transform,
+    normalisation and random erasing included, under the same per-sample seeds: equal to the bit."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from trivit.datasets.transforms import DeviceTransform
+
+    timm_transform = create_transform((len(config.mean), 32, 32), is_training=True, scale=tuple(config.scale),
+                                      hflip=config.hflip, auto_augment=config.auto_augment,
+                                      color_jitter=config.color_jitter or None, re_prob=1.0,
+                                      interpolation=config.interpolation, mean=tuple(config.mean),
+                                      std=tuple(config.std))
+    split = train_transform(dataclasses.replace(config, re_prob=1.0), 32)
+    device = DeviceTransform(config.mean, config.std, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).convert(mode) for _ in range(24)]
+    ours, pixels, boxes = [], [], []
+    for seed, image in enumerate(images):
+        with seeded_rng(seed):
+            ours.append(timm_transform(image))
+        with seeded_rng(seed):
+            uint8, box = split(image)
+        pixels.append(uint8)
+        boxes.append(box)
+    assert all(p.dtype == torch.uint8 for p in pixels)
+    assert sum(int(b[2] > 0) for b in boxes) > 12, "random erasing acts on most images at re_prob 1.0"
+    assert torch.equal(device(torch.stack(pixels), torch.stack(boxes)), torch.stack(ours))

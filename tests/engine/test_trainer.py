@@ -194,3 +194,24 @@ def test_a_step_its_checkpoint_commits_is_already_logged(tiny_shards, tmp_path, 
     assert [r["step"] for r in records] == list(range(1, 9)), "each step logged once, the failed evaluation never"
     assert sorted(losses(tmp_path / "run")) == list(range(1, 9))
     assert "eval_top1" in {r["step"]: r for r in records}[8]
+
+
+def test_a_checkpoint_from_before_newer_settings_resumes_as_it_was_trained(tiny_shards, tmp_path, caplog):
+    """A checkpoint written before data.shuffle_initial and data.eval_cache_mb existed (its config and data settings
+    lack them): the resume does not refuse it, says so, and its streams keep the whole-buffer first fill they were
+    read with, so the losses are those of the uninterrupted run with the old fill."""
+    old_fill = {"data.shuffle_buffer": "100", "data.shuffle_initial": "100"}
+    train(tiny_shards, tmp_path / "straight", **old_fill, **{"schedule.max_steps": "10"})
+    train(tiny_shards, tmp_path / "old", **old_fill, **{"schedule.max_steps": "4"})
+    folder = CheckpointManager(tmp_path / "old" / "checkpoints", keep=2).saved()[-1][1]
+    state = torch.load(folder / "trainer.pt", weights_only=False)
+    del state["data"]["shuffle_initial"]
+    for key in ("shuffle_initial", "eval_cache_mb"):
+        del state["config"]["data"][key]
+    torch.save(state, folder / "trainer.pt")
+    with caplog.at_level(logging.INFO):
+        trainer, _ = train(tiny_shards, tmp_path / "old", **{"data.shuffle_buffer": "100", "schedule.max_steps": "10"})
+    assert trainer.data.shuffle_initial is None
+    assert "predates the settings data.eval_cache_mb, data.shuffle_initial" in caplog.text
+    resumed, straight = losses(tmp_path / "old"), losses(tmp_path / "straight")
+    assert resumed == straight and len(straight) == 10
