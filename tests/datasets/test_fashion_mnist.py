@@ -96,8 +96,11 @@ def test_two_ranks_prepare_the_demo_data_once_and_it_round_trips(tmp_path):
     command = launcher("torchrun", free_port()) + [
         "train", "--config", str(ROOT / "configs" / "demo.yaml"), "--dry-run", "engine.backend=ddp",
         f"data.cache_dir={cache}", f"run_dir={tmp_path / 'run'}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    for _ in range(2):  # a second try only after gloo's teardown abort (pytorch/pytorch#190489), nothing else
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+        if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     assert "config valid; backend ddp on 2 process(es)" in result.stdout
     index = read_index(cache / "fashion-mnist" / "index.json")
