@@ -32,6 +32,11 @@ class EpochTracker:
         """Steps of the current epoch done at ``step``."""
         return step - self.starts[-1]
 
+    def left(self, step: int, max_steps: int | None) -> tuple[int, int]:
+        """Steps ``start, stop`` of the current epoch left at ``step`` (``max_steps`` in all may end it sooner)."""
+        offset, length = self.offset(step), self.lengths[-1]
+        return offset, length if max_steps is None else min(length, offset + max_steps - step)
+
     def epoch_done(self, step: int) -> bool:
         """True before the first epoch and once the current epoch's steps are all done."""
         return not self.starts or self.offset(step) >= self.lengths[-1]

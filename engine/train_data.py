@@ -2,7 +2,10 @@
 keeps, and the device's half of the image pipeline (datasets/transforms.py)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -12,6 +15,8 @@ from trivit.datasets.loaders import ShardLoader, train_loader
 from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
 from trivit.datasets.transforms import DeviceTransform, image_mode, train_transform
 from trivit.engine.startup import RunSetup
+
+log = logging.getLogger(__name__)
 
 
 class TrainData:
@@ -25,6 +30,8 @@ class TrainData:
         """Samples a stream buffers before its first (None: the whole buffer, for a run begun before the setting)."""
         self.position: StreamPosition = []
         """Raw samples this rank's streams gave in the current epoch (its exact data position)."""
+        self.early: tuple[tuple[int, int, int], ExitStack, Iterator[Batch]] | None = None
+        """An epoch's batches whose workers :meth:`start_early` started: (epoch, start, stop), their context, them."""
 
     def settings(self) -> dict[str, Any]:
         """What the data position depends on (a checkpoint must match it to resume), the shuffle's first fill included."""
@@ -57,6 +64,45 @@ class TrainData:
                             shuffle_initial=self.shuffle_initial, num_workers=data.num_workers, active=active,
                             id_offsets=setup.shards.id_offsets, pin_memory=setup.device.type == "cuda",
                             timeout_s=setup.config.engine.timeout_s, stop_requested=self.stop_requested)
+
+    def start_early(self, epoch: int, start: int, stop: int, active: np.ndarray | None) -> None:
+        """Start the workers of ``epoch``'s loader now, so that they read, fill their shuffle buffers and decode
+        their first batches while this process does something else (the evaluation at an epoch's end);
+        :meth:`batches` hands them over. The epoch must be planned (its position begun) already."""
+        self.discard_early()
+        stack = ExitStack()
+        batches = stack.enter_context(self.loader(epoch, start, stop, active).batches())
+        self.early = (epoch, start, stop), stack, batches
+
+    def discard_early(self) -> None:
+        """Shut down workers started early and not used (the run ended, or stopped, before their epoch)."""
+        if self.early is not None:
+            self.early[1].close()
+            self.early = None
+
+    @contextmanager
+    def batches(self, epoch: int, start: int, stop: int, active: np.ndarray | None) -> Iterator[Iterator[Batch]]:
+        """This rank's batches for steps ``start .. stop - 1`` of ``epoch`` (those started early when they are
+        the same steps); the wait for the first is logged."""
+        early, self.early = self.early, None
+        with ExitStack() as stack:
+            if early is not None and early[0] == (epoch, start, stop):
+                stack.push(early[1].pop_all())
+                batches = early[2]
+            else:
+                if early is not None:
+                    early[1].close()
+                batches = stack.enter_context(self.loader(epoch, start, stop, active).batches())
+            yield self._timed_first(batches, epoch, started_early=early is not None)
+
+    @staticmethod
+    def _timed_first(batches: Iterator[Batch], epoch: int, started_early: bool) -> Iterator[Batch]:
+        start = time.perf_counter()
+        for index, batch in enumerate(batches):
+            if index == 0:
+                log.info("epoch %d: first batch after %.2f s%s", epoch, time.perf_counter() - start,
+                         " (its workers started before the epoch)" if started_early else "")
+            yield batch
 
     def images(self, images: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
         """A micro-batch's uint8 images, normalised and erased on the training device (no host wait)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import signal
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from trivit.config import to_dict
-from trivit.datasets.loaders import DataWaitStopped
+from trivit.datasets.loaders import DataWaitStopped, ShardLoader
 from trivit.datasets.stream import Batch, SampleDecoder
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode
 from trivit.engine.backends import build_backend
@@ -318,7 +320,7 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while not self.finished():
-                with self._epoch_loader().batches() as batches:
+                with self._epoch_batches() as batches:
                     throughput.start()
                     for batch in batches:
                         last = self._run_step(batch, throughput, metrics, bar) or last
@@ -330,6 +332,7 @@ class Trainer:
             raise Preempted(f"{stalled}; checkpoint written at step {self.step} in {saved.parent}; run the same "
                             "command (resume=auto) to continue") from None
         finally:
+            self.data.discard_early()
             signal.signal(signal.SIGTERM, previous_handler)
             bar.close()
             if metrics is not None:
@@ -362,6 +365,7 @@ class Trainer:
             if self.finished() and self.world.is_main:
                 log.info("wrote %s", export(saved, self.run_dir / WEIGHTS_FILE))
         if evaluate:
+            self._start_next_epoch_early()
             results = self.evaluator.evaluate_all(
                 {"": self.model, **({"_ema": self.ema.module} if self.ema is not None else {})})
             if metrics is not None:
@@ -377,11 +381,24 @@ class Trainer:
         bar.update(1)
         return record
 
-    def _epoch_loader(self):
-        """This rank's loader for the rest of the current epoch (beginning the next one if due)."""
+    def _start_next_epoch_early(self) -> None:
+        """At an epoch's end, before its evaluation: plan the next epoch and start its loader workers, so that they
+        read and decode while the model is evaluated and the epoch starts without a stall. Planning after the
+        checkpoint keeps the checkpoint that of the epoch's end."""
+        if self.epochs.epoch_done(self.step) and not self.finished():
+            self.data.start_early(*self._epoch_reading())
+
+    def _epoch_reading(self) -> tuple[int, int, int, Any]:
+        """(epoch, start, stop, active samples) of what is left of the current epoch, beginning the next one if due."""
         if self.epochs.epoch_done(self.step):
             self._begin_epoch()
-        offset, max_steps = self.epochs.offset(self.step), self.config.schedule.max_steps
-        stop = self.epochs.lengths[-1] if max_steps is None else min(self.epochs.lengths[-1],
-                                                                     offset + max_steps - self.step)
-        return self.data.loader(self.epochs.current, offset, stop, self.planner.loader_mask())
+        start, stop = self.epochs.left(self.step, self.config.schedule.max_steps)
+        return self.epochs.current, start, stop, self.planner.loader_mask()
+
+    def _epoch_batches(self) -> AbstractContextManager[Iterator[Batch]]:
+        """This rank's batches for the rest of the current epoch."""
+        return self.data.batches(*self._epoch_reading())
+
+    def _epoch_loader(self) -> ShardLoader:
+        """This rank's loader for the rest of the current epoch."""
+        return self.data.loader(*self._epoch_reading())

@@ -51,6 +51,22 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tiny_shards, t
     assert all(torch.equal(final_full[k], final_split[k]) for k in final_full)
 
 
+def test_the_next_epochs_workers_start_before_its_evaluation_and_read_the_same_batches(tiny_shards, tmp_path,
+                                                                                      monkeypatch, caplog):
+    common = {"data.batch_size": "32", "schedule.epochs": "3"}
+    with caplog.at_level(logging.INFO, logger="trivit.engine.train_data"):
+        train(tiny_shards, tmp_path / "early", **common)
+    firsts = [r.getMessage() for r in caplog.records if "first batch" in r.getMessage()]
+    assert len(firsts) == 3 and "started before" not in firsts[0], firsts
+    assert all("epoch %d: first batch" % e in m and "started before the epoch" in m for e, m in [(1, firsts[1]),
+                                                                                              (2, firsts[2])])
+    monkeypatch.setattr(Trainer, "_start_next_epoch_early", lambda self: None)
+    train(tiny_shards, tmp_path / "late", **common)
+    early, late = read_metrics(tmp_path / "early"), read_metrics(tmp_path / "late")
+    assert [(r["step"], r.get("loss"), r.get("eval_top1")) for r in early] == \
+           [(r["step"], r.get("loss"), r.get("eval_top1")) for r in late]
+
+
 def test_training_learns_and_writes_the_run_directory(tiny_shards, tmp_path):
     trainer, last = train(tiny_shards, tmp_path / "run", **{"data.mixup": "0", "data.cutmix": "0",
                                                              "optim.lr": "3e-3", "schedule.epochs": "10"})
