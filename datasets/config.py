@@ -38,6 +38,11 @@ class DataConfig:
     shuffle_initial: int = 64
     """Samples a worker's shuffle buffer holds before it hands out the first (it keeps filling to
     ``shuffle_buffer`` as it goes): an epoch's first batch comes after this many reads, not ``shuffle_buffer``."""
+    decode_on: Literal["worker", "device"] = "worker"
+    """Where training images are decoded and augmented: ``worker`` (the loader workers, the reference) or
+    ``device`` (workers draw the augmentation and hand over the JPEG bytes; the training device decodes, with
+    nvJPEG on CUDA, and paints the drawn crop, flip, RandAugment: datasets/device_augment.py). Evaluation images
+    are decoded by the workers either way (and cached: ``eval_cache_mb``)."""
     resampled: bool = False
     """Each worker draws training shards with replacement (no split by rank and worker; any shard count works)."""
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))

@@ -99,7 +99,7 @@ class SampleDecoder:
     num_classes: int | None = None
     """The model's classes: a label outside 0 .. num_classes - 1 makes the sample bad data (None: unchecked)."""
 
-    def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    def __call__(self, sample: dict[str, Any], seed: int) -> Decoded:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         missing = [name for name, present in (("image", key), ("cls", "cls" in sample), ("id", "id" in sample))
                    if not present]
@@ -110,11 +110,14 @@ class SampleDecoder:
             raise ValueError(f"label {label} is outside the model's {self.num_classes} classes (0 .. "
                              f"{self.num_classes - 1}): the shard and its index disagree, or model.num_classes is "
                              "too small")
-        with Image.open(io.BytesIO(sample[key])) as image:
-            image = to_mode(image, self.mode)
-        with seeded_rng(mix_seed(seed, sample_id), restore=get_worker_info() is None):
-            pixels, erase = self.transform(image)
-        return pixels, label, sample_id, erase
+        plan = None
+        with Image.open(io.BytesIO(sample[key])) as image, \
+                seeded_rng(mix_seed(seed, sample_id), restore=get_worker_info() is None):
+            if getattr(self.transform, "takes_encoded", False):  # data.decode_on: device
+                pixels, erase, plan = self.transform(sample[key], image, self.mode)
+            else:
+                pixels, erase = self.transform(to_mode(image, self.mode))
+        return pixels, label, sample_id, erase, plan
 
 
 _shard_note: Callable[[str], None] | None = None
@@ -139,8 +142,9 @@ def noted_shard(shard: dict[str, Any]) -> dict[str, Any]:
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor
-    """uint8 (B, C, H, W): the device normalises them (``DeviceTransform``)."""
+    images: torch.Tensor | list[torch.Tensor]
+    """uint8 (B, C, H, W): the device normalises them (``DeviceTransform``); with a ``plan``
+    (``data.decode_on: device``), each image's JPEG bytes or decoded image, for the device to decode and augment."""
     labels: torch.Tensor
     ids: torch.Tensor
     skipped: int
@@ -151,6 +155,8 @@ class Batch(NamedTuple):
     """Raw samples each slot's stream gave for this batch, unreadable ones included (slot order)."""
     erase: torch.Tensor | None = None
     """(B, 4) int32: each image's random-erasing box (top, left, height, width; height 0: none)."""
+    plan: torch.Tensor | None = None
+    """(B, columns) float64: each image's drawn augmentation, for ``DeviceAugment`` (``data.decode_on: device``)."""
 
 
 class BadData:
@@ -193,8 +199,9 @@ class BadData:
             log.warning("%s (bad items so far in this worker: %d)", message, self.reported)
 
 
-Decoded = tuple[torch.Tensor, int, int, torch.Tensor]
-"""A decoded sample: uint8 image, class index, sample id, erase box."""
+Decoded = tuple[torch.Tensor, int, int, torch.Tensor, torch.Tensor | None]
+"""A decoded sample: uint8 image (or the bytes the device decodes), class index, sample id, erase box, and the
+drawn augmentation the device paints (None: the image is augmented already)."""
 
 
 def decoded_batches(samples: Iterator[dict[str, Any]], decode: Callable[[dict[str, Any]], Decoded],
@@ -225,15 +232,19 @@ def concatenate(parts: tuple[Batch, ...]) -> Batch:
     if len(parts) == 1:
         return parts[0]
     erase = [p.erase for p in parts if p.erase is not None]
-    return Batch(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+    plans = [p.plan for p in parts if p.plan is not None]
+    images = sum((list(p.images) for p in parts), []) if plans else torch.cat([p.images for p in parts])
+    return Batch(images, torch.cat([p.labels for p in parts]),
                  torch.cat([p.ids for p in parts]), sum(p.skipped for p in parts), sum(p.bad_shards for p in parts),
-                 sum((p.consumed for p in parts), ()), torch.cat(erase) if erase else None)
+                 sum((p.consumed for p in parts), ()), torch.cat(erase) if erase else None,
+                 torch.cat(plans) if plans else None)
 
 
 def collate(samples: list[Decoded], bad: BadData, consumed: int) -> Batch:
-    images, labels, ids, erase = zip(*samples)
-    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids), *bad.take(), (consumed,),
-                 torch.stack(erase))
+    images, labels, ids, erase, plans = zip(*samples)
+    planned = plans[0] is not None
+    return Batch(list(images) if planned else torch.stack(images), torch.tensor(labels), torch.tensor(ids),
+                 *bad.take(), (consumed,), torch.stack(erase), torch.stack(plans) if planned else None)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ NO_ERASE = (0, 0, 0, 0)
 class WorkerImages:
     """What a loader worker makes of a decoded PIL image: ``(uint8 image (C, H, W), erase box (4,) int32)``."""
 
+    takes_encoded = False
+    """It is given the decoded image (``EncodedImages`` of ``data.decode_on: device`` takes the file's bytes)."""
+
     def __init__(self, augment: Callable, erasing: RandomErasing | None):
         self.augment, self.erasing = augment, erasing
 
@@ -50,6 +53,11 @@ def erase_box(erasing: RandomErasing | None, height: int, width: int) -> torch.T
 def train_transform(data: DataConfig, img_size: int) -> WorkerImages:
     """Random resized crop, flip and RandAugment (or colour jitter) in the worker, as in timm's training pipeline;
     random erasing's box drawn there too (the device fills it)."""
+    return WorkerImages(*train_pipeline(data, img_size))
+
+
+def train_pipeline(data: DataConfig, img_size: int) -> tuple[Callable, RandomErasing | None]:
+    """timm's training transform up to the uint8 tensor, and random erasing (constant fill, one region) or None."""
     try:
         augment = create_transform(
             (len(data.mean), img_size, img_size),
@@ -68,7 +76,7 @@ def train_transform(data: DataConfig, img_size: int) -> WorkerImages:
                                                "allowed: a timm policy such as 'rand-m9-mstd0.5-inc1' (RandAugment), "
                                                "'augmix-m5-w4-d2', 'original', 'v0', or null") from None
     erasing = RandomErasing(data.re_prob, mode="const", max_count=1, device="cpu") if data.re_prob > 0 else None
-    return WorkerImages(augment, erasing)
+    return augment, erasing
 
 
 def eval_transform(data: DataConfig, img_size: int) -> WorkerImages:

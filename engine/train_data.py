@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trivit.datasets.device_augment import device_augment, device_train_transform
 from trivit.datasets.loaders import ShardLoader, train_loader
 from trivit.datasets.stream import Batch, SampleDecoder, StreamPosition, full_batches_position
 from trivit.datasets.transforms import DeviceTransform, image_mode, train_transform
@@ -23,8 +24,14 @@ class TrainData:
     def __init__(self, setup: RunSetup, stop_requested: Callable[[], bool]):
         config, data = setup.config, setup.config.data
         self.setup, self.stop_requested = setup, stop_requested
-        self.decoder = SampleDecoder(train_transform(data, config.model.img_size), image_mode(config.model.in_chans),
-                                     setup.num_classes)
+        size = config.model.img_size
+        on_device = data.decode_on == "device"
+        transform = device_train_transform(data, size) if on_device else train_transform(data, size)
+        self.decoder = SampleDecoder(transform, image_mode(config.model.in_chans), setup.num_classes)
+        self.device_augment = device_augment(data, size, setup.device) if on_device else None
+        if on_device and setup.device.type == "cpu":
+            log.warning("data.decode_on=device on a CPU: the training process decodes and augments every image "
+                        "itself; data.decode_on=worker spreads that work over the loader workers")
         self.device_images = DeviceTransform(data.mean, data.std, setup.device)
         self.shuffle_initial: int | None = data.shuffle_initial
         """Samples a stream buffers before its first (None: the whole buffer, for a run begun before the setting)."""
@@ -104,7 +111,12 @@ class TrainData:
                          " (its workers started before the epoch)" if started_early else "")
             yield batch
 
-    def images(self, images: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
-        """A micro-batch's uint8 images, normalised and erased on the training device (no host wait)."""
+    def images(self, batch: Batch) -> torch.Tensor:
+        """The rank's batch on the training device, normalised and erased there (no host wait); with
+        ``data.decode_on: device`` decoded and augmented there first."""
         device = self.setup.device
-        return self.device_images(images.to(device, non_blocking=True), erase.to(device, non_blocking=True))
+        if self.device_augment is not None and batch.plan is not None:
+            pixels = self.device_augment(batch.images, batch.plan)
+        else:
+            pixels = batch.images.to(device, non_blocking=True)
+        return self.device_images(pixels, batch.erase.to(device, non_blocking=True))

@@ -211,11 +211,9 @@ class Trainer:
         backend.zero_grad()
         rank_batch = len(batch.ids)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        parts = zip(batch.images.chunk(accum), batch.erase.chunk(accum), batch.labels.chunk(accum),
-                    batch.ids.chunk(accum))
-        for index, (images, erase, labels, ids) in enumerate(parts):
+        parts = zip(self.data.images(batch).chunk(accum), batch.labels.chunk(accum), batch.ids.chunk(accum))
+        for index, (images, labels, ids) in enumerate(parts):
             device_ids = ids.to(self.device, non_blocking=True)
-            images = self.data.images(images, erase)
             loss, logits, losses, labels, tapped = self._micro_batch_loss(images, labels, ids, device_ids, rank_batch)
             counts = (len(batch.ids), batch.skipped, batch.bad_shards) if index == 0 else None
             step_loss = self.guard.share(loss, counts)

@@ -58,8 +58,8 @@ def test_the_next_epochs_workers_start_before_its_evaluation_and_read_the_same_b
         train(tiny_shards, tmp_path / "early", **common)
     firsts = [r.getMessage() for r in caplog.records if "first batch" in r.getMessage()]
     assert len(firsts) == 3 and "started before" not in firsts[0], firsts
-    assert all("epoch %d: first batch" % e in m and "started before the epoch" in m for e, m in [(1, firsts[1]),
-                                                                                              (2, firsts[2])])
+    assert all(f"epoch {e}: first batch" in m and "started before the epoch" in m for e, m in [(1, firsts[1]),
+                                                                                             (2, firsts[2])])
     monkeypatch.setattr(Trainer, "_start_next_epoch_early", lambda self: None)
     train(tiny_shards, tmp_path / "late", **common)
     early, late = read_metrics(tmp_path / "early"), read_metrics(tmp_path / "late")
