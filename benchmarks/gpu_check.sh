@@ -13,6 +13,7 @@
 #  4. Host syncs per training step by file:line (torch.cuda.set_sync_debug_mode).
 #  5. ZeRO-3 at engine.precision auto and bf16 (torchrun, one process): 6 steps, stopped, resumed to 12.
 #  6. Compiled bf16 deit_base, tokens 0.7 and all three levels, against compiled timm dense, batch 128.
+#  7. data.decode_on=device: img/s of nvJPEG decoding and the painted augmentation (on what the budget has left).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu-check}}
@@ -146,6 +147,13 @@ if has webdataset; then
         bench_compiled
 else
     skip "6. Compiled bf16 deit_base at batch 128" webdataset
+fi
+
+if has webdataset; then  # last: it runs on what the budget has left
+    section "7. data.decode_on=device: nvJPEG decode and the painted DeiT augmentation, img/s" 30 \
+        $PYTHON benchmarks/data_throughput.py --device cuda --only device
+else
+    skip "7. data.decode_on=device" webdataset
 fi
 
 echo -e "\nSection budgets used: $(( $(date +%s) - START )) s of $BUDGET s." >> "$REPORT"
