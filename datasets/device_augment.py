@@ -156,13 +156,14 @@ class DeviceAugment:
         return batch.to(torch.uint8)
 
     def _decoded(self, payloads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The images on the device: JPEG bytes (host memory, as nvJPEG takes them) decoded there in one batched
+        call, images the workers decoded copied there."""
         encoded = [index for index, payload in enumerate(payloads) if payload.dim() == 1]
-        images: list[torch.Tensor] = [payload.to(self.device, non_blocking=True) for payload in payloads]
-        if encoded:
-            decoded = decode_jpeg([payloads[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device)
-            for index, image in zip(encoded, decoded):
-                images[index] = to_gray(image) if self.channels == 1 else image
-        return images
+        decoded = decode_jpeg([payloads[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device) \
+            if encoded else []
+        images = dict(zip(encoded, (to_gray(image) if self.channels == 1 else image for image in decoded)))
+        return [images[i] if i in images else payload.to(self.device, non_blocking=True)
+                for i, payload in enumerate(payloads)]
 
     def _resized_crop(self, image: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
         """Pillow's ``resize`` of the crop (antialiased; bicubic with a = -0.5), rounded to uint8 levels, as float."""
