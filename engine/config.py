@@ -109,8 +109,10 @@ class OptimConfig:
 class ScheduleConfig:
     """Length of training and the learning-rate schedule (linear warm-up, then cosine), in steps."""
 
-    epochs: int = 300
-    """Epochs of the schedule; steps per epoch = training samples // global batch."""
+    epochs: float = 300
+    """Epochs of the schedule; steps per epoch = training samples // global batch. A fraction trains the first
+    part of the last epoch's batches (2.5: two epochs, then half of the third), so that runs of equal training
+    time can be compared at the epochs each one fits in it."""
     warmup_epochs: float = 5.0
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
@@ -120,7 +122,7 @@ class ScheduleConfig:
     """Evaluate every N steps (0 = once per epoch); always at the end."""
 
     def __post_init__(self) -> None:
-        check(self.epochs > 0, "epochs", self.epochs, "a positive integer")
+        check(self.epochs > 0 and finite(self.epochs), "epochs", self.epochs, "a positive number of epochs")
         check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs,
               f"a number in [0, schedule.epochs={self.epochs})")
         check(self.min_lr >= 0 and finite(self.min_lr), "min_lr", self.min_lr, "a finite number >= 0")
@@ -356,3 +358,6 @@ class TrainConfig:
         check(self.schedule.min_lr <= peak, "schedule.min_lr", self.schedule.min_lr,
               f"at most the peak learning rate {peak:g} (optim.lr, or optim.base_lr x data.batch_size / 512), "
               "or the cosine 'decay' would raise the learning rate")
+        final = self.sparsity.schedule.final_dense_epochs
+        check(final < self.schedule.epochs, "sparsity.schedule.final_dense_epochs", final,
+              f"fewer epochs than the run's schedule.epochs={self.schedule.epochs:g}")

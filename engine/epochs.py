@@ -16,17 +16,21 @@ class EpochTracker:
     """Global step at which each begun epoch started."""
     lengths: list[int] = field(default_factory=list)
     """Steps of each begun epoch."""
+    shares: list[float] = field(default_factory=list)
+    """The part of a whole epoch each begun epoch is (1.0; less for a fractional last epoch)."""
 
     @property
     def current(self) -> int:
         """Index of the latest begun epoch (-1 before the first)."""
         return len(self.starts) - 1
 
-    def begin(self, step: int, length: int) -> None:
+    def begin(self, step: int, length: int, share: float = 1.0) -> None:
+        """Epoch ``current + 1`` begins at ``step``: ``length`` steps that make ``share`` of an epoch."""
         if length <= 0:
             raise ValueError(f"epoch {len(self.starts)} would have {length} steps")
         self.starts.append(step)
         self.lengths.append(length)
+        self.shares.append(share)
 
     def offset(self, step: int) -> int:
         """Steps of the current epoch done at ``step``."""
@@ -45,10 +49,11 @@ class EpochTracker:
         """Fractional epoch at ``step`` (0.0 before training, 1.0 at the end of the first epoch)."""
         if not self.starts:
             return 0.0
-        return self.current + self.offset(step) / self.lengths[-1]
+        return self.current + self.shares[-1] * self.offset(step) / self.lengths[-1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"starts": list(self.starts), "lengths": list(self.lengths)}
+        return {"starts": list(self.starts), "lengths": list(self.lengths), "shares": list(self.shares)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.starts, self.lengths = list(state["starts"]), list(state["lengths"])
+        self.shares = list(state.get("shares", [1.0] * len(self.lengths)))  # checkpoints before fractional epochs

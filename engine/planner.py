@@ -66,7 +66,7 @@ class FullData:
 class ExampleLevel(FullData):
     """The example level (``sparsity.examples.policy``: forgetting or InfoBatch)."""
 
-    def __init__(self, config: ExampleConfig, num_ids: int, train_samples: int, epochs: int, seed: int,
+    def __init__(self, config: ExampleConfig, num_ids: int, train_samples: int, epochs: float, seed: int,
                  device: torch.device):
         super().__init__(num_ids, train_samples, device)
         self.selector = ExampleSelector(config, num_ids, epochs, seed, device)
@@ -97,7 +97,7 @@ class ExampleLevel(FullData):
         self.selector.load_state_dict(state["examples"])
 
 
-def build_planner(config: ExampleConfig, num_ids: int, train_samples: int, epochs: int, seed: int,
+def build_planner(config: ExampleConfig, num_ids: int, train_samples: int, epochs: float, seed: int,
                   device: torch.device) -> FullData:
     """The run's planner: the example level's where ``config.policy`` names one."""
     if config.policy == "none":

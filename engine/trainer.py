@@ -207,7 +207,8 @@ class Trainer:
         Nothing here waits for the device (see engine/step_guard.py), except ``engine.nonfinite_loss=skip``."""
         backend, accum = self.backend, self.config.engine.grad_accum_steps
         backend.model.train()
-        set_keep_rates(self.model, *keep_rates_at(self.config.sparsity, self.epochs.progress(self.step)))
+        set_keep_rates(self.model, *keep_rates_at(self.config.sparsity, self.epochs.progress(self.step),
+                                                  self.config.schedule.epochs))
         backend.zero_grad()
         rank_batch = len(batch.ids)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -257,7 +258,9 @@ class Trainer:
         self.planner.plan_epoch(epoch)
         active = self.planner.active_samples
         check_epoch_length(self.config, active, epoch)
-        self.epochs.begin(self.step, active // self.config.data.batch_size)
+        left = self.config.schedule.epochs - epoch
+        share = left if 0 < left < 1 else 1.0  # a fractional last epoch: its first batches
+        self.epochs.begin(self.step, max(1, round(share * (active // self.config.data.batch_size))), share)
         self.data.begin_epoch(epoch)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -310,7 +313,7 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, config.logging.tensorboard) if self.world.is_main else None
         if metrics is not None and self.step == 0 and self.init_record:
             metrics.log({"step": 0, **self.init_record})
-        bar = tqdm(total=config.schedule.max_steps or config.schedule.epochs * self.dense_epoch_steps,
+        bar = tqdm(total=config.schedule.max_steps or round(config.schedule.epochs * self.dense_epoch_steps),
                    initial=self.step, disable=not (config.logging.progress_bar and self.world.is_main),
                    dynamic_ncols=True, desc="train")
         throughput = self.throughput

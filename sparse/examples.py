@@ -176,7 +176,7 @@ class EpochPlan:
 class ExampleSelector:
     """Holds the active set and pool of one policy and decides them at epoch boundaries."""
 
-    def __init__(self, config: ExampleConfig, num_samples: int, total_epochs: int, seed: int,
+    def __init__(self, config: ExampleConfig, num_samples: int, total_epochs: float, seed: int,
                  device: torch.device | str = "cpu"):
         self.config = config
         self.num_samples = num_samples

@@ -13,12 +13,16 @@ if TYPE_CHECKING:
 
 @dataclass(kw_only=True)
 class KeepRateScheduleConfig:
-    """Keep rates are 1.0 for ``start_epochs``, then follow a cosine to their targets over ``span_epochs``."""
+    """Keep rates are 1.0 for ``start_epochs``, then follow a cosine to their targets over ``span_epochs``, and
+    return to 1.0 for the run's last ``final_dense_epochs``."""
 
     start_epochs: float = 10.0
     """Epochs of dense training before the rates start to fall (EViT: 10)."""
     span_epochs: float = 100.0
     """Epochs from the start to reaching the target rates (EViT: 100); 0 = jump to the targets."""
+    final_dense_epochs: float = 0.0
+    """The run's last epochs at keep rate 1.0, so that the final model is tuned on every token and link (as
+    random-LTD ends on the full sequence); 0: none (the paper's schedule)."""
     levels: int | None = None
     """Quantise the ramp to this many keep rates below 1.0, evenly spaced, the last one the target
     (each rate holds until the cosine has passed it); null: continuous, or 4 with engine.compile,
@@ -28,6 +32,7 @@ class KeepRateScheduleConfig:
         check(self.start_epochs >= 0, "start_epochs", self.start_epochs, "a number of epochs >= 0")
         check(self.span_epochs >= 0, "span_epochs", self.span_epochs, "a number of epochs >= 0")
         check(self.levels is None or self.levels > 0, "levels", self.levels, "a positive integer or null")
+        check(self.final_dense_epochs >= 0, "final_dense_epochs", self.final_dense_epochs, "a number of epochs >= 0")
 
 
 def scheduled_keep_rate(t: float, target: float, start: float, span: float, levels: int | None = None) -> float:
@@ -49,8 +54,10 @@ def scheduled_keep_rate(t: float, target: float, start: float, span: float, leve
     return 1.0 - done * (1.0 - target) / levels if done < levels else target
 
 
-def keep_rates_at(sparsity: SparsityConfig, epoch: float) -> tuple[float, float]:
-    """(token, attention) keep rates of ``sparsity``'s schedule at fractional ``epoch``."""
+def keep_rates_at(sparsity: SparsityConfig, epoch: float, total_epochs: float) -> tuple[float, float]:
+    """(token, attention) keep rates of ``sparsity``'s schedule at fractional ``epoch`` of ``total_epochs``."""
     schedule = sparsity.schedule
+    if schedule.final_dense_epochs and epoch >= total_epochs - schedule.final_dense_epochs:
+        return 1.0, 1.0
     return tuple(scheduled_keep_rate(epoch, target, schedule.start_epochs, schedule.span_epochs, schedule.levels)
                  for target in (sparsity.tokens.keep_rate, sparsity.attention.keep_rate))

@@ -67,6 +67,37 @@ def test_the_next_epochs_workers_start_before_its_evaluation_and_read_the_same_b
            [(r["step"], r.get("loss"), r.get("eval_top1")) for r in late]
 
 
+def test_a_fractional_last_epoch_trains_its_first_batches_and_ends_the_lr_schedule_there(tiny_shards, tmp_path):
+    # 256 samples / batch 32 = 8 steps an epoch: 1.5 epochs = 8 + 4 steps, the cosine at its floor on the last
+    trainer, _ = train(tiny_shards, tmp_path / "run", **{"data.batch_size": "32", "schedule.epochs": "1.5",
+                                                         "schedule.warmup_epochs": "0.25", "schedule.min_lr": "1e-5",
+                                                         "checkpoint.every_steps": "100"})
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert trainer.step == 12 and [r["step"] for r in records] == list(range(1, 13))
+    assert [r["epoch"] for r in records][7:] == [1.0, 1.125, 1.25, 1.375, 1.5]
+    evals = [r["step"] for r in read_metrics(tmp_path / "run") if "eval_top1" in r]
+    assert evals == [8, 12], "each epoch ends with an evaluation, the fractional one too"
+    train(tiny_shards, tmp_path / "two", **{"data.batch_size": "32", "schedule.epochs": "2",
+                                            "schedule.warmup_epochs": "0.25", "schedule.min_lr": "1e-5",
+                                            "schedule.max_steps": "9", "checkpoint.every_steps": "100"})
+    two = [r for r in read_metrics(tmp_path / "two") if "loss" in r]
+    assert records[8]["lr"] < 0.5 * two[8]["lr"], "its own, shorter cosine (not two epochs' cut short)"
+    assert abs(records[-1]["lr"] - 1e-5) < 1e-4 * 1e-3, "the cosine reaches min_lr at 1.5 epochs"
+
+
+def test_a_final_dense_phase_trains_the_last_steps_on_every_token_and_link(tiny_shards, tmp_path):
+    # 8 steps an epoch, 2 epochs: the rates reach their targets by 0.5 epoch and return to 1.0 at 1.5 (step 12)
+    train(tiny_shards, tmp_path / "run", **{"data.batch_size": "32", "schedule.epochs": "2",
+                                            "sparsity.tokens.keep_rate": "0.5", "sparsity.attention.keep_rate": "0.5",
+                                            "sparsity.schedule.start_epochs": "0", "sparsity.schedule.span_epochs": "0.5",
+                                            "sparsity.schedule.final_dense_epochs": "0.5",
+                                            "checkpoint.every_steps": "100"})
+    rates = {r["step"]: (r["keep_rate_tokens"], r["keep_rate_attention"], r["flops_fraction"])
+             for r in read_metrics(tmp_path / "run") if "loss" in r}
+    assert all(rates[step][:2] == (0.5, 0.5) and rates[step][2] < 0.8 for step in range(5, 13))
+    assert all(rates[step] == (1.0, 1.0, 1.0) for step in range(13, 17))
+
+
 def test_training_learns_and_writes_the_run_directory(tiny_shards, tmp_path):
     trainer, last = train(tiny_shards, tmp_path / "run", **{"data.mixup": "0", "data.cutmix": "0",
                                                              "optim.lr": "3e-3", "schedule.epochs": "10"})
