@@ -50,22 +50,29 @@ HALF_SHARDS = 6
 
 
 def half_training_set() -> Path:
-    """``<cache>/fashion-mnist-half``: the first training shards and all the test shards of the built-in
-    source (hard links), with an index of their own. The configs name this folder: the example level
-    needs an index that lists exactly the shards a run trains on (its table has an entry per id)."""
+    """``<cache>/fashion-mnist-half``: the first 6 training shards and all the test shards (the configs name it)."""
+    return training_subset(HALF_SHARDS, None, "half")
+
+
+def training_subset(train_shards: int, test_shards: int | None, name: str | None = None) -> Path:
+    """``<cache>/fashion-mnist-<name>``: the first training shards and the first (None: all) test shards of the
+    built-in source (hard links), with an index of their own. The example level needs an index that lists
+    exactly the shards a run trains on (its table has an entry per id)."""
     full = prepare_source("fashion-mnist", DataConfig().cache_dir)
-    half = full.with_name(f"{full.name}-half")
-    if (half / INDEX_NAME).is_file():
-        return half
+    subset = full.with_name(f"{full.name}-{name or f'train{train_shards}-test{test_shards}'}")
+    if (subset / INDEX_NAME).is_file():
+        return subset
     index = read_index(full / INDEX_NAME)
     train, test = index["splits"]["train"], index["splits"]["test"]
-    shards, counts = train["shards"][:HALF_SHARDS], train["counts"][:HALF_SHARDS]
-    half.mkdir(exist_ok=True)
-    for name in shards + test["shards"]:
-        if not (half / name).exists():
-            os.link(full / name, half / name)
-    write_index(half, {"train": split_entry(shards, counts), "test": test}, index["classes"])
-    return half
+    shards, counts = train["shards"][:train_shards], train["counts"][:train_shards]
+    tests, test_counts = test["shards"][:test_shards], test["counts"][:test_shards]
+    subset.mkdir(exist_ok=True)
+    for shard in shards + tests:
+        if not (subset / shard).exists():
+            os.link(full / shard, subset / shard)
+    write_index(subset, {"train": split_entry(shards, counts), "test": split_entry(tests, test_counts)},
+                index["classes"])
+    return subset
 
 
 def cli(*args: str) -> float:

@@ -16,6 +16,7 @@ from trivit.datasets.transforms import DeviceTransform
 from trivit.engine.config import TrainConfig
 from trivit.engine.distributed import World, sum_tensor
 from trivit.sparse import set_keep_rates
+from trivit.sparse.schedule import final_keep_rates
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,11 @@ class Evaluator:
         return 1 + max(1, self.num_workers) + int(self.world.distributed)
 
     def evaluate_all(self, models: dict[str, nn.Module]) -> dict[str, Any]:
-        """Each model at the schedule's final keep rates, all on the same decoded batches; a model's metrics carry
-        its suffix (``eval_top1_ema``)."""
-        sparsity = self.config.sparsity
+        """Each model at the schedule's final keep rates (:func:`final_keep_rates`), all on the same decoded batches;
+        a model's metrics carry its suffix (``eval_top1_ema``)."""
         current = {suffix: (m.blocks.token_keep_rate, m.blocks.attention_keep_rate) for suffix, m in models.items()}
         for model in models.values():
-            set_keep_rates(model, sparsity.tokens.keep_rate, sparsity.attention.keep_rate)
+            set_keep_rates(model, *final_keep_rates(self.config.sparsity))
         results = self.evaluate_models(models)
         for suffix, model in models.items():
             set_keep_rates(model, *current[suffix])

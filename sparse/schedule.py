@@ -61,3 +61,11 @@ def keep_rates_at(sparsity: SparsityConfig, epoch: float, total_epochs: float) -
         return 1.0, 1.0
     return tuple(scheduled_keep_rate(epoch, target, schedule.start_epochs, schedule.span_epochs, schedule.levels)
                  for target in (sparsity.tokens.keep_rate, sparsity.attention.keep_rate))
+
+
+def final_keep_rates(sparsity: SparsityConfig) -> tuple[float, float]:
+    """(token, attention) keep rates a run ends on, which its evaluations use: the targets, or 1.0 after a final
+    dense phase."""
+    if sparsity.schedule.final_dense_epochs:
+        return 1.0, 1.0
+    return sparsity.tokens.keep_rate, sparsity.attention.keep_rate

@@ -96,6 +96,9 @@ def test_a_final_dense_phase_trains_the_last_steps_on_every_token_and_link(tiny_
              for r in read_metrics(tmp_path / "run") if "loss" in r}
     assert all(rates[step][:2] == (0.5, 0.5) and rates[step][2] < 0.8 for step in range(5, 13))
     assert all(rates[step] == (1.0, 1.0, 1.0) for step in range(13, 17))
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_top1" in r]
+    assert len(evals) == 2 and not any("eval_attention_density" in r for r in evals), \
+        "a run that ends dense is evaluated dense (its every evaluation, at the rates it ends on)"
 
 
 def test_training_learns_and_writes_the_run_directory(tiny_shards, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from trivit.config import ConfigError, load
 from trivit.engine.config import TrainConfig
 from trivit.sparse.config import SparsityConfig
-from trivit.sparse.schedule import keep_rates_at
+from trivit.sparse.schedule import final_keep_rates, keep_rates_at
 
 
 def sparsity(**schedule) -> SparsityConfig:
@@ -35,3 +35,8 @@ def test_a_final_dense_phase_as_long_as_the_run_is_refused():
     with pytest.raises(ConfigError, match="final_dense_epochs.*schedule.epochs=2"):
         load(TrainConfig, None, ["schedule.epochs=2", "schedule.warmup_epochs=0",
                                  "sparsity.schedule.final_dense_epochs=2"])
+
+
+def test_a_run_is_evaluated_at_the_rates_it_ends_on():
+    assert final_keep_rates(sparsity(start_epochs=0.1, span_epochs=0.5)) == (0.7, 0.2)
+    assert final_keep_rates(sparsity(start_epochs=0.1, span_epochs=0.5, final_dense_epochs=0.6)) == (1.0, 1.0)

@@ -1,0 +1,246 @@
+"""For a training budget, the best model: every variant at equal training time, at three budgets.
+
+The 196-token set-up of benchmarks/study196.py (Fashion-MNIST at 56 px, 4 px patches, a 64-wide 6-block ViT,
+configs/study196/) on the first ``--train-shards`` of the 12 training shards (default 2: 10,000 images) and one
+test shard (5,000 images). A budget is training time (``train_s``: seconds inside training steps), measured in
+dense epochs on this machine: 1, 2 and 4 (``--budgets``). Dense trains that many epochs; every other variant
+trains the epochs that fill the same seconds, from its own measured seconds per epoch (its run at the smaller
+budget, or ``PRIOR_SPEEDUP`` before it has one), so a faster variant trains more epochs. Every schedule scales
+with the run's own epochs (warm-up, keep-rate ramp, final dense phase: fractions of the run) and its learning
+rate decays to the floor at its own end (Li et al., Budgeted Training). ``schedule.epochs`` takes a fraction.
+
+Variants (``VARIANTS``): dense, tokens 0.7, tokens 0.7 + InfoBatch, the three levels as the paper sets them,
+16 semantic tokens, and the sparse-to-dense recipes of configs/recipes/ scaled to the study. The recipes also
+run at 0.67 of each budget (the target: dense's top-1 in 0.67x of its time). Each model with a token or an
+attention level is also evaluated dense (keep rate 1.0: ``trivit eval``), as a user who trains sparse may deploy
+dense. Finished runs are kept (``<out>/runs``), so the study may be run in parts.
+
+    python benchmarks/budget_study.py --seeds 0 1 --out benchmarks/results/budget
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from study196 import CONFIGS, cli, training_subset  # benchmarks/study196.py
+
+from trivit.engine.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "dense": ("dense", []),
+    "tokens 0.7": ("tokens", []),
+    "tokens 0.7 + InfoBatch": ("tokens", ["sparsity.examples.policy=infobatch"]),
+    "three levels (paper)": ("trilevel", []),
+    "16 semantic tokens": ("semantic", []),
+    "recipe: tokens 0.7, dense end": ("tokens", []),
+    "recipe: tokens 0.7 + InfoBatch, dense end": ("tokens", ["sparsity.examples.policy=infobatch"]),
+}
+"""Each variant: its configs/study196 config and overrides; the schedule's fractions come from ``SCHEDULES``."""
+SCHEDULES = {"paper": (0.05, 0.3, 0.0), "dense end": (0.05, 0.25, 0.25)}
+"""Keep-rate schedule as fractions of the run: dense start, cosine span, final dense phase. ``paper``: EViT's
+warm-up scaled as configs/study196 scales it (0.1 and 0.6 of 2 epochs); ``dense end``: the recipes'."""
+PRIOR_SPEEDUP = {"tokens": 1.29, "trilevel": 1.31, "semantic": 1.83}
+"""Speed-ups per epoch over dense from benchmarks/study196 (2 epochs), the first guess for a variant's epochs."""
+TARGET_SHARE = 0.67
+
+
+def recipe(variant: str) -> bool:
+    return variant.startswith("recipe")
+
+
+def overrides(variant: str, epochs: float, data: Path) -> list[str]:
+    """A run of ``variant`` over ``epochs``: its config's settings with the schedules scaled to the run."""
+    _, extra = VARIANTS[variant]
+    start, span, final = SCHEDULES["dense end" if recipe(variant) else "paper"]
+    return [f"data.train_urls={data}", f"data.val_urls={data}", f"schedule.epochs={epochs:g}",
+            f"schedule.warmup_epochs={0.1 * epochs:.4g}", "schedule.eval_every_steps=0",
+            f"sparsity.schedule.start_epochs={start * epochs:.4g}", f"sparsity.schedule.span_epochs={span * epochs:.4g}",
+            f"sparsity.schedule.final_dense_epochs={final * epochs:.4g}", *extra]
+
+
+def slug(variant: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in variant).strip("_").replace("__", "_")
+
+
+def trained(run_dir: Path) -> dict | None:
+    """The run's figures if it finished: training seconds, epochs, final top-1, its evaluation curve."""
+    if not (run_dir / "model.safetensors").is_file():
+        return None
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "train_s" in r]
+    evals = [r for r in records if "eval_top1" in r]
+    train_s = {r["step"]: r["train_s"] for r in steps}
+    return {"train_s": steps[-1]["train_s"], "epochs": steps[-1]["epoch"], "top1": evals[-1]["eval_top1"],
+            "steps": steps[-1]["step"], "active_samples": steps[-1].get("active_samples"),
+            "curve": [(train_s.get(r["step"], steps[-1]["train_s"]), r["epoch"], r["eval_top1"]) for r in evals]}
+
+
+def dense_top1(run_dir: Path) -> float:
+    """The model evaluated at keep rate 1.0 for tokens and attention (``trivit eval``, kept beside the run)."""
+    out = run_dir / "dense_eval.json"
+    if not out.is_file():
+        cli("eval", str(run_dir), "--keep-rates", "1.0", "--attention", "1.0", "--repeats", "1", "--out", str(out))
+    return json.loads(out.read_text())[0]["top1"]
+
+
+def run(variant: str, seed: int, budget: float, seconds_per_dense_epoch: float, runs: Path, data: Path,
+        per_epoch: dict[str, float]) -> dict:
+    """``variant`` at ``budget`` dense epochs' training time (its epochs from ``per_epoch``, its measured seconds
+    per epoch); the run is kept, and ``per_epoch`` updated from it."""
+    config, _ = VARIANTS[variant]
+    if variant == "dense":
+        epochs = budget
+    else:
+        seconds = per_epoch.get(variant, seconds_per_dense_epoch / PRIOR_SPEEDUP[config])
+        epochs = round(budget * seconds_per_dense_epoch / seconds, 2)
+    run_dir = runs / f"{slug(variant)}_b{budget:g}_seed{seed}"
+    figures = trained(run_dir)
+    if figures is None:
+        cli("train", "--config", str(CONFIGS / f"{config}.yaml"), f"run_dir={run_dir}", f"seed={seed}",
+            "resume=auto", "logging.progress_bar=false", *overrides(variant, epochs, data))
+        figures = trained(run_dir)
+    per_epoch[variant] = figures["train_s"] / figures["epochs"]
+    row = {"variant": variant, "seed": seed, "budget": budget, **figures}
+    if config in ("tokens", "trilevel"):
+        row["top1_dense"] = dense_top1(run_dir)
+    print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    return row
+
+
+def run_seed(seed: int, budgets: list[float], runs: Path, data: Path, per_epoch: dict[str, float]) -> list[dict]:
+    """Every variant at every budget for ``seed``; ``per_epoch`` carries each variant's latest measured seconds
+    per epoch (from the previous seed's runs too)."""
+    rows = []
+    for budget in budgets:
+        rows.append(run("dense", seed, budget, 0.0, runs, data, per_epoch))
+    dense_epoch_s = statistics.mean(r["train_s"] / r["epochs"] for r in rows)
+    for variant in list(VARIANTS)[1:]:
+        shares = [TARGET_SHARE, 1.0] if recipe(variant) else [1.0]
+        for budget in budgets:
+            for share in shares:
+                rows.append(run(variant, seed, round(budget * share, 3), dense_epoch_s, runs, data, per_epoch))
+    return rows
+
+
+def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
+    """Per variant and budget, over the seeds: training seconds, epochs, top-1 (and dense top-1), against dense."""
+    dense = {(r["seed"], r["budget"]): r for r in rows if r["variant"] == "dense"}
+    summary = []
+    for variant in VARIANTS:
+        for budget in sorted({r["budget"] for r in rows if r["variant"] == variant}):
+            mine = [r for r in rows if r["variant"] == variant and r["budget"] == budget]
+            reference = [dense.get((r["seed"], min(budgets, key=lambda b: abs(b - budget)))) for r in mine]
+            entry = {"variant": variant, "budget": budget, "seeds": [r["seed"] for r in mine],
+                     "train_s": statistics.mean(r["train_s"] for r in mine),
+                     "epochs": statistics.mean(r["epochs"] for r in mine),
+                     "top1": [r["top1"] for r in mine],
+                     "top1_dense_eval": [r.get("top1_dense") for r in mine],
+                     "dense_top1": [d["top1"] if d else None for d in reference],
+                     "dense_train_s": [d["train_s"] if d else None for d in reference]}
+            summary.append(entry)
+    return summary
+
+
+def target(rows: list[dict], budgets: list[float]) -> list[dict]:
+    """Each recipe against the target, per seed and budget: its top-1 at 0.67x of dense's training time (its run at
+    0.67 of the budget) against dense's top-1 at the budget."""
+    checks = []
+    for variant in (v for v in VARIANTS if recipe(v)):
+        for seed in sorted({r["seed"] for r in rows}):
+            for budget in budgets:
+                dense = next((r for r in rows if r["variant"] == "dense" and r["seed"] == seed
+                              and r["budget"] == budget), None)
+                short = next((r for r in rows if r["variant"] == variant and r["seed"] == seed
+                              and math.isclose(r["budget"], round(budget * TARGET_SHARE, 3))), None)
+                if dense and short:
+                    checks.append({"variant": variant, "seed": seed, "budget": budget, "dense_top1": dense["top1"],
+                                   "recipe_top1": short["top1"], "recipe_train_s": short["train_s"],
+                                   "dense_train_s": dense["train_s"], "met": short["top1"] >= dense["top1"]})
+    return checks
+
+
+def markdown(summary: list[dict], checks: list[dict], seeds: list[int]) -> str:
+    def each(values: list, form: str = ".2f") -> str:
+        return " / ".join("-" if v is None else format(v, form) for v in values)
+
+    lines = [f"Seeds {seeds}; values per seed. Budget: training time in dense epochs. 'vs dense': top-1 minus the "
+             "same seed's dense run at the same budget.", "",
+             "| variant | budget | epochs | training s | top-1 % | vs dense | top-1 evaluated dense (keep 1.0) |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        gaps = [None if d is None else t - d for t, d in zip(s["top1"], s["dense_top1"])]
+        lines.append(f"| {s['variant']} | {s['budget']:g} | {s['epochs']:.2f} | {s['train_s']:.0f} | "
+                     f"{each(s['top1'])} | {each(gaps, '+.2f')} | {each(s['top1_dense_eval'])} |")
+    if checks:
+        lines += ["", f"Target: a recipe's top-1 in {TARGET_SHARE}x of dense's training time at least dense's.", "",
+                  "| recipe | seed | budget | dense top-1 (s) | recipe top-1 (s) | met |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['variant']} | {c['seed']} | {c['budget']:g} | {c['dense_top1']:.2f} ({c['dense_train_s']:.0f}) "
+                  f"| {c['recipe_top1']:.2f} ({c['recipe_train_s']:.0f}) | {'yes' if c['met'] else 'no'} |"
+                  for c in checks]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """The frontier: top-1 against training time, a line per variant through its budgets (seeds averaged), the
+    seeds' points around it; and the per-epoch curves of the largest budget."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (frontier, curves) = plt.subplots(1, 2, figsize=(13, 5))
+    largest = max(r["budget"] for r in rows)
+    for index, variant in enumerate(VARIANTS):
+        mine = [r for r in rows if r["variant"] == variant]
+        if not mine:
+            continue
+        color, budgets = f"C{index}", sorted({r["budget"] for r in mine})
+        means = [(statistics.mean(r["train_s"] for r in mine if r["budget"] == b),
+                  statistics.mean(r["top1"] for r in mine if r["budget"] == b)) for b in budgets]
+        frontier.plot([t / 60 for t, _ in means], [a for _, a in means], color=color, marker="o", label=variant)
+        frontier.scatter([r["train_s"] / 60 for r in mine], [r["top1"] for r in mine], color=color, alpha=0.35, s=12)
+        for number, r in enumerate(r for r in mine if r["budget"] == largest):
+            curves.plot([t / 60 for t, _, _ in r["curve"]], [a for _, _, a in r["curve"]], color=color, marker=".",
+                        alpha=0.7, label=variant if number == 0 else None)
+    frontier.set_xscale("log")
+    frontier.set_title("top-1 against training time (lines: seed means through the budgets)")
+    curves.set_title(f"per-epoch evaluations at the {largest:g}-dense-epoch budget")
+    for axes in (frontier, curves):
+        axes.set_xlabel("training time (min)")
+        axes.set_ylabel("Fashion-MNIST test top-1 (%)")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                        help="training time budgets, in dense epochs")
+    parser.add_argument("--train-shards", type=int, default=2, help="Fashion-MNIST training shards (5,000 each)")
+    parser.add_argument("--test-shards", type=int, default=1, help="Fashion-MNIST test shards (5,000 each)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "budget")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    data = training_subset(args.train_shards, args.test_shards)
+    rows, per_epoch = [], {}
+    for seed in args.seeds:
+        rows += run_seed(seed, args.budgets, runs, data, per_epoch)
+    summary, checks = summarise(rows, args.budgets), target(rows, args.budgets)
+    table = markdown(summary, checks, args.seeds)
+    print(table)
+    (out / "budget.md").write_text(table + "\n")
+    (out / "budget.json").write_text(json.dumps({"runs": rows, "summary": summary, "target": checks}, indent=1) + "\n")
+    plot(rows, out / "budget.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
