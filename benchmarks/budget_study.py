@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from study196 import CONFIGS, cli, training_subset  # benchmarks/study196.py
+from study196 import CONFIGS, cli, dense_steps_of_flops, training_subset  # benchmarks/study196.py
 
 from trivit.engine.metrics import read_metrics
 
@@ -77,6 +77,7 @@ def trained(run_dir: Path) -> dict | None:
     train_s = {r["step"]: r["train_s"] for r in steps}
     return {"train_s": steps[-1]["train_s"], "epochs": steps[-1]["epoch"], "top1": evals[-1]["eval_top1"],
             "steps": steps[-1]["step"], "active_samples": steps[-1].get("active_samples"),
+            "flops_in_dense_steps": dense_steps_of_flops(run_dir),
             "curve": [(train_s.get(r["step"], steps[-1]["train_s"]), r["epoch"], r["eval_top1"]) for r in evals]}
 
 
@@ -135,7 +136,12 @@ def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
         for budget in sorted({r["budget"] for r in rows if r["variant"] == variant}):
             mine = [r for r in rows if r["variant"] == variant and r["budget"] == budget]
             reference = [dense.get((r["seed"], min(budgets, key=lambda b: abs(b - budget)))) for r in mine]
+            dense_epoch_s = statistics.mean(d["train_s"] / d["epochs"] for d in dense.values())
+            dense_epoch_steps = statistics.mean(d["steps"] / d["epochs"] for d in dense.values())
             entry = {"variant": variant, "budget": budget, "seeds": [r["seed"] for r in mine],
+                     "speedup_per_epoch": statistics.mean(dense_epoch_s * r["epochs"] / r["train_s"] for r in mine),
+                     "flops_ceiling": statistics.mean(dense_epoch_steps * r["epochs"] / r["flops_in_dense_steps"]
+                                                      for r in mine),
                      "train_s": statistics.mean(r["train_s"] for r in mine),
                      "epochs": statistics.mean(r["epochs"] for r in mine),
                      "top1": [r["top1"] for r in mine],
@@ -170,11 +176,12 @@ def markdown(summary: list[dict], checks: list[dict], seeds: list[int]) -> str:
 
     lines = [f"Seeds {seeds}; values per seed. Budget: training time in dense epochs. 'vs dense': top-1 minus the "
              "same seed's dense run at the same budget.", "",
-             "| variant | budget | epochs | training s | top-1 % | vs dense | top-1 evaluated dense (keep 1.0) |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | budget | epochs | training s | speed-up per epoch (FLOPs ceiling) | top-1 % | vs dense | "
+             "top-1 evaluated dense (keep 1.0) |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         gaps = [None if d is None else t - d for t, d in zip(s["top1"], s["dense_top1"])]
         lines.append(f"| {s['variant']} | {s['budget']:g} | {s['epochs']:.2f} | {s['train_s']:.0f} | "
+                     f"{s['speedup_per_epoch']:.2f}x ({s['flops_ceiling']:.2f}x) | "
                      f"{each(s['top1'])} | {each(gaps, '+.2f')} | {each(s['top1_dense_eval'])} |")
     if checks:
         lines += ["", f"Target: a recipe's top-1 in {TARGET_SHARE}x of dense's training time at least dense's.", "",

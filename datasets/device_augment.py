@@ -30,6 +30,7 @@ from torchvision.transforms.v2.functional import equalize
 
 from trivit.config import ConfigError
 from trivit.datasets.config import DataConfig
+from trivit.datasets.stream import to_mode
 from trivit.datasets.transforms import erase_box, train_pipeline
 
 OPERATIONS = ("auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
@@ -101,8 +102,6 @@ class EncodedImages:
         self.width = HEAD + 2 * (self.policy.max_ops if self.policy else 0)
 
     def __call__(self, data: bytes, image: Image.Image, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from trivit.datasets.stream import to_mode  # the stream module imports this one's users
-
         top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
         flip = self.flip > 0 and bool(torch.rand(1) < self.flip)  # torchvision's RandomHorizontalFlip draw
         operations = self.policy.draw() if self.policy else []
@@ -235,10 +234,6 @@ def gray_levels(images: torch.Tensor) -> torch.Tensor:
     """Pillow's L levels of float (N, C, H, W) images holding uint8 values (C = 3: its integer formula)."""
     if images.shape[1] == 1:
         return images
-    return to_gray_float(images)
-
-
-def to_gray_float(images: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor([19595.0, 38470.0, 7471.0], device=images.device).view(1, 3, 1, 1)
     return torch.floor(((images * weights).sum(dim=1, keepdim=True) + 32768) / 65536)
 
