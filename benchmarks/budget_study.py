@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -89,6 +90,13 @@ def dense_top1(run_dir: Path) -> float:
     return json.loads(out.read_text())[0]["top1"]
 
 
+def measured_epoch_seconds(runs: Path, variant: str) -> float | None:
+    """Seconds per epoch of the variant's longest finished run so far (of any seed), None before its first."""
+    finished = [f for f in map(trained, runs.glob(f"{slug(variant)}_b*_seed*")) if f is not None]
+    longest = max(finished, key=lambda f: f["epochs"], default=None)
+    return longest["train_s"] / longest["epochs"] if longest else None
+
+
 def run(variant: str, seed: int, budget: float, seconds_per_dense_epoch: float, runs: Path, data: Path,
         per_epoch: dict[str, float]) -> dict:
     """``variant`` at ``budget`` dense epochs' training time (its epochs from ``per_epoch``, its measured seconds
@@ -97,13 +105,16 @@ def run(variant: str, seed: int, budget: float, seconds_per_dense_epoch: float, 
     if variant == "dense":
         epochs = budget
     else:
-        seconds = per_epoch.get(variant, seconds_per_dense_epoch / PRIOR_SPEEDUP[config])
+        seconds = per_epoch.get(variant) or measured_epoch_seconds(runs, variant) or \
+            seconds_per_dense_epoch / PRIOR_SPEEDUP[config]
         epochs = round(budget * seconds_per_dense_epoch / seconds, 2)
     run_dir = runs / f"{slug(variant)}_b{budget:g}_seed{seed}"
     figures = trained(run_dir)
     if figures is None:
+        if run_dir.exists():  # a run the study was stopped in (its configs keep no checkpoint to resume)
+            shutil.rmtree(run_dir)
         cli("train", "--config", str(CONFIGS / f"{config}.yaml"), f"run_dir={run_dir}", f"seed={seed}",
-            "resume=auto", "logging.progress_bar=false", *overrides(variant, epochs, data))
+            "resume=never", "logging.progress_bar=false", *overrides(variant, epochs, data))
         figures = trained(run_dir)
     per_epoch[variant] = figures["train_s"] / figures["epochs"]
     row = {"variant": variant, "seed": seed, "budget": budget, **figures}
