@@ -98,9 +98,9 @@ def measured_epoch_seconds(runs: Path, variant: str) -> float | None:
 
 
 def run(variant: str, seed: int, budget: float, seconds_per_dense_epoch: float, runs: Path, data: Path,
-        per_epoch: dict[str, float]) -> dict:
+        per_epoch: dict[str, float], train: bool = True) -> dict | None:
     """``variant`` at ``budget`` dense epochs' training time (its epochs from ``per_epoch``, its measured seconds
-    per epoch); the run is kept, and ``per_epoch`` updated from it."""
+    per epoch); the run is kept, and ``per_epoch`` updated from it. ``train=False``: None for a run not finished."""
     config, _ = VARIANTS[variant]
     if variant == "dense":
         epochs = budget
@@ -110,6 +110,8 @@ def run(variant: str, seed: int, budget: float, seconds_per_dense_epoch: float, 
         epochs = round(budget * seconds_per_dense_epoch / seconds, 2)
     run_dir = runs / f"{slug(variant)}_b{budget:g}_seed{seed}"
     figures = trained(run_dir)
+    if figures is None and not train:
+        return None
     if figures is None:
         if run_dir.exists():  # a run the study was stopped in (its configs keep no checkpoint to resume)
             shutil.rmtree(run_dir)
@@ -124,18 +126,20 @@ def run(variant: str, seed: int, budget: float, seconds_per_dense_epoch: float, 
     return row
 
 
-def run_seed(seed: int, budgets: list[float], runs: Path, data: Path, per_epoch: dict[str, float]) -> list[dict]:
-    """Every variant at every budget for ``seed``; ``per_epoch`` carries each variant's latest measured seconds
-    per epoch (from the previous seed's runs too)."""
-    rows = []
-    for budget in budgets:
-        rows.append(run("dense", seed, budget, 0.0, runs, data, per_epoch))
+def run_seed(seed: int, budgets: list[float], runs: Path, data: Path, per_epoch: dict[str, float],
+             train: bool = True) -> list[dict]:
+    """Every variant at every budget for ``seed`` (``train=False``: the finished runs only); ``per_epoch`` carries
+    each variant's latest measured seconds per epoch (from the previous seed's runs too)."""
+    rows = [row for budget in budgets if (row := run("dense", seed, budget, 0.0, runs, data, per_epoch, train))]
+    if not rows:
+        return []
     dense_epoch_s = statistics.mean(r["train_s"] / r["epochs"] for r in rows)
-    for variant in list(VARIANTS)[1:]:
+    for variant in sorted(list(VARIANTS)[1:], key=lambda v: not recipe(v)):  # the recipes first: the target needs them
         shares = [TARGET_SHARE, 1.0] if recipe(variant) else [1.0]
         for budget in budgets:
             for share in shares:
-                rows.append(run(variant, seed, round(budget * share, 3), dense_epoch_s, runs, data, per_epoch))
+                row = run(variant, seed, round(budget * share, 3), dense_epoch_s, runs, data, per_epoch, train)
+                rows += [row] if row else []
     return rows
 
 
@@ -146,7 +150,7 @@ def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
     for variant in VARIANTS:
         for budget in sorted({r["budget"] for r in rows if r["variant"] == variant}):
             mine = [r for r in rows if r["variant"] == variant and r["budget"] == budget]
-            reference = [dense.get((r["seed"], min(budgets, key=lambda b: abs(b - budget)))) for r in mine]
+            reference = [dense.get((r["seed"], budget)) for r in mine]  # none at a recipe's 0.67x budgets
             dense_epoch_s = statistics.mean(d["train_s"] / d["epochs"] for d in dense.values())
             dense_epoch_steps = statistics.mean(d["steps"] / d["epochs"] for d in dense.values())
             entry = {"variant": variant, "budget": budget, "seeds": [r["seed"] for r in mine],
@@ -186,7 +190,8 @@ def markdown(summary: list[dict], checks: list[dict], seeds: list[int]) -> str:
         return " / ".join("-" if v is None else format(v, form) for v in values)
 
     lines = [f"Seeds {seeds}; values per seed. Budget: training time in dense epochs. 'vs dense': top-1 minus the "
-             "same seed's dense run at the same budget.", "",
+             "same seed's dense run at the same budget. Speed-up per epoch: dense's mean seconds per epoch over the "
+             "run's; its FLOPs ceiling from the logged per-step FLOPs fractions.", "",
              "| variant | budget | epochs | training s | speed-up per epoch (FLOPs ceiling) | top-1 % | vs dense | "
              "top-1 evaluated dense (keep 1.0) |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
@@ -244,6 +249,7 @@ def main() -> None:
     parser.add_argument("--train-shards", type=int, default=2, help="Fashion-MNIST training shards (5,000 each)")
     parser.add_argument("--test-shards", type=int, default=1, help="Fashion-MNIST test shards (5,000 each)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "budget")
+    parser.add_argument("--finished-only", action="store_true", help="train nothing: summarise the finished runs")
     args = parser.parse_args()
     out = args.out.resolve()
     runs = out / "runs"
@@ -251,7 +257,7 @@ def main() -> None:
     data = training_subset(args.train_shards, args.test_shards)
     rows, per_epoch = [], {}
     for seed in args.seeds:
-        rows += run_seed(seed, args.budgets, runs, data, per_epoch)
+        rows += run_seed(seed, args.budgets, runs, data, per_epoch, train=not args.finished_only)
     summary, checks = summarise(rows, args.budgets), target(rows, args.budgets)
     table = markdown(summary, checks, args.seeds)
     print(table)
