@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from trivit.config import to_dict
-from trivit.datasets.loaders import DataWaitStopped, ShardLoader
+from trivit.datasets.loaders import DataWaitStopped
 from trivit.datasets.stream import Batch, SampleDecoder
 from trivit.datasets.transforms import batch_mixer, eval_transform, image_mode
 from trivit.engine.backends import build_backend
@@ -383,9 +383,8 @@ class Trainer:
         return record
 
     def _start_next_epoch_early(self) -> None:
-        """At an epoch's end, before its evaluation: plan the next epoch and start its loader workers, so that they
-        read and decode while the model is evaluated and the epoch starts without a stall. Planning after the
-        checkpoint keeps the checkpoint that of the epoch's end."""
+        """At an epoch's end, after its checkpoint, before its evaluation: plan the next epoch and start its loader
+        workers, which read and decode while the model is evaluated (no stall when the epoch starts)."""
         if self.epochs.epoch_done(self.step) and not self.finished():
             self.data.start_early(*self._epoch_reading())
 
@@ -399,7 +398,3 @@ class Trainer:
     def _epoch_batches(self) -> AbstractContextManager[Iterator[Batch]]:
         """This rank's batches for the rest of the current epoch."""
         return self.data.batches(*self._epoch_reading())
-
-    def _epoch_loader(self) -> ShardLoader:
-        """This rank's loader for the rest of the current epoch."""
-        return self.data.loader(*self._epoch_reading())
