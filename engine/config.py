@@ -109,7 +109,7 @@ class OptimConfig:
 class ScheduleConfig:
     """Length of training and the learning-rate schedule (linear warm-up, then cosine), in steps."""
 
-    epochs: float = 300
+    epochs: int | float = 300
     """Epochs of the schedule; steps per epoch = training samples // global batch. A fraction trains the first
     part of the last epoch's batches (2.5: two epochs, then half of the third), so that runs of equal training
     time can be compared at the epochs each one fits in it."""
