@@ -27,7 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from study196 import CONFIGS, cli, dense_steps_of_flops, training_subset  # benchmarks/study196.py
+from study196 import CONFIGS, cli, dense_steps_of_flops, save_time_plot, training_subset  # benchmarks/study196.py
 
 from trivit.engine.metrics import read_metrics
 
@@ -232,13 +232,7 @@ def plot(rows: list[dict], path: Path) -> None:
     frontier.set_xscale("log")
     frontier.set_title("top-1 against training time (lines: seed means through the budgets)")
     curves.set_title(f"per-epoch evaluations at the {largest:g}-dense-epoch budget")
-    for axes in (frontier, curves):
-        axes.set_xlabel("training time (min)")
-        axes.set_ylabel("Fashion-MNIST test top-1 (%)")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_time_plot(figure, (frontier, curves), path)
 
 
 def main() -> None:

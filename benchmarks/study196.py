@@ -250,7 +250,12 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
         curves.axhline(dense["top1"], color="grey", linewidth=0.5)
     equal.set_title("(a) equal epochs: final top-1 against training time")
     curves.set_title("(b) time to accuracy: top-1 during training (grey: dense final)")
-    for axes in (equal, curves):
+    save_time_plot(figure, (equal, curves), path)
+
+
+def save_time_plot(figure, panels, path: Path) -> None:
+    """Label every panel as top-1 against training time, and write the figure to ``path``."""
+    for axes in panels:
         axes.set_xlabel("training time (min)")
         axes.set_ylabel("Fashion-MNIST test top-1 (%)")
         axes.grid(alpha=0.3)
