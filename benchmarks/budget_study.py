@@ -5,12 +5,13 @@ configs/study196/) on the first ``--train-shards`` of the 12 training shards (de
 test shard (5,000 images). A budget is training time (``train_s``: seconds inside training steps), measured in
 dense epochs on this machine: 1, 2 and 4 (``--budgets``). Dense trains that many epochs; every other variant
 trains the epochs that fill the same seconds, from its own measured seconds per epoch (its run at the smaller
-budget, or ``PRIOR_SPEEDUP`` before it has one), so a faster variant trains more epochs. Every schedule scales
+budget, or its prior speed-up before it has one), so a faster variant trains more epochs. Every schedule scales
 with the run's own epochs (warm-up, keep-rate ramp, final dense phase: fractions of the run) and its learning
 rate decays to the floor at its own end (Li et al., Budgeted Training). ``schedule.epochs`` takes a fraction.
 
 Variants (``VARIANTS``): dense, tokens 0.7, tokens 0.7 + InfoBatch, the three levels as the paper sets them,
-16 semantic tokens, and the sparse-to-dense recipes of configs/recipes/ scaled to the study. The recipes also
+16 semantic tokens, and the sparse-to-dense recipes of configs/recipes/ scaled to the study (tokens 0.7 with
+a dense last quarter, tokens 0.5 with a dense last tenth). The recipes also
 run at 0.67 of each budget (the target: dense's top-1 in 0.67x of its time). Each model with a token or an
 attention level is also evaluated dense (keep rate 1.0: ``trivit eval``), as a user who trains sparse may deploy
 dense. Finished runs are kept (``<out>/runs``), so the study may be run in parts.
@@ -25,6 +26,7 @@ import math
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from study196 import CONFIGS, cli, dense_steps_of_flops, save_time_plot, training_subset  # benchmarks/study196.py
@@ -32,21 +34,34 @@ from study196 import CONFIGS, cli, dense_steps_of_flops, save_time_plot, trainin
 from trivit.engine.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "dense": ("dense", []),
-    "tokens 0.7": ("tokens", []),
-    "tokens 0.7 + InfoBatch": ("tokens", ["sparsity.examples.policy=infobatch"]),
-    "three levels (paper)": ("trilevel", []),
-    "16 semantic tokens": ("semantic", []),
-    "recipe: tokens 0.7, dense end": ("tokens", []),
-    "recipe: tokens 0.7 + InfoBatch, dense end": ("tokens", ["sparsity.examples.policy=infobatch"]),
+SCHEDULES = {"paper": (0.05, 0.3, 0.0), "dense end": (0.05, 0.25, 0.25), "short dense end": (0.02, 0.2, 0.1)}
+"""Keep-rate schedules as fractions of the run: dense start, cosine span, final dense phase. ``paper``: EViT's
+warm-up scaled as configs/study196 scales it (0.1 and 0.6 of 2 epochs); the others: the recipes'."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the study: its configs/study196 config, overrides, keep-rate schedule (``SCHEDULES``) and the
+    speed-up per epoch over dense that sizes its first run (measured in this study; later runs use their own)."""
+
+    config: str
+    extra: tuple[str, ...] = ()
+    schedule: str = "paper"
+    prior_speedup: float = 1.0
+
+
+INFOBATCH = "sparsity.examples.policy=infobatch"
+VARIANTS: dict[str, Variant] = {
+    "dense": Variant("dense"),
+    "tokens 0.7": Variant("tokens", prior_speedup=1.55),
+    "tokens 0.7 + InfoBatch": Variant("tokens", (INFOBATCH,), prior_speedup=1.7),
+    "three levels (paper)": Variant("trilevel", prior_speedup=1.47),
+    "16 semantic tokens": Variant("semantic", prior_speedup=2.1),
+    "recipe: tokens 0.7, dense end": Variant("tokens", schedule="dense end", prior_speedup=1.41),
+    "recipe: tokens 0.7 + InfoBatch, dense end": Variant("tokens", (INFOBATCH,), "dense end", 1.6),
+    "recipe: tokens 0.5, short dense end": Variant("tokens", ("sparsity.tokens.keep_rate=0.5",), "short dense end",
+                                                   1.8),
 }
-"""Each variant: its configs/study196 config and overrides; the schedule's fractions come from ``SCHEDULES``."""
-SCHEDULES = {"paper": (0.05, 0.3, 0.0), "dense end": (0.05, 0.25, 0.25)}
-"""Keep-rate schedule as fractions of the run: dense start, cosine span, final dense phase. ``paper``: EViT's
-warm-up scaled as configs/study196 scales it (0.1 and 0.6 of 2 epochs); ``dense end``: the recipes'."""
-PRIOR_SPEEDUP = {"tokens": 1.29, "trilevel": 1.31, "semantic": 1.83}
-"""Speed-ups per epoch over dense from benchmarks/study196 (2 epochs), the first guess for a variant's epochs."""
 TARGET_SHARE = 0.67
 
 
@@ -56,12 +71,11 @@ def recipe(variant: str) -> bool:
 
 def overrides(variant: str, epochs: float, data: Path) -> list[str]:
     """A run of ``variant`` over ``epochs``: its config's settings with the schedules scaled to the run."""
-    _, extra = VARIANTS[variant]
-    start, span, final = SCHEDULES["dense end" if recipe(variant) else "paper"]
+    start, span, final = SCHEDULES[VARIANTS[variant].schedule]
     return [f"data.train_urls={data}", f"data.val_urls={data}", f"schedule.epochs={epochs:g}",
             f"schedule.warmup_epochs={0.1 * epochs:.4g}", "schedule.eval_every_steps=0",
             f"sparsity.schedule.start_epochs={start * epochs:.4g}", f"sparsity.schedule.span_epochs={span * epochs:.4g}",
-            f"sparsity.schedule.final_dense_epochs={final * epochs:.4g}", *extra]
+            f"sparsity.schedule.final_dense_epochs={final * epochs:.4g}", *VARIANTS[variant].extra]
 
 
 def slug(variant: str) -> str:
@@ -101,12 +115,12 @@ def run(variant: str, seed: int, budget: float, seconds_per_dense_epoch: float, 
         per_epoch: dict[str, float], train: bool = True) -> dict | None:
     """``variant`` at ``budget`` dense epochs' training time (its epochs from ``per_epoch``, its measured seconds
     per epoch); the run is kept, and ``per_epoch`` updated from it. ``train=False``: None for a run not finished."""
-    config, _ = VARIANTS[variant]
+    config = VARIANTS[variant].config
     if variant == "dense":
         epochs = budget
     else:
         seconds = per_epoch.get(variant) or measured_epoch_seconds(runs, variant) or \
-            seconds_per_dense_epoch / PRIOR_SPEEDUP[config]
+            seconds_per_dense_epoch / VARIANTS[variant].prior_speedup
         epochs = round(budget * seconds_per_dense_epoch / seconds, 2)
     run_dir = runs / f"{slug(variant)}_b{budget:g}_seed{seed}"
     figures = trained(run_dir)
