@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,14 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra: str) -> list[str]:
     }
     overrides.update(extra)
     return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def default_sigint() -> None:
+    """In a child process (``preexec_fn``): SIGINT handled and unblocked as in a terminal, whatever the test
+    runner left in this process's disposition and signal mask. A child inherits both across exec, and a shell
+    that starts the suite in the background (``&``, no job control) ignores SIGINT in all of it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def fault_step(low: int, high: int) -> int:

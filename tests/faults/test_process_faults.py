@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import fault_step, tiny_overrides
+from tests.conftest import default_sigint, fault_step, tiny_overrides
 from trivit.config import load
 from trivit.engine.config import TrainConfig
 from trivit.engine.metrics import read_metrics
@@ -196,13 +196,6 @@ def test_an_error_during_evaluation_exits_within_a_bound(tiny_shards, tmp_path):
     assert time.monotonic() - started < 60
 
 
-def _default_sigint() -> None:
-    """In the child: SIGINT handled and unblocked as in a terminal, whatever the test runner's threads and
-    libraries left in this process's disposition and signal mask (a child inherits both across exec)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 def _runs_sleep(process) -> bool:
     """Whether a descendant of ``process`` is the ``sleep`` program itself."""
     import psutil
@@ -225,7 +218,7 @@ def test_ctrl_c_during_evaluation_exits_within_a_bound(tiny_shards, tmp_path):
     log = tmp_path / "stderr.txt"  # a file, not a pipe: the shard's orphaned pipe would hold a pipe open
     with log.open("w") as stderr_file:
         process = subprocess.Popen([sys.executable, "-m", "trivit", "train", *overrides], stdout=subprocess.DEVNULL,
-                                   stderr=stderr_file, text=True, preexec_fn=_default_sigint)
+                                   stderr=stderr_file, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not _runs_sleep(psutil.Process(process.pid)):  # the pipe of the validation shard, not the forked

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import default_sigint
 from trivit.datasets.shards import INDEX_NAME, read_index
 from trivit.locks import exclusive_or_fail
 
@@ -56,7 +57,8 @@ def digest(folder: Path) -> dict[str, str]:
 
 def run(*argv: str, program: str | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", program, *argv] if program else [sys.executable, "-m", "trivit", *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, start_new_session=True)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, start_new_session=True,
+                          preexec_fn=default_sigint)
 
 
 @pytest.fixture
