@@ -21,6 +21,11 @@ def shard_copy(tiny_shards, tmp_path):
     return folder
 
 
+def epoch_loader(trainer: Trainer):
+    """The trainer's loader for this rank's rest of the current epoch, as the loop builds it."""
+    return trainer.data.loader(*trainer._epoch_reading())
+
+
 def build(shards, tmp_path, **extra):
     return Trainer(load(TrainConfig, None, tiny_overrides(shards, tmp_path / "run", **extra)))
 
@@ -60,10 +65,10 @@ def test_more_workers_than_shards_explains_the_hang_it_avoids(tiny_shards, tmp_p
 
 def test_loaders_pin_memory_when_training_on_cuda(tiny_shards, tmp_path):
     trainer = build(tiny_shards, tmp_path)
-    assert trainer.data.loader(*trainer._epoch_reading()).pin_memory is False, "the CPU has no use for pinned pages"
+    assert epoch_loader(trainer).pin_memory is False, "the CPU has no use for pinned pages"
     # where the loaders are made, the run's device is all that counts
     trainer.data.setup = dataclasses.replace(trainer.setup, device=torch.device("cuda"))
-    assert trainer.data.loader(*trainer._epoch_reading()).pin_memory is True
+    assert epoch_loader(trainer).pin_memory is True
 
 
 def test_pipe_urls_stream_through_a_command(tiny_shards, tmp_path):
@@ -94,7 +99,7 @@ def test_joined_sources_get_distinct_ids_and_one_table(tiny_shards, second_sourc
     assert trainer.shards.train_samples == 256 + 96, "each source's counts from its own index"
     selector = trainer.planner.selector
     assert trainer.shards.num_ids == len(selector.in_pool) == len(selector.stats.correct) == 352
-    ids = [i for batch in trainer.data.loader(*trainer._epoch_reading()) for i in batch.ids.tolist()]
+    ids = [i for batch in epoch_loader(trainer) for i in batch.ids.tolist()]
     assert len(ids) == len(set(ids)) == trainer.epochs.lengths[-1] * 32, "no id is read twice in an epoch"
     assert all(trainer.planner.plan.active[i] for i in ids), "only active samples are read"
     assert any(i >= 256 for i in ids), "the second source's ids come after the first's"
