@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from trivit.arguments import keep_rate, non_negative_int, positive_int, refuse_existing
 from trivit.config import ConfigError, load
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect of a job stopped by SIGTERM
@@ -98,12 +99,6 @@ def prune(args: argparse.Namespace) -> int:
         return 0
     finally:
         destroy_process_group()
-
-
-def refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
-    """A command's output file that exists is replaced only when asked (``--overwrite``)."""
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it, or choose another file")
 
 
 def export(args: argparse.Namespace) -> int:
@@ -232,14 +227,6 @@ def evaluate(args: argparse.Namespace) -> int:
         if args.out:
             write_outputs(rows, header, Path(args.out))
     return 0
-
-
-def keep_rate(text: str) -> float:
-    """An argparse type: a keep rate in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a keep rate in (0, 1]")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,22 +370,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{configs[0]} looks like a config file; pass it as --config {configs[0]} (the other words "
                      "are key.sub=value overrides)")
     return args
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 INTERRUPTED_NOTES = {
